@@ -1,0 +1,19 @@
+import pytest
+
+from reid_ray.data.synthetic import SynthConfig, generate_synthetic
+
+# A small benchmark shared by every test of a session: 12 train + 8 test ids per domain.
+TINY = SynthConfig(train_ids=12, test_ids=8, images_per_id=(6, 8), cameras_per_id=(2, 3), num_cameras=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic(root, TINY)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # manifests cached by a test never leak into the user's ~/.cache or other tests
+    monkeypatch.setenv("REID_RAY_CACHE", str(tmp_path / "cache"))

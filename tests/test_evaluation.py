@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from reid_ray import ReidRayError
+from reid_ray.evaluation import evaluate_rank, pairwise_distance
+from reid_ray.evaluation.reference import reference_evaluate_rank
+
+
+def ev(d, qp, gp, qc, gc, **kw):
+    return evaluate_rank(np.array(d, dtype=np.float32), np.array(qp), np.array(gp), np.array(qc), np.array(gc), **kw)
+
+
+def test_hand_computed_case_removes_same_pid_same_camera():
+    # kept ranking: g1 (pid 2), g2 (pid 1, hit), g3 (pid 3); g0 and g4 share pid AND camera: removed
+    cmc, ap = ev([[0.1, 0.2, 0.3, 0.4, 0.5]], [1], [1, 2, 1, 3, 1], [0], [0, 1, 1, 1, 0], max_rank=3)
+    assert cmc.tolist() == [0.0, 1.0, 1.0]
+    assert ap == pytest.approx(0.5)
+
+
+def test_two_hits_average_precision():
+    # ranking: hit, miss, hit -> AP = (1/1 + 2/3) / 2
+    cmc, ap = ev([[0.1, 0.2, 0.3]], [1], [1, 2, 1], [0], [1, 1, 2], max_rank=3)
+    assert cmc.tolist() == [1.0, 1.0, 1.0]
+    assert ap == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_ties_are_broken_by_gallery_order():
+    cmc, ap = ev([[0.5, 0.5, 0.5]], [1], [2, 1, 3], [0], [1, 1, 1], max_rank=3)
+    assert cmc.tolist() == [0.0, 1.0, 1.0] and ap == pytest.approx(0.5)
+    cmc, ap = ev([[0.5, 0.5, 0.5]], [1], [1, 2, 1], [0], [1, 1, 1], max_rank=3)
+    assert ap == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_query_without_match_is_skipped():
+    cmc, ap = ev([[0.1, 0.2], [0.1, 0.2]], [1, 7], [2, 1], [0, 0], [1, 1], max_rank=2)
+    assert cmc.tolist() == [0.0, 1.0] and ap == pytest.approx(0.5)
+
+
+def test_distractors_pid0_count_as_misses():
+    cmc, ap = ev([[0.1, 0.2]], [1], [0, 1], [0], [1, 2], max_rank=2)
+    assert cmc.tolist() == [0.0, 1.0] and ap == pytest.approx(0.5)
+
+
+def test_no_valid_query_is_a_clear_error():
+    with pytest.raises(ReidRayError, match="no query has a match"):
+        ev([[0.1]], [1], [2], [0], [1])
+
+
+def test_nan_is_a_clear_error():
+    with pytest.raises(ReidRayError, match="NaN"):
+        ev([[np.nan, 0.1]], [1], [1, 2], [0], [1, 1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_the_per_query_reference(seed):
+    rng = np.random.default_rng(seed)
+    q, g = int(rng.integers(5, 80)), int(rng.integers(20, 400))
+    qp, gp = rng.integers(0, 20, q), rng.integers(0, 20, g)
+    qc, gc = rng.integers(0, 4, q), rng.integers(0, 4, g)
+    d = rng.random((q, g)).astype(np.float32)
+    if seed % 2:
+        d = np.round(d * 4) / 4  # many ties
+    ref_cmc, ref_ap = reference_evaluate_rank(d, qp, gp, qc, gc, max_rank=10)
+    cmc, ap = evaluate_rank(d, qp, gp, qc, gc, max_rank=10, chunk_size=13)
+    np.testing.assert_allclose(cmc, ref_cmc, atol=1e-6)
+    assert ap == pytest.approx(ref_ap, abs=1e-9)
+    cmc_t, ap_t = evaluate_rank(torch.from_numpy(d), torch.from_numpy(qp), gp, qc, torch.from_numpy(gc), max_rank=10)
+    np.testing.assert_allclose(cmc_t, cmc) and pytest.approx(ap) == ap_t
+
+
+def test_cuhk03_single_shot_equals_market_when_one_image_per_identity():
+    rng = np.random.default_rng(0)
+    gp = np.arange(30)  # one gallery image per identity: sampling changes nothing
+    qp = rng.integers(0, 30, 12)
+    d = rng.random((12, 30)).astype(np.float32)
+    qc, gc = np.zeros(12, int), np.ones(30, int)
+    cmc, ap = evaluate_rank(d, qp, gp, qc, gc, max_rank=10)
+    cmc3, ap3 = evaluate_rank(d, qp, gp, qc, gc, max_rank=10, use_metric_cuhk03=True)
+    np.testing.assert_allclose(cmc3, cmc, atol=1e-6)
+    assert ap3 == pytest.approx(ap)
+
+
+def test_cuhk03_single_shot_is_at_least_market_cmc():
+    # fewer distractor images per identity can only move the first hit up
+    rng = np.random.default_rng(1)
+    qp, gp = rng.integers(0, 10, 20), rng.integers(0, 10, 100)
+    qc, gc = rng.integers(0, 2, 20), rng.integers(0, 2, 100)
+    d = rng.random((20, 100)).astype(np.float32)
+    cmc, _ = evaluate_rank(d, qp, gp, qc, gc, max_rank=10)
+    cmc3, _ = evaluate_rank(d, qp, gp, qc, gc, max_rank=10, use_metric_cuhk03=True)
+    assert (cmc3 >= cmc - 1e-6).all()
+
+
+def test_pairwise_distance_is_squared_euclidean():
+    x, y = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([[3.0, 4.0]])
+    assert pairwise_distance(x, y).flatten().tolist() == pytest.approx([25.0, 13.0])

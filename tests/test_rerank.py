@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from reid_ray import ReidRayError
+from reid_ray.evaluation import re_ranking
+from reid_ray.evaluation.reference import reference_re_ranking
+
+
+def blocks(feats, q):
+    d = ((feats[:, None] - feats[None]) ** 2).sum(-1)
+    return d[:q, q:], d[:q, :q], d[q:, q:]
+
+
+@pytest.mark.parametrize("q,g,k1,k2,lam", [(8, 40, 20, 6, 0.3), (25, 90, 10, 3, 0.5), (12, 60, 6, 1, 0.0)])
+def test_matches_reference_formulation(q, g, k1, k2, lam):
+    rng = np.random.default_rng(q)
+    f = rng.normal(size=(q + g, 16)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    qg, qq, gg = blocks(f, q)
+    ref = reference_re_ranking(qg, qq, gg, k1, k2, lam)
+    out = re_ranking(qg, qq, gg, k1, k2, lam)
+    assert out.shape == (q, g) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # chunking is an implementation detail: it must not change a number
+    np.testing.assert_allclose(re_ranking(qg, qq, gg, k1, k2, lam, chunk_size=7, pairs_per_chunk=50), out, atol=1e-6)
+
+
+def test_matches_reference_with_exact_ties():
+    rng = np.random.default_rng(5)
+    f = rng.integers(0, 3, size=(70, 4)).astype(np.float32)  # many identical distances
+    qg, qq, gg = blocks(f, 15)
+    np.testing.assert_allclose(re_ranking(qg, qq, gg), reference_re_ranking(qg, qq, gg), atol=1e-5)
+
+
+def test_rejects_bad_shapes_and_k():
+    z = np.zeros((3, 5), np.float32)
+    with pytest.raises(ReidRayError, match="shapes"):
+        re_ranking(z, np.zeros((3, 3)), np.zeros((4, 4)))
+    with pytest.raises(ReidRayError, match="k1"):
+        re_ranking(z, np.zeros((3, 3)), np.zeros((5, 5)), k1=20)
