@@ -1,0 +1,64 @@
+"""The Ray-free parts of a training run: one epoch of a method, and evaluation.
+
+`train.py` calls these inside Ray Train workers; benchmarks and tests call them
+directly in a bare torch process.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from reid_ray.config import TrainConfig
+from reid_ray.data.loader import build_test_loader
+from reid_ray.data.readers import ReIDDataset
+from reid_ray.evaluation import evaluate_rank, extract_features, pairwise_distance
+from reid_ray.methods.base import EpochContext, Method
+
+
+def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[str, float]:
+    """One pass over the method's train loader; returns mean losses, lr, images/s, epoch time."""
+    method.on_epoch_start(ctx)
+    device = method.device
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sums: dict[str, float] = {}
+    n_img, steps, t0 = 0, 0, time.perf_counter()
+    for batch in method.train_loader:
+        with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
+            losses = method.train_step(batch, ctx)
+        method.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(method.optimizer)
+        scaler.update()
+        if hasattr(method, "after_step"):
+            method.after_step(ctx)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n_img += len(batch["img"])
+        steps += 1
+        ctx.iteration += 1
+    seconds = time.perf_counter() - t0
+    lr = method.optimizer.param_groups[0]["lr"]
+    method.scheduler.step()
+    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    # images/s over all workers (each rank sees its share of every batch)
+    out.update({"lr": lr, "epoch_time": seconds, "images_per_s": n_img * ctx.world_size / max(seconds, 1e-9),
+                "iters": steps})
+    return out
+
+
+def evaluate_model(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device,
+                   flip: bool = False) -> dict[str, float | np.ndarray]:
+    """mAP, R1, R5, R10 (as percentages) and the CMC curve of `model` on a dataset's query/gallery."""
+    feats = {}
+    for split in ("query", "gallery"):
+        loader = build_test_loader(dataset.split(split), cfg.transform, cfg.loader)
+        feats[split] = extract_features(model, loader, flip=flip, device=device)
+    (qf, qp, qc), (gf, gp, gc) = feats["query"], feats["gallery"]
+    cmc, mAP = evaluate_rank(pairwise_distance(qf, gf), qp, gp, qc, gc, max_rank=50)
+    return {"mAP": 100 * mAP, "R1": 100 * float(cmc[0]), "R5": 100 * float(cmc[4]),
+            "R10": 100 * float(cmc[9]), "cmc": cmc}

@@ -1,0 +1,10 @@
+"""UDA re-ID methods: one file each. Adding a method = one file + its search space YAML."""
+
+from reid_ray.methods.base import Domains, EpochContext, Method
+from reid_ray.methods.baseline import Baseline
+
+METHODS: dict[str, type[Method]] = {
+    "baseline": Baseline,
+}
+
+__all__ = ["METHODS", "Method", "Domains", "EpochContext"]

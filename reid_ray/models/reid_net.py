@@ -1,0 +1,50 @@
+"""The BoT re-ID network: backbone -> global average pooling -> BNNeck -> classifier.
+
+Luo et al., CVPRW 2019, Fig. 3: the triplet loss sees the pooled feature f_t,
+the ID loss sees the classifier applied to f_i = BN(f_t) (a BatchNorm1d whose
+bias is frozen at 0), and retrieval uses f_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reid_ray.models.backbone import build_backbone
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"         # resnet18 | resnet34 | resnet50 | small
+    pretrained: str = "none"       # none | imagenet | /path/to/torchvision_state_dict.pth
+    last_stride: int = 1
+    sync_bn: bool = False          # convert BatchNorm to SyncBatchNorm (multi-GPU)
+
+
+class ReIDNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        self.backbone = build_backbone(cfg.arch, cfg.pretrained, cfg.last_stride)
+        dim = self.backbone.out_channels
+        self.bnneck = nn.BatchNorm1d(dim)
+        self.bnneck.bias.requires_grad_(False)  # BNNeck: no shift, so f_i stays centred for cosine retrieval
+        self.classifier = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        self.feat_dim = dim
+
+    def forward(self, x: torch.Tensor):
+        """Training: dict(feat=f_t (B, D), bn_feat=f_i (B, D), logits (B, C)). Eval: f_i (B, D)."""
+        feat = self.backbone(x).mean((2, 3))
+        bn_feat = self.bnneck(feat)
+        if not self.training:
+            return bn_feat
+        return {"feat": feat, "bn_feat": bn_feat, "logits": self.classifier(bn_feat)}
+
+
+def build_reid_net(cfg: ModelConfig, num_classes: int) -> ReIDNet:
+    net = ReIDNet(cfg, num_classes)
+    if cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net

@@ -1,0 +1,275 @@
+"""Train one method under Ray Train (DDP over N workers, checkpoints, resume) with MLflow tracking.
+
+    python -m reid_ray.train                                   # BoT baseline, synth-a -> synth-b, 2 CPU workers
+    python -m reid_ray.train --method baseline --source market1501 --target dukemtmc \\
+        --data-root /datasets --workers 4 --set model.arch=resnet50 --set model.pretrained=/w/r50.pth
+    reid-ray train ...                                         # the same
+
+On the embedded default it writes the synthetic benchmark if missing, starts a
+local Ray (or joins the cluster in RAY_ADDRESS), trains, and prints source
+(supervised) and target (direct transfer) mAP/R1, the wall time, and where the
+MLflow run and checkpoint are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from reid_ray import ReidRayError
+from reid_ray.config import SYNTHETIC_DEFAULTS, TrainConfig, apply_overrides, flatten, from_dict, to_dict
+from reid_ray.data.readers import dataset_names, read_dataset
+from reid_ray.data.synthetic import DOMAINS as SYNTH_DOMAINS
+from reid_ray.data.synthetic import SynthConfig, generate_synthetic
+from reid_ray.engine import evaluate_model, train_epoch
+from reid_ray.methods import METHODS, Domains, EpochContext
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------- worker side
+
+def _load_state(cfg: TrainConfig):
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if cfg.resume:
+        path = Path(cfg.resume)
+        path = path / CHECKPOINT_FILE if path.is_dir() else path
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build the method, train, evaluate and checkpoint on rank 0."""
+    import ray.train
+    import ray.train.torch
+
+    from reid_ray import tracking
+
+    cfg = from_dict(config["cfg"])
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+    domains = Domains(read_dataset(cfg.source, cfg.data_root), read_dataset(cfg.target, cfg.data_root))
+    method = METHODS[cfg.method](cfg, domains, device, rank, world)
+    method.setup(wrap=ray.train.torch.prepare_model)
+    if device.type == "cuda":
+        for m in method.models.values():
+            m.to(memory_format=torch.channels_last)
+    ectx = EpochContext(epoch=0, rank=rank, world_size=world)
+    start, best = 0, {"target_mAP": -1.0}
+    state = _load_state(cfg)
+    if state is not None:
+        method.load_state_dict(state["method"])
+        start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
+        torch.set_rng_state(state["rng"]["torch"])
+    uri, run_id = config["mlflow_uri"], config["mlflow_run_id"]
+    run_dir = Path(config["run_dir"])
+    curves = {}
+    for epoch in range(start, cfg.epochs):
+        ectx.epoch = epoch
+        metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
+        last = epoch + 1 == cfg.epochs
+        if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
+            model = method.eval_model()
+            for name, ds in (("source", domains.source), ("target", domains.target)):
+                res = evaluate_model(model, ds, cfg, device)
+                curves[name] = res.pop("cmc").tolist()
+                metrics.update({f"{name}_{k}": v for k, v in res.items()})
+        if rank == 0:
+            print(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            if run_id:
+                tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
+                         "rng": {"torch": torch.get_rng_state()}, "config": config["cfg"]}
+                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                if metrics.get("target_mAP", -1) > best["target_mAP"]:
+                    best = {k: v for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    torch.save(state, run_dir / "best.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "best_target_mAP": best["target_mAP"]}, checkpoint=checkpoint)
+    if rank == 0 and run_id:
+        from reid_ray.tracking import cmc_plot
+        if curves:
+            cmc_plot(curves, run_dir / "cmc.png")
+            tracking.log_artifact(uri, run_id, run_dir / "cmc.png")
+        if (run_dir / "best.pt").exists():
+            tracking.log_artifact(uri, run_id, run_dir / "best.pt", "checkpoints")
+
+
+# --------------------------------------------------------------------------- driver side
+
+def build_config(method: str = "baseline", source: str = "synth-a", target: str = "synth-b",
+                 overrides: list[str] | dict | None = None, **fields) -> TrainConfig:
+    """Defaults < synthetic-demo defaults (when both domains are synthetic) < the method's params < overrides."""
+    if method not in METHODS:
+        raise ReidRayError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
+    for d in (source, target):
+        if d.lower() not in dataset_names():
+            raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}")
+    cfg = TrainConfig(method=method, source=source.lower(), target=target.lower())
+    if cfg.source in SYNTH_DOMAINS and cfg.target in SYNTH_DOMAINS:
+        apply_overrides(cfg, SYNTHETIC_DEFAULTS)
+    cfg.params = dict(METHODS[method].default_params)
+    apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None})
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def ensure_data(cfg: TrainConfig) -> Domains:
+    """Generate the synthetic domains if asked for and missing; read both domains (fails early, clearly)."""
+    root = Path(cfg.data_root).expanduser().resolve()
+    wanted = tuple(d for d in SYNTH_DOMAINS if d in (cfg.source, cfg.target))
+    missing = tuple(d for d in wanted if not (root / d).exists())
+    if missing:
+        print(f"writing the synthetic benchmark ({', '.join(missing)}) to {root} ...", flush=True)
+        generate_synthetic(root, SynthConfig(domains=missing), progress=True)
+    cfg.data_root = str(root)
+    return Domains(read_dataset(cfg.source, root), read_dataset(cfg.target, root))
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # a job or a running cluster: resources belong to the cluster (PLATFORM_NOTES.md)
+    else:
+        ray.init(log_to_driver=True)
+
+
+def worker_resources(cfg: TrainConfig, cluster: dict) -> tuple[bool, dict, int]:
+    """(use_gpu, resources per worker, torch threads per worker), derived from the cluster."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    use_gpu = gpus >= 1 if cfg.use_gpu == "auto" else cfg.use_gpu.lower() in ("true", "1", "yes")
+    if use_gpu:
+        if cfg.workers > gpus:
+            raise ReidRayError(f"{cfg.workers} GPU workers requested but the cluster has {gpus:g} GPUs; "
+                               f"pass --workers {int(gpus)} or add GPU nodes")
+        per_cpu = max(1.0, (cpus - 1) // cfg.workers)
+        return True, {"CPU": per_cpu, "GPU": 1}, int(per_cpu)
+    if cfg.workers < 1 or cfg.workers > cpus:
+        raise ReidRayError(f"{cfg.workers} CPU workers requested but the cluster has {cpus:g} CPUs; "
+                           f"pass --workers between 1 and {int(cpus)}")
+    # leave ~10% for Ray's controller and the driver (PLATFORM_NOTES.md)
+    per_cpu = round(0.9 * cpus / cfg.workers, 2)
+    return False, {"CPU": per_cpu}, max(1, int(round(per_cpu)))
+
+
+def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
+    """Train under Ray Train; returns the final metrics plus run/checkpoint locations."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from reid_ray import tracking
+
+    domains = ensure_data(cfg)
+    init_ray()
+    use_gpu, resources, threads = worker_resources(cfg, ray.cluster_resources())
+    name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = Path(cfg.output).expanduser().resolve()
+    uri = tracking.resolve_uri(cfg.mlflow_uri)
+    run_id = tracking.start_run(
+        uri, cfg.experiment or f"{cfg.source}->{cfg.target}", name, flatten(cfg),
+        {"method": cfg.method, "source": cfg.source, "target": cfg.target,
+         "source_to_target": f"{cfg.source}->{cfg.target}"}, to_dict(cfg))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "threads": threads, "mlflow_uri": uri, "mlflow_run_id": run_id,
+                           "run_dir": str(output / name)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(output), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)
+    return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": run_id,
+            "wall_time": time.perf_counter() - t0, "domains": domains}
+
+
+def print_summary(cfg: TrainConfig, out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = out["metrics"]
+    table = Table(title=f"{cfg.method}: {cfg.source} -> {cfg.target}")
+    table.add_column("")
+    table.add_column("mAP (%)", justify="right")
+    table.add_column("R1 (%)", justify="right")
+    for name, label in (("source", f"source {cfg.source} (supervised)"),
+                        ("target", f"target {cfg.target} ({'direct transfer' if cfg.method == 'baseline' else 'adapted'})")):
+        table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {out['mlflow_uri']}  "
+                  f"(mlflow ui --backend-store-uri {out['mlflow_uri']})\ncheckpoint {out['checkpoint']}\n"
+                  f"best checkpoint and CMC plot in {out['run_dir']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reid-ray train", description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="baseline", help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--source", default="synth-a", help="labelled source dataset")
+    p.add_argument("--target", default="synth-b", help="unlabelled target dataset")
+    p.add_argument("--data-root", default=None, help="folder holding the datasets' own top folders (default: data)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: <source>-><target>)")
+    p.add_argument("--name", default=None, help="run name (default: <method>-<time>)")
+    p.add_argument("--output", default=None, help="checkpoints and run files (default: outputs)")
+    p.add_argument("--resume", default=None, help="a checkpoint directory or checkpoint.pt to continue from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set model.arch=resnet18 --set lr=1e-4")
+    return p
+
+
+def main(argv=None) -> int:
+    from reid_ray.cli import run_cli
+
+    args = build_parser().parse_args(argv)
+
+    def _run(a):
+        cfg = build_config(a.method, a.source, a.target, a.overrides, data_root=a.data_root, workers=a.workers,
+                           epochs=a.epochs, eval_every=a.eval_every, seed=a.seed, mlflow_uri=a.mlflow_uri,
+                           experiment=a.experiment, name=a.name, output=a.output, resume=a.resume)
+        if cfg.resume and not Path(cfg.resume).exists():
+            raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
+        out = run_training(cfg)
+        print_summary(cfg, out)
+        return 0
+
+    return run_cli(_run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
