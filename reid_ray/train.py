@@ -14,6 +14,7 @@ MLflow run and checkpoint are.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -56,6 +57,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     from reid_ray import tracking
 
+    # Ray Train logs every report and checkpoint at INFO; our per-epoch line says the same, shorter
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = from_dict(config["cfg"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
