@@ -28,6 +28,8 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     sums: dict[str, float] = {}
     n_img, steps, t0 = 0, 0, time.perf_counter()
     for batch in method.train_loader:
+        if device.type == "cuda":  # channels_last inputs for the channels_last models (train.py)
+            batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
             losses = method.train_step(batch, ctx)
         method.optimizer.zero_grad(set_to_none=True)
