@@ -50,6 +50,9 @@ class TrainConfig:
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
     output: str = "outputs"
     resume: str = ""
+    init: str = ""                     # UDA methods: source-trained baseline checkpoint to start from
+    pretrain_epochs: int = 0           # epochs of that source training when no --init (0: the baseline's)
+    clustering: str = "actor"          # actor (the PseudoLabeler Ray actor) | local (rank 0, in-process)
     mlflow_uri: str = ""
     experiment: str = ""               # MLflow experiment; default "<source>-><target>"
     name: str = ""                     # run name; default "<method>-<time>"

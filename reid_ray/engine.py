@@ -20,14 +20,20 @@ from reid_ray.methods.base import EpochContext, Method
 
 
 def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[str, float]:
-    """One pass over the method's train loader; returns mean losses, lr, images/s, epoch time."""
+    """One pass over the method's train loader; returns mean losses, lr, images/s, epoch time
+    (of the training iterations) and `refresh_time` (what the method did when the epoch started)."""
+    t_start = time.perf_counter()
     method.on_epoch_start(ctx)
+    refresh_time = time.perf_counter() - t_start
     device = method.device
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sums: dict[str, float] = {}
     n_img, steps, t0 = 0, 0, time.perf_counter()
+    max_iters = method.iterations()
     for batch in method.train_loader:
+        if max_iters is not None and steps >= max_iters:
+            break
         if device.type == "cuda":  # channels_last inputs for the channels_last models (train.py)
             batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
@@ -49,8 +55,18 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     out = {k: v / max(steps, 1) for k, v in sums.items()}
     # images/s over all workers (each rank sees its share of every batch)
     out.update({"lr": lr, "epoch_time": seconds, "images_per_s": n_img * ctx.world_size / max(seconds, 1e-9),
-                "iters": steps})
+                "iters": steps, "refresh_time": refresh_time, **method.epoch_metrics()})
     return out
+
+
+def evaluate_method(method: Method, dataset: ReIDDataset, cfg: TrainConfig, prefix: str) -> tuple[dict, list]:
+    """Evaluate every network of the method; `<prefix>_mAP` etc. are the best network's."""
+    results = {name: evaluate_model(m, dataset, cfg, method.device) for name, m in method.eval_models().items()}
+    best = max(results, key=lambda n: results[n]["mAP"])
+    metrics = {f"{prefix}_{k}": v for k, v in results[best].items() if k != "cmc"}
+    if len(results) > 1:
+        metrics.update({f"{prefix}_mAP_{n}": r["mAP"] for n, r in results.items()})
+    return metrics, results[best]["cmc"].tolist()
 
 
 def evaluate_model(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device,

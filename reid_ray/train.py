@@ -28,7 +28,7 @@ from reid_ray.config import SYNTHETIC_DEFAULTS, TrainConfig, apply_overrides, fl
 from reid_ray.data.readers import dataset_names, read_dataset
 from reid_ray.data.synthetic import DOMAINS as SYNTH_DOMAINS
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
-from reid_ray.engine import evaluate_model, train_epoch
+from reid_ray.engine import evaluate_method, train_epoch
 from reid_ray.methods import METHODS, Domains, EpochContext
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -50,6 +50,22 @@ def _load_state(cfg: TrainConfig):
     return None
 
 
+def _clusterer(cfg: TrainConfig, config: dict, domains: Domains):
+    from reid_ray.clustering.client import LocalClusterer
+
+    if config.get("pseudo_labeler") is not None:
+        from reid_ray.clustering.actor import ActorClusterer
+        return ActorClusterer(config["pseudo_labeler"])
+    t = domains.target.train
+    return LocalClusterer(cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+
+
+def cluster_spec(cfg: TrainConfig):
+    from reid_ray.clustering.client import ClusterSpec
+
+    return ClusterSpec(num_clusters=int(cfg.params["num_clusters"]), seed=cfg.seed)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: build the method, train, evaluate and checkpoint on rank 0."""
     import ray.train
@@ -66,6 +82,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     domains = Domains(read_dataset(cfg.source, cfg.data_root), read_dataset(cfg.target, cfg.data_root))
     method = METHODS[cfg.method](cfg, domains, device, rank, world)
+    if config.get("init"):
+        from reid_ray.methods.mmt import source_init_state
+        method.init_state = source_init_state(torch.load(config["init"], map_location="cpu", weights_only=False))
+    if method.uses_clustering:
+        method.clusterer = _clusterer(cfg, config, domains)
     method.setup(wrap=ray.train.torch.prepare_model)
     if device.type == "cuda":
         for m in method.models.values():
@@ -85,11 +106,9 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
         last = epoch + 1 == cfg.epochs
         if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
-            model = method.eval_model()
             for name, ds in (("source", domains.source), ("target", domains.target)):
-                res = evaluate_model(model, ds, cfg, device)
-                curves[name] = res.pop("cmc").tolist()
-                metrics.update({f"{name}_{k}": v for k, v in res.items()})
+                res, curves[name] = evaluate_method(method, ds, cfg, name)
+                metrics.update(res)
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
@@ -127,9 +146,9 @@ def build_config(method: str = "baseline", source: str = "synth-a", target: str 
         if d.lower() not in dataset_names():
             raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}")
     cfg = TrainConfig(method=method, source=source.lower(), target=target.lower())
-    if cfg.source in SYNTH_DOMAINS and cfg.target in SYNTH_DOMAINS:
-        apply_overrides(cfg, SYNTHETIC_DEFAULTS)
     cfg.params = dict(METHODS[method].default_params)
+    if cfg.source in SYNTH_DOMAINS and cfg.target in SYNTH_DOMAINS:
+        apply_overrides(cfg, {**SYNTHETIC_DEFAULTS, **METHODS[method].synthetic_overrides})
     apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None})
     apply_overrides(cfg, overrides or [])
     return cfg
@@ -189,6 +208,17 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     use_gpu, resources, threads = worker_resources(cfg, ray.cluster_resources())
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     output = Path(cfg.output).expanduser().resolve()
+    method_cls = METHODS[cfg.method]
+    init = ""
+    if method_cls.needs_source_init:
+        init = cfg.init or source_pretraining(cfg)
+        if not Path(init).is_file():
+            raise ReidRayError(f"--init {init}: no such checkpoint file")
+    labeler = None
+    if method_cls.uses_clustering and cfg.clustering == "actor":
+        from reid_ray.clustering.actor import create_pseudo_labeler
+        t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
+        labeler = create_pseudo_labeler(cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
     uri = tracking.resolve_uri(cfg.mlflow_uri)
     run_id = tracking.start_run(
         uri, cfg.experiment or f"{cfg.source}->{cfg.target}", name, flatten(cfg),
@@ -197,7 +227,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "threads": threads, "mlflow_uri": uri, "mlflow_run_id": run_id,
-                           "run_dir": str(output / name)},
+                           "run_dir": str(output / name), "init": init, "pseudo_labeler": labeler},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -212,9 +242,46 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
         status = "FINISHED"
     finally:
         tracking.end_run(uri, run_id, status)
+        if labeler is not None:
+            ray.kill(labeler)  # the actor dies with its run
     return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": run_id,
             "wall_time": time.perf_counter() - t0, "domains": domains}
+
+
+PRETRAIN_IGNORED = ("method", "name", "experiment", "output", "resume", "mlflow_uri", "workers", "init",
+                    "clustering", "params", "max_failures", "eval_every")
+
+
+def source_pretraining(cfg: TrainConfig) -> str:
+    """The baseline checkpoint a method starts from: trained once per config, then cached.
+
+    The cache key is everything that shapes the source model (data, model, transforms,
+    loader, optimiser, epochs, seed), so a sweep over the method's own parameters pays it once.
+    """
+    import hashlib
+    import json
+    import shutil
+
+    base = build_config("baseline", cfg.source, cfg.target)
+    d = to_dict(cfg)
+    for k in PRETRAIN_IGNORED:
+        d.pop(k, None)
+    d["pretrain_epochs"] = cfg.pretrain_epochs
+    key = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cached = Path(cfg.output).expanduser().resolve() / "pretrain" / f"baseline-{key}.pt"
+    if cached.is_file():
+        print(f"source model: cached {cached}", flush=True)
+        return str(cached)
+    print(f"source model: training the baseline on {cfg.source} first (cached as {cached})", flush=True)
+    base = from_dict({**to_dict(cfg), "method": "baseline", "params": base.params, "name": f"pretrain-{key}",
+                      "epochs": cfg.pretrain_epochs or base.epochs, "resume": "", "init": ""})
+    out = run_training(base)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    shutil.copyfile(Path(out["checkpoint"]) / CHECKPOINT_FILE, tmp)
+    os.replace(tmp, cached)
+    return str(cached)
 
 
 def print_summary(cfg: TrainConfig, out: dict) -> None:
@@ -251,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (default: <method>-<time>)")
     p.add_argument("--output", default=None, help="checkpoints and run files (default: outputs)")
     p.add_argument("--resume", default=None, help="a checkpoint directory or checkpoint.pt to continue from")
+    p.add_argument("--init", default=None, help="UDA methods: baseline checkpoint.pt to start from "
+                                                "(default: train one on the source first, cached)")
+    p.add_argument("--clustering", choices=("actor", "local"), default=None,
+                   help="pseudo-labels from the PseudoLabeler Ray actor (default) or in-process on rank 0")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set model.arch=resnet18 --set lr=1e-4")
     return p
@@ -264,7 +335,8 @@ def main(argv=None) -> int:
     def _run(a):
         cfg = build_config(a.method, a.source, a.target, a.overrides, data_root=a.data_root, workers=a.workers,
                            epochs=a.epochs, eval_every=a.eval_every, seed=a.seed, mlflow_uri=a.mlflow_uri,
-                           experiment=a.experiment, name=a.name, output=a.output, resume=a.resume)
+                           experiment=a.experiment, name=a.name, output=a.output, resume=a.resume, init=a.init,
+                           clustering=a.clustering)
         if cfg.resume and not Path(cfg.resume).exists():
             raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
         out = run_training(cfg)

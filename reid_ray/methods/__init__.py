@@ -2,9 +2,11 @@
 
 from reid_ray.methods.base import Domains, EpochContext, Method
 from reid_ray.methods.baseline import Baseline
+from reid_ray.methods.mmt import MMT
 
 METHODS: dict[str, type[Method]] = {
     "baseline": Baseline,
+    "mmt": MMT,
 }
 
 __all__ = ["METHODS", "Method", "Domains", "EpochContext"]

@@ -44,8 +44,12 @@ class EpochContext:
 
 class Method:
     name: ClassVar[str]
+    needs_source_init: ClassVar[bool] = False   # starts from a source-trained baseline (--init)
+    uses_clustering: ClassVar[bool] = False     # asks `self.clusterer` for pseudo-labels
     # the method's own hyperparameters, with the papers' names; documented in the subclass
     default_params: ClassVar[dict[str, Any]] = {}
+    # what changes on the embedded synthetic benchmark (small, CPU-sized), on top of config.SYNTHETIC_DEFAULTS
+    synthetic_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: TrainConfig, domains: Domains, device: torch.device, rank: int = 0,
                  world_size: int = 1):
@@ -54,6 +58,8 @@ class Method:
         self.p = {**self.default_params, **cfg.params}
         self.models: dict[str, nn.Module] = {}
         self.train_loader = None
+        self.clusterer = None        # set by the driver loop for methods that use clustering
+        self.init_state = None       # source-trained weights for methods that need them
 
     def setup(self, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         """Build models (then wrapped for DDP), the optimizer, scheduler and train loader."""
@@ -68,6 +74,18 @@ class Method:
 
     def eval_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Every network worth evaluating; the run reports the best (MMT: both mean nets)."""
+        return {"net": self.eval_model()}
+
+    def iterations(self) -> int | None:
+        """Iterations per epoch (None: one pass of the train loader)."""
+        return None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra per-epoch metrics (e.g. clustering timings and quality)."""
+        return {}
 
     # -- checkpoint state: models (unwrapped), optimizer, scheduler, anything else the method keeps
     def state_dict(self) -> dict:

@@ -1,0 +1,77 @@
+"""How a method asks for pseudo-labels, independent of where the clustering runs.
+
+A method calls `clusterer.refresh(local_features, epoch)` on every rank with the
+features of its contiguous shard of the target training set; every rank gets the
+same `ClusterResult` for the whole set, in dataset order.
+
+`LocalClusterer` (here, Ray-free) gathers the shards to rank 0 with
+torch.distributed, clusters in-process and broadcasts the result: the
+`--clustering local` path, for debugging and for comparison in benchmarks.
+`reid_ray.clustering.actor.ActorClusterer` sends the shards to the run's
+`PseudoLabeler` Ray actor instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch.distributed as dist
+
+from reid_ray.clustering.kmeans import ClusterResult, kmeans_labels
+from reid_ray.clustering.metrics import cluster_quality
+
+
+@dataclass
+class ClusterSpec:
+    """What to compute at a refresh (the method's hyperparameters)."""
+
+    algorithm: str = "kmeans"
+    num_clusters: int = 500
+    seed: int = 0
+    niter: int = 300
+    max_points_per_centroid: int = 256
+    early_stop: bool = True
+
+
+def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: np.ndarray | None = None,
+                   cameras: np.ndarray | None = None) -> ClusterResult:
+    """Cluster the whole target set; adds quality metrics when ground truth is known (analysis only)."""
+    t = time.perf_counter()
+    if spec.algorithm != "kmeans":
+        from reid_ray import ReidRayError
+        raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans")
+    res = kmeans_labels(features, spec.num_clusters, niter=spec.niter, seed=spec.seed + epoch,
+                        max_points_per_centroid=spec.max_points_per_centroid, early_stop=spec.early_stop)
+    res.stats["cluster_time"] = time.perf_counter() - t
+    if truth is not None:
+        res.stats.update(cluster_quality(res.labels, truth, cameras))
+    return res
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class LocalClusterer:
+    def __init__(self, spec: ClusterSpec, truth: np.ndarray | None = None, cameras: np.ndarray | None = None):
+        self.spec, self.truth, self.cameras = spec, truth, cameras
+
+    def refresh(self, local_features: np.ndarray, epoch: int) -> ClusterResult:
+        t0 = time.perf_counter()
+        if not _distributed():
+            res = run_clustering(local_features, self.spec, epoch, self.truth, self.cameras)
+            res.stats["gather_time"] = time.perf_counter() - t0 - res.stats["cluster_time"]
+            return res
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, local_features)  # rank order = dataset order
+        t1 = time.perf_counter()
+        box = [None]
+        if dist.get_rank() == 0:
+            box[0] = run_clustering(np.concatenate(shards), self.spec, epoch, self.truth, self.cameras)
+        t2 = time.perf_counter()
+        dist.broadcast_object_list(box, src=0)
+        res = box[0]
+        res.stats.update({"gather_time": t1 - t0, "return_time": time.perf_counter() - t2})
+        return res
