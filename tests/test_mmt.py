@@ -57,14 +57,15 @@ def test_mmt_refreshes_pseudo_labels_and_trains(tiny_synth):
     method.clusterer = LocalClusterer(ClusterSpec(num_clusters=10), truth)
     method.setup()
     ctx = EpochContext(0)
+    method.on_epoch_start(ctx)
+    # classifiers were reset from the (normalised) centroids
+    w = method.models["net1"].classifier.weight
+    assert w.shape[0] == 10 and torch.allclose(w.norm(dim=1), torch.ones(10), atol=1e-5)
     out = train_epoch(method, ctx)
     for key in ("loss", "ce", "triplet", "soft_ce", "soft_triplet", "pseudo_nmi", "pseudo_cluster_time",
                 "pseudo_num_clusters", "refresh_time"):
         assert key in out, key
     assert 0 < out["iters"] <= 4 and np.isfinite(out["loss"])  # at most `iters`
-    # classifiers were reset from the (normalised) centroids
-    w = method.models["net1"].classifier.weight
-    assert w.shape[0] == 10 and torch.allclose(w.norm(dim=1), torch.ones(10), atol=1e-5)
     before = [p.clone() for p in method.emas[0].parameters()]
     ctx.epoch = 1
     train_epoch(method, ctx)
