@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch.distributed as dist
 
-from reid_ray.clustering.client import ClusterSpec, run_clustering
+from reid_ray.clustering.client import ClusterSpec, check_same_across_ranks, run_clustering
 from reid_ray.clustering.kmeans import ClusterResult
 
 
@@ -94,5 +94,6 @@ class ActorClusterer:
                 res.stats.update({"gather_time": t1 - t0,
                                   "return_time": time.perf_counter() - t1 - res.stats.get("cluster_time", 0.0),
                                   "refresh_attempts": attempt + 1})
+                check_same_across_ranks(res)
                 return res
         raise RuntimeError(f"pseudo-label refresh for epoch {epoch} failed {self.retries} times")

@@ -14,6 +14,7 @@ torch.distributed, clusters in-process and broadcasts the result: the
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ class ClusterSpec:
     num_clusters: int = 500
     seed: int = 0
     niter: int = 300
+    nredo: int = 1                     # k-means restarts (the best objective wins)
     max_points_per_centroid: int = 256
     early_stop: bool = True
 
@@ -42,7 +44,7 @@ def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: n
     if spec.algorithm != "kmeans":
         from reid_ray import ReidRayError
         raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans")
-    res = kmeans_labels(features, spec.num_clusters, niter=spec.niter, seed=spec.seed + epoch,
+    res = kmeans_labels(features, spec.num_clusters, niter=spec.niter, seed=spec.seed + epoch, nredo=spec.nredo,
                         max_points_per_centroid=spec.max_points_per_centroid, early_stop=spec.early_stop)
     res.stats["cluster_time"] = time.perf_counter() - t
     if truth is not None:
@@ -54,6 +56,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def check_same_across_ranks(res: ClusterResult) -> None:
+    """Every rank must train on identical labels: compare a checksum of them across ranks."""
+    digest = zlib.crc32(np.ascontiguousarray(res.labels).tobytes())
+    if _distributed():
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"pseudo-labels differ across ranks (checksums {digests})")
+    res.stats["labels_checksum_ok"] = 1.0
+
+
 class LocalClusterer:
     def __init__(self, spec: ClusterSpec, truth: np.ndarray | None = None, cameras: np.ndarray | None = None):
         self.spec, self.truth, self.cameras = spec, truth, cameras
@@ -63,6 +76,7 @@ class LocalClusterer:
         if not _distributed():
             res = run_clustering(local_features, self.spec, epoch, self.truth, self.cameras)
             res.stats["gather_time"] = time.perf_counter() - t0 - res.stats["cluster_time"]
+            check_same_across_ranks(res)
             return res
         shards = [None] * dist.get_world_size()
         dist.all_gather_object(shards, local_features)  # rank order = dataset order
@@ -74,4 +88,5 @@ class LocalClusterer:
         dist.broadcast_object_list(box, src=0)
         res = box[0]
         res.stats.update({"gather_time": t1 - t0, "return_time": time.perf_counter() - t2})
+        check_same_across_ranks(res)
         return res
