@@ -32,7 +32,7 @@ class Baseline(Method):
         labels, _ = relabel(self.domains.source.train["pid"].to_numpy())
         self.num_classes = int(labels.max()) + 1
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        net = build_reid_net(cfg.model, self.num_classes).to(self.device)
+        net = build_reid_net(cfg.model, self.num_classes, self.device)
         self.models = {"net": wrap(net)}
         self.optimizer = build_optimizer(net.parameters(), cfg.optim)
         o = cfg.optim

@@ -74,7 +74,7 @@ class MMT(Method):
         nets = []
         for i in range(2):
             torch.manual_seed(cfg.seed + i)
-            net = build_reid_net(cfg.model, k)
+            net = build_reid_net(cfg.model, k, self.device)
             if self.init_state is not None:
                 state = {n: v for n, v in self.init_state.items() if not n.startswith("classifier.")}
                 net.load_state_dict(state, strict=False)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from reid_ray.models.backbone import build_backbone
+from reid_ray.models.sync_bn import convert_sync_bn
 
 
 @dataclass
@@ -20,7 +21,8 @@ class ModelConfig:
     arch: str = "resnet50"         # resnet18 | resnet34 | resnet50 | small
     pretrained: str = "none"       # none | imagenet | /path/to/torchvision_state_dict.pth
     last_stride: int = 1
-    sync_bn: bool = False          # convert BatchNorm to SyncBatchNorm (multi-GPU)
+    sync_bn: bool = True           # BN over the global batch of all workers (SyncBatchNorm on GPU,
+                                   # GlobalBatchNorm on CPU): results do not depend on the worker count
 
 
 class ReIDNet(nn.Module):
@@ -43,8 +45,9 @@ class ReIDNet(nn.Module):
         return {"feat": feat, "bn_feat": bn_feat, "logits": self.classifier(bn_feat)}
 
 
-def build_reid_net(cfg: ModelConfig, num_classes: int) -> ReIDNet:
+def build_reid_net(cfg: ModelConfig, num_classes: int, device: torch.device | str = "cpu") -> ReIDNet:
+    device = torch.device(device)
     net = ReIDNet(cfg, num_classes)
     if cfg.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    return net
+        net = convert_sync_bn(net, device)
+    return net.to(device)
