@@ -1,7 +1,14 @@
 import pytest
 
 from reid_ray import ReidRayError
-from reid_ray.config import SYNTHETIC_DEFAULTS, TrainConfig, apply_overrides, flatten, from_dict, to_dict
+from reid_ray.config import (
+    SYNTHETIC_DEFAULTS,
+    TrainConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    to_dict,
+)
 from reid_ray.methods.base import warmup_step_scheduler
 from reid_ray.train import build_config
 

@@ -52,3 +52,8 @@ def test_augmentation_seeds_do_not_depend_on_the_worker_count():
     split = [list(PKSampler(LABELS, 4, 4, num_replicas=2, rank=r, seed=7)) for r in range(2)]
     assert sorted(single) == sorted(split[0] + split[1])  # same (index, seed) pairs
     assert len({seed for _, seed in single}) == len(single)  # every sample its own draw
+
+
+def test_p_must_divide_over_workers():
+    with pytest.raises(ReidRayError, match="multiple of the worker count"):
+        PKSampler(LABELS, 4, 5, num_replicas=2)

@@ -20,7 +20,11 @@ import numpy as np
 import ray
 import torch.distributed as dist
 
-from reid_ray.clustering.client import ClusterSpec, check_same_across_ranks, run_clustering
+from reid_ray.clustering.client import (
+    ClusterSpec,
+    check_same_across_ranks,
+    run_clustering,
+)
 from reid_ray.clustering.kmeans import ClusterResult
 
 

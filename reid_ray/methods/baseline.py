@@ -14,7 +14,13 @@ import torch
 
 from reid_ray.data.loader import build_train_loader, relabel
 from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
-from reid_ray.methods.base import EpochContext, Method, build_optimizer, gather_batch, warmup_step_scheduler
+from reid_ray.methods.base import (
+    EpochContext,
+    Method,
+    build_optimizer,
+    gather_batch,
+    warmup_step_scheduler,
+)
 from reid_ray.models.reid_net import build_reid_net
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,7 +26,14 @@ from reid_ray.data.transforms import train_transform
 from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
-from reid_ray.methods.base import EpochContext, Method, build_optimizer, gather_batch, unwrap, warmup_step_scheduler
+from reid_ray.methods.base import (
+    EpochContext,
+    Method,
+    build_optimizer,
+    gather_batch,
+    unwrap,
+    warmup_step_scheduler,
+)
 from reid_ray.models.reid_net import build_reid_net
 
 
