@@ -1,0 +1,46 @@
+"""Pseudo-label refresh cost: the PseudoLabeler actor vs `--clustering local`, as a share of an epoch.
+
+    python -m bench.bench_refresh --init outputs/<baseline run>/checkpoint_<time>/checkpoint.pt \\
+        [--epochs 3] [--data-root data]
+
+Runs MMT on the synthetic default for a few epochs with each clustering path and
+prints, per path, the mean refresh time (extract + gather + cluster + return, from
+the second epoch on), its parts, and its share of the epoch (refresh + iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from mlflow.tracking import MlflowClient
+
+from reid_ray.train import build_config, run_training
+
+PARTS = ("refresh_time", "pseudo_gather_time", "pseudo_cluster_time", "pseudo_return_time", "epoch_time")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--init", required=True)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--data-root", default="data")
+    args = ap.parse_args()
+    for path in ("actor", "local"):
+        cfg = build_config("mmt", data_root=args.data_root, init=args.init, clustering=path, epochs=args.epochs,
+                           eval_every=10**6, output="bench/out/refresh", mlflow_uri="sqlite:///bench/out/mlflow.db",
+                           experiment="bench-refresh", name=f"mmt-{path}")
+        out = run_training(cfg)
+        client = MlflowClient(out["mlflow_uri"])
+        mean = {}
+        for key in PARTS:
+            hist = sorted(client.get_metric_history(out["mlflow_run_id"], key), key=lambda h: h.step)
+            mean[key] = statistics.mean(h.value for h in hist[1:]) if len(hist) > 1 else float("nan")
+        share = mean["refresh_time"] / (mean["refresh_time"] + mean["epoch_time"])
+        print(f"{path:6s} refresh {mean['refresh_time']:6.2f} s (gather {mean['pseudo_gather_time']:.2f}, cluster "
+              f"{mean['pseudo_cluster_time']:.2f}, return {mean['pseudo_return_time']:.2f}) | iterations "
+              f"{mean['epoch_time']:6.2f} s | refresh share {100 * share:5.1f} %", flush=True)
+
+
+if __name__ == "__main__":
+    main()
