@@ -58,3 +58,50 @@ def test_local_clusterer_single_process():
     x, truth = blobs()
     res = LocalClusterer(ClusterSpec(num_clusters=6), truth).refresh(x, epoch=0)
     assert len(res.labels) == len(x) and "nmi" in res.stats and "gather_time" in res.stats
+
+
+def dense_jaccard_reference(x, k1, k2):
+    """The reference formulation on a dense matrix (small N only)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 2 - 2 * x @ x.T
+    n = len(x)
+    rank = np.argsort(d, axis=1, kind="stable")
+    v = np.zeros((n, n), np.float32)
+
+    def recip(i, k):
+        return [c for c in rank[i, : k + 1] if i in rank[c, : k + 1]]
+    for i in range(n):
+        r = recip(i, k1)
+        exp = list(r)
+        for c in r:
+            rc = recip(c, int(np.around(k1 / 2)))
+            if len(set(rc) & set(r)) > 2 / 3 * len(rc):
+                exp += rc
+        exp = np.unique(exp)
+        w = np.exp(-d[i, exp])
+        v[i, exp] = w / w.sum()
+    if k2 != 1:
+        v = np.stack([v[rank[i, :k2]].mean(0) for i in range(n)])
+    inter = np.stack([np.minimum(v[i][None], v).sum(1) for i in range(n)])
+    return 1 - inter / (2 - inter)
+
+
+def test_sparse_jaccard_matches_dense_reference():
+    from reid_ray.clustering.dbscan import jaccard_distance
+    x, _ = blobs(k=4, n=60, d=8, seed=3)
+    ref = dense_jaccard_reference(x.astype(np.float64), k1=8, k2=3)
+    m = jaccard_distance(x, k1=8, k2=3).tocoo()
+    sparse, stored = m.toarray(), np.zeros((60, 60), bool)
+    stored[m.row, m.col] = True  # the pairs formed, explicit zeros included
+    np.testing.assert_allclose(sparse[stored], ref[stored], atol=1e-5)
+    assert np.allclose(ref[~stored], 1.0, atol=1e-6)  # absent pairs are exactly the distance-1 pairs
+
+
+def test_dbscan_finds_clusters_and_outliers():
+    from reid_ray.clustering.dbscan import dbscan_labels
+    x, truth = blobs(k=5, n=200, d=16, seed=1)
+    x = np.concatenate([x, np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32) * 40])
+    res = dbscan_labels(x, eps=0.6, min_samples=4, k1=15, k2=4)
+    q = cluster_quality(res.labels[:200], truth)
+    assert res.stats["num_clusters"] == 5 and q["pairwise_precision"] > 0.99
+    assert res.centroids is None and len(res.labels) == 203

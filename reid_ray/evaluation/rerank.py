@@ -82,6 +82,85 @@ def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
     return (rank[fwd, : k + 1] == me).any(2)
 
 
+def expanded_reciprocal_sets(rank: torch.Tensor, k1: int, chunk_size: int = 2048) -> torch.Tensor:
+    """R*(i, k1) of every row (Eq. 6): (N, W) indices, -1 padded, no repeats.
+
+    rank: (N, >= k1+1) nearest neighbours of each row in distance order, self first.
+    """
+    n = len(rank)
+    kh = int(np.around(k1 / 2.0))
+    recip = _reciprocal(rank, k1)                                   # (N, k1+1)
+    half_recip = _reciprocal(rank, kh)                              # (N, kh+1)
+    r_set = torch.where(recip, rank[:, : k1 + 1], -1)               # R(i, k1), -1 padded
+    h_set = torch.where(half_recip, rank[:, : kh + 1], -1)          # R(c, k1/2), -1 padded
+    h_size = half_recip.sum(1)
+    expanded = []
+    for lo in range(0, n, chunk_size):
+        sl = slice(lo, min(lo + chunk_size, n))
+        cand = rank[sl, : k1 + 1]                                   # (B, k1+1) candidates c
+        c_sets = h_set[cand]                                        # (B, k1+1, kh+1)
+        inter = ((c_sets[..., None] == r_set[sl][:, None, None, :]) & (c_sets[..., None] >= 0)).any(3).sum(2)
+        accept = recip[sl] & (inter > 2.0 / 3.0 * h_size[cand])
+        extra = torch.where(accept[..., None], c_sets, -1).flatten(1)
+        expanded.append(torch.cat([r_set[sl], extra], 1))
+    e_idx, _ = torch.sort(torch.cat(expanded), dim=1)
+    dup = torch.zeros_like(e_idx, dtype=torch.bool)
+    dup[:, 1:] = e_idx[:, 1:] == e_idx[:, :-1]
+    return torch.where(dup, -1, e_idx)
+
+
+def encoding_matrix(e_idx: torch.Tensor, logits: torch.Tensor, rank: torch.Tensor, k2: int) -> torch.Tensor:
+    """Sparse V (Eq. 7 + local query expansion, Eq. 13) as a coalesced (N, N) COO tensor.
+
+    logits: (N, W) = -distance at e_idx (-inf where padded); V_i = softmax over i's set.
+    """
+    n = len(e_idx)
+    present = e_idx >= 0
+    w = torch.softmax(logits, dim=1)
+    r_idx = torch.arange(n)[:, None].expand_as(e_idx)
+    v = torch.sparse_coo_tensor(torch.stack([r_idx[present], e_idx[present]]), w[present], (n, n),
+                                check_invariants=False).coalesce()
+    if k2 != 1:
+        qe_rows = torch.arange(n).repeat_interleave(k2)
+        a = torch.sparse_coo_tensor(torch.stack([qe_rows, rank[:, :k2].reshape(-1)]),
+                                    torch.full((n * k2,), 1.0 / k2), (n, n), check_invariants=False).coalesce()
+        with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta
+            warnings.simplefilter("ignore", UserWarning)
+            v = torch.sparse.mm(a, v).coalesce()
+    return v
+
+
+def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_000):
+    """Σ_k min(V_ik, V_jk) for rows i < num_rows and every j sharing a column with i (Eq. 11-12).
+
+    Yields (lo, hi, i - lo, j, min) blocks of rows [lo, hi): unaggregated triples, one per
+    shared column, sized to about `pairs_per_chunk`. Only V's non-zeros are visited.
+    """
+    n = v.shape[0]
+    v_rows, v_cols = v.indices()
+    v_vals = v.values()
+    by_col = torch.argsort(v_cols, stable=True)
+    col_rows, col_vals = v_rows[by_col], v_vals[by_col]
+    col_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    col_ptr[1:] = torch.cumsum(torch.bincount(v_cols, minlength=n), 0)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(torch.bincount(v_rows, minlength=n), 0)
+    col_len = col_ptr[1:] - col_ptr[:-1]
+    cost = torch.zeros(n, dtype=torch.int64).index_add_(0, v_rows, col_len[v_cols])[:num_rows]
+    lo = 0
+    while lo < num_rows:
+        hi = lo + 1 + int(torch.searchsorted(torch.cumsum(cost[lo + 1:], 0), max(0, pairs_per_chunk - int(cost[lo]))))
+        hi = min(hi, num_rows)
+        nz = slice(int(row_ptr[lo]), int(row_ptr[hi]))
+        qi, qk, qv = v_rows[nz] - lo, v_cols[nz], v_vals[nz]
+        seg = col_len[qk]
+        starts = col_ptr[qk].repeat_interleave(seg)
+        within = torch.arange(len(starts)) - (torch.cumsum(seg, 0) - seg).repeat_interleave(seg)
+        pos = starts + within
+        yield lo, hi, qi.repeat_interleave(seg), col_rows[pos], torch.minimum(qv.repeat_interleave(seg), col_vals[pos])
+        lo = hi
+
+
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                chunk_size: int = 2048, pairs_per_chunk: int = 20_000_000) -> np.ndarray:
     """Re-ranked (Q, G) float32 distances from query-gallery, query-query and gallery-gallery ones."""
@@ -92,90 +171,32 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
                            f"q_q {tuple(rows.q_q.shape)}, g_g {tuple(rows.g_g.shape)}")
     if not 1 <= k2 <= k1 + 1 or k1 + 1 > n:
         raise ReidRayError(f"re_ranking: need 1 <= k2 <= k1 + 1 <= Q + G, got k1={k1}, k2={k2}, Q+G={n}")
-    kh = int(np.around(k1 / 2.0))
 
     # 1. top-(k1+1) neighbours of every row, in distance order (self first)
     rank = torch.cat([_nearest(rows.block(lo, min(lo + chunk_size, n)), k1 + 1) for lo in range(0, n, chunk_size)])
 
-    # 2. k1-reciprocal sets, and their expansion by the k1/2-reciprocal sets of members
-    recip = _reciprocal(rank, k1)                                   # (N, k1+1)
-    half = rank[:, : kh + 1]
-    half_recip = _reciprocal(rank, kh)                              # (N, kh+1)
-    r_set = torch.where(recip, rank, -1)                            # R(i, k1), -1 padded
-    h_set = torch.where(half_recip, half, -1)                       # R(c, k1/2), -1 padded
-    h_size = half_recip.sum(1)
-    expanded = []
-    for lo in range(0, n, chunk_size):
-        sl = slice(lo, min(lo + chunk_size, n))
-        cand = rank[sl]                                             # (B, k1+1) candidates c
-        c_sets = h_set[cand]                                        # (B, k1+1, kh+1)
-        inter = ((c_sets[..., None] == r_set[sl][:, None, None, :]) & (c_sets[..., None] >= 0)).any(3).sum(2)
-        accept = recip[sl] & (inter > 2.0 / 3.0 * h_size[cand])
-        extra = torch.where(accept[..., None], c_sets, -1).flatten(1)
-        expanded.append(torch.cat([r_set[sl], extra], 1))
-    e_idx = torch.cat(expanded)                                     # (N, W) with repeats and -1
-    e_idx, _ = torch.sort(e_idx, dim=1)
-    dup = torch.zeros_like(e_idx, dtype=torch.bool)
-    dup[:, 1:] = e_idx[:, 1:] == e_idx[:, :-1]
-    e_idx = torch.where(dup, -1, e_idx)
+    # 2. k1-reciprocal sets, expanded by the k1/2-reciprocal sets of their members
+    e_idx = expanded_reciprocal_sets(rank, k1, chunk_size)
 
-    # 3. V: Gaussian kernel weights over each expanded set, rows summing to 1
+    # 3. V: Gaussian kernel weights over each expanded set (rows sum to 1), then local query expansion
     present = e_idx >= 0
     weights, final_orig = [], []
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
         blk = rows.block(lo, hi)
-        w = torch.where(present[lo:hi], torch.exp(-blk.gather(1, e_idx[lo:hi].clamp(min=0))), 0.0)
-        weights.append(w / w.sum(1, keepdim=True))
+        weights.append(torch.where(present[lo:hi], -blk.gather(1, e_idx[lo:hi].clamp(min=0)), -torch.inf))
         if lo < nq:
             final_orig.append(blk[: max(0, min(hi, nq) - lo), nq:])
-    w = torch.cat(weights)
-    r_idx = torch.arange(n)[:, None].expand_as(e_idx)
-    v = torch.sparse_coo_tensor(torch.stack([r_idx[present], e_idx[present]]), w[present], (n, n),
-                                check_invariants=False).coalesce()
-    if k2 != 1:  # local query expansion: average V over the k2 nearest neighbours
-        qe_rows = torch.arange(n).repeat_interleave(k2)
-        a = torch.sparse_coo_tensor(torch.stack([qe_rows, rank[:, :k2].reshape(-1)]),
-                                    torch.full((n * k2,), 1.0 / k2), (n, n), check_invariants=False).coalesce()
-        with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta
-            warnings.simplefilter("ignore", UserWarning)
-            v = torch.sparse.mm(a, v).coalesce()
+    v = encoding_matrix(e_idx, torch.cat(weights), rank, k2)
 
     # 4. Jaccard distance of each query to every gallery image, over V's non-zeros
-    v_rows, v_cols = v.indices()
-    v_vals = v.values()
-    by_col = torch.argsort(v_cols, stable=True)
-    col_rows, col_vals = v_rows[by_col], v_vals[by_col]
-    col_ptr = torch.zeros(n + 1, dtype=torch.int64)
-    col_ptr[1:] = torch.cumsum(torch.bincount(v_cols, minlength=n), 0)
-    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
-    row_ptr[1:] = torch.cumsum(torch.bincount(v_rows, minlength=n), 0)
-    col_len = col_ptr[1:] - col_ptr[:-1]
-    # queries in groups small enough that the expanded (query, column, row) triples fit
-    cost = torch.zeros(nq, dtype=torch.int64)
-    cost.index_add_(0, v_rows[v_rows < nq], col_len[v_cols[v_rows < nq]])
     final = torch.empty(nq, rows.ng, dtype=torch.float32)
-    q_lo = 0
-    while q_lo < nq:
-        q_hi = q_lo + 1
-        acc = int(cost[q_lo])
-        while q_hi < nq and acc + int(cost[q_hi]) <= pairs_per_chunk:
-            acc += int(cost[q_hi])
-            q_hi += 1
-        nz = slice(int(row_ptr[q_lo]), int(row_ptr[q_hi]))
-        qi, qk, qv = v_rows[nz] - q_lo, v_cols[nz], v_vals[nz]
-        seg = col_len[qk]
-        rep_i, rep_v = qi.repeat_interleave(seg), qv.repeat_interleave(seg)
-        starts = col_ptr[qk].repeat_interleave(seg)
-        within = torch.arange(len(starts)) - (torch.cumsum(seg, 0) - seg).repeat_interleave(seg)
-        j = col_rows[starts + within]
-        contrib = torch.minimum(rep_v, col_vals[starts + within])
-        gal = j >= nq
+    for q_lo, q_hi, i, j, m in min_overlaps(v, nq, pairs_per_chunk):
         temp_min = torch.zeros((q_hi - q_lo) * rows.ng, dtype=torch.float32)
-        temp_min.index_add_(0, rep_i[gal] * rows.ng + (j[gal] - nq), contrib[gal])
+        gal = j >= nq
+        temp_min.index_add_(0, i[gal] * rows.ng + (j[gal] - nq), m[gal])
         temp_min = temp_min.view(q_hi - q_lo, rows.ng)
         final[q_lo:q_hi] = 1 - temp_min / (2 - temp_min)
-        q_lo = q_hi
 
     # 5. blend with the original distances
     if lambda_value:

@@ -1,0 +1,92 @@
+"""Datasets and loaders built from a manifest (see `readers.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from reid_ray.data.sampler import PKSampler
+from reid_ray.data.transforms import TransformConfig, test_transform, train_transform
+
+
+def relabel(pids: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    """Contiguous 0..C-1 training labels for the dataset's own pids (sorted order)."""
+    uniq = np.unique(pids)
+    mapping = {int(p): i for i, p in enumerate(uniq)}
+    return np.searchsorted(uniq, pids), mapping
+
+
+class ImageDataset(Dataset):
+    """Images of a manifest, with labels.
+
+    Items are dicts: `img` (C,H,W float), `label` (training label, or -1),
+    `pid`, `camid`, `index` (row in the manifest). `in_memory=True` decodes every
+    image once (for small datasets such as the synthetic benchmark).
+    """
+
+    def __init__(self, table: pa.Table, transform, labels: np.ndarray | None = None, in_memory: bool = False,
+                 views: int = 1):
+        self.paths = table["path"].to_pylist()
+        self.pids = table["pid"].to_numpy()
+        self.camids = table["camid"].to_numpy()
+        self.labels = np.asarray(labels) if labels is not None else np.full(len(self.paths), -1)
+        self.transform = transform
+        self.views = views  # >1: also `img2`, ... independently augmented views (MMT's two nets)
+        self.cache = [self._load(p) for p in self.paths] if in_memory else None
+
+    @staticmethod
+    def _load(path: str) -> Image.Image:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """`item` is an index, or (index, seed) from PKSampler: the seed fixes the random augmentation."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        img = self.cache[i] if self.cache is not None else self._load(self.paths[i])
+        out = {"label": int(self.labels[i]), "pid": int(self.pids[i]), "camid": int(self.camids[i]), "index": i}
+        for v in range(self.views):
+            if seed is not None:  # torchvision's random transforms draw from torch's global RNG
+                torch.manual_seed((seed + v * 0x9E3779B9) % 2**63)
+            out["img" if v == 0 else f"img{v + 1}"] = self.transform(img)
+        return out
+
+
+@dataclass
+class LoaderConfig:
+    num_identities: int = 16      # P
+    num_instances: int = 4        # K
+    num_workers: int = 0          # DataLoader worker processes per training worker
+    in_memory: bool = False
+    test_batch_size: int = 128
+
+
+def build_train_loader(table: pa.Table, labels: np.ndarray, tcfg: TransformConfig, lcfg: LoaderConfig, *,
+                       rank: int = 0, world_size: int = 1, seed: int = 0, views: int = 1,
+                       dataset: ImageDataset | None = None) -> DataLoader:
+    """P×K loader for one rank; call `loader.sampler.set_epoch(e)` every epoch.
+
+    Pass `dataset` to reuse decoded images when only the labels change (pseudo-labels).
+    """
+    ds = dataset or ImageDataset(table, train_transform(tcfg), labels, in_memory=lcfg.in_memory, views=views)
+    ds.labels = np.asarray(labels)
+    sampler = PKSampler(labels, lcfg.num_instances, lcfg.num_identities, world_size, rank, seed)
+    per_rank = lcfg.num_identities // world_size * lcfg.num_instances
+    return DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=lcfg.num_workers,
+                      persistent_workers=lcfg.num_workers > 0)
+
+
+def build_test_loader(table: pa.Table, tcfg: TransformConfig, lcfg: LoaderConfig, *, rank: int = 0,
+                      world_size: int = 1) -> DataLoader:
+    """Deterministic loader over this rank's contiguous shard of the table (all of it when world_size=1)."""
+    n = table.num_rows
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    ds = ImageDataset(table.slice(lo, hi - lo), test_transform(tcfg), in_memory=lcfg.in_memory)
+    return DataLoader(ds, batch_size=lcfg.test_batch_size, shuffle=False, num_workers=lcfg.num_workers)
