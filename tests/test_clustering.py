@@ -105,3 +105,13 @@ def test_dbscan_finds_clusters_and_outliers():
     q = cluster_quality(res.labels[:200], truth)
     assert res.stats["num_clusters"] == 5 and q["pairwise_precision"] > 0.99
     assert res.centroids is None and len(res.labels) == 203
+
+
+def test_local_clusterer_dbscan_gives_centroids_for_classifiers():
+    x, truth = blobs(k=4, n=120)
+    res = LocalClusterer(ClusterSpec(algorithm="dbscan", k1=10, k2=3), truth).refresh(x, epoch=0)
+    k = res.labels.max() + 1
+    assert res.centroids.shape == (k, 16) and "nmi" in res.stats
+    np.testing.assert_allclose(np.linalg.norm(res.centroids, axis=1), 1, atol=1e-5)
+    with pytest.raises(ReidRayError, match="valid: kmeans, dbscan"):
+        LocalClusterer(ClusterSpec(algorithm="optics")).refresh(x, epoch=0)

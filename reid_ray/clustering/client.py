@@ -28,28 +28,46 @@ from reid_ray.clustering.metrics import cluster_quality
 class ClusterSpec:
     """What to compute at a refresh (the method's hyperparameters)."""
 
-    algorithm: str = "kmeans"
+    algorithm: str = "kmeans"          # kmeans | dbscan (on the k-reciprocal Jaccard distance)
     num_clusters: int = 500
     seed: int = 0
     niter: int = 300
     nredo: int = 1                     # k-means restarts (the best objective wins)
     max_points_per_centroid: int = 256
     early_stop: bool = True
+    eps: float = 0.6                   # DBSCAN radius on the Jaccard distance (SpCL's default)
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
 
 
 def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: np.ndarray | None = None,
                    cameras: np.ndarray | None = None) -> ClusterResult:
     """Cluster the whole target set; adds quality metrics when ground truth is known (analysis only)."""
     t = time.perf_counter()
-    if spec.algorithm != "kmeans":
+    if spec.algorithm == "kmeans":
+        res = kmeans_labels(features, spec.num_clusters, niter=spec.niter, seed=spec.seed + epoch, nredo=spec.nredo,
+                            max_points_per_centroid=spec.max_points_per_centroid, early_stop=spec.early_stop)
+    elif spec.algorithm == "dbscan":
+        from reid_ray.clustering.dbscan import dbscan_labels
+        res = dbscan_labels(features, spec.eps, spec.min_samples, spec.k1, spec.k2)
+        res.centroids = cluster_means(features, res.labels)
+    else:
         from reid_ray import ReidRayError
-        raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans")
-    res = kmeans_labels(features, spec.num_clusters, niter=spec.niter, seed=spec.seed + epoch, nredo=spec.nredo,
-                        max_points_per_centroid=spec.max_points_per_centroid, early_stop=spec.early_stop)
+        raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans, dbscan")
     res.stats["cluster_time"] = time.perf_counter() - t
     if truth is not None:
         res.stats.update(cluster_quality(res.labels, truth, cameras))
     return res
+
+
+def cluster_means(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """L2-normalised mean feature of each cluster (outliers, label -1, excluded)."""
+    x = np.asarray(features, np.float32)
+    k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    sums = np.zeros((k, x.shape[1]), np.float32)
+    np.add.at(sums, labels[labels >= 0], x[labels >= 0])
+    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
 
 
 def _distributed() -> bool:
