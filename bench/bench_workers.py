@@ -20,12 +20,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--data-root", default="data")
+    ap.add_argument("--mlflow-uri", default="sqlite:///bench/out/mlflow-workers.db")
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
         for w in args.workers:
             cfg = build_config("baseline", data_root=args.data_root, workers=w, seed=seed,
-                               output="bench/out/workers", mlflow_uri="sqlite:///bench/out/mlflow.db",
+                               output="bench/out/workers", mlflow_uri=args.mlflow_uri,
                                experiment="bench-workers", name=f"baseline-w{w}-s{seed}")
             m = run_training(cfg)["metrics"]
             rows.append((seed, w, m["source_mAP"], m["source_R1"], m["target_mAP"], m["target_R1"]))
