@@ -1,0 +1,92 @@
+"""Source + target batches side by side, for methods that train on both domains at once (ECN, MAR).
+
+    source = build_train_loader(src_table, src_labels, tcfg, lcfg, rank=r, world_size=w, seed=s)
+    target = build_shuffle_loader(tgt_dataset, global_batch=64, rank=r, world_size=w, seed=s)
+    loader = PairedLoader(source, target)
+    loader.sampler.set_epoch(epoch)
+    for batch in loader:      # source keys as they are ("img", "label", ...), target keys prefixed "t_"
+        ...
+
+The target loader draws images uniformly without replacement (ECN and MAR sample the
+target at random, not by identity); like PKSampler, rank r takes its contiguous share of
+every global batch, so 1 or N workers see the same global batches and augmentations.
+One pass of the target set is one epoch; the source loader is restarted when it runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from reid_ray import ReidRayError
+
+
+class ShuffleSampler(Sampler):
+    """Yields (index, augmentation seed) for one rank of a uniformly shuffled, DDP-sharded epoch."""
+
+    def __init__(self, n: int, global_batch: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if global_batch % num_replicas:
+            raise ReidRayError(f"batch size {global_batch} must divide evenly over {num_replicas} workers")
+        if n < global_batch:
+            raise ReidRayError(f"the target set has {n} images, fewer than one batch of {global_batch}; "
+                               "lower the batch size")
+        self.n, self.batch, self.num_replicas, self.rank = n, global_batch, num_replicas, rank
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        perm = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
+        share = self.batch // self.num_replicas
+        base = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + 7) % 2**62
+        for b in range(self.n // self.batch):
+            lo = b * self.batch + self.rank * share
+            for pos in range(lo, lo + share):
+                yield int(perm[pos]), (base + pos) % 2**63
+
+    def __len__(self) -> int:
+        return self.n // self.batch * (self.batch // self.num_replicas)
+
+
+def build_shuffle_loader(dataset: Dataset, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                         num_workers: int = 0) -> DataLoader:
+    """A loader over `dataset` (items indexed by (index, seed)) with this rank's share of each global batch."""
+    sampler = ShuffleSampler(len(dataset), global_batch, world_size, rank, seed)
+    return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, drop_last=True,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+class _BothSamplers:
+    def __init__(self, *samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+
+
+class PairedLoader:
+    """Zips a source loader with a target loader; an epoch is one pass of the target loader."""
+
+    def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_"):
+        self.source, self.target, self.prefix = source, target, prefix
+        self.sampler = _BothSamplers(source.sampler, target.sampler)
+        self._cycles = 0
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __iter__(self) -> Iterator[dict]:
+        src = iter(self.source)
+        for tb in self.target:
+            try:
+                sb = next(src)
+            except StopIteration:  # a new pass of the source: reshuffle it
+                self._cycles += 1
+                self.source.sampler.set_epoch(self.source.sampler.epoch + 1_000 * self._cycles)
+                src = iter(self.source)
+                sb = next(src)
+            yield {**sb, **{self.prefix + k: v for k, v in tb.items()}}
