@@ -2,7 +2,8 @@
 
     python -m bench.bench_uda --method mmt --seeds 0 1 2 [--data-root data] [--workers 2]
 
-For each seed: trains the baseline on synth-a (the embedded default), reports its
+For each seed: trains the baseline on synth-a (the embedded default; once per seed, recorded
+in bench/out/uda/baseline-s<seed>.json and reused by later runs of any method), reports its
 source mAP and target mAP (direct transfer), then trains the UDA method on synth-b
 starting from that checkpoint and reports its target mAP. Last epoch, no
 model selection on target labels.
@@ -11,10 +12,26 @@ model selection on target labels.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 from pathlib import Path
 
 from reid_ray.train import CHECKPOINT_FILE, build_config, run_training
+
+
+def baseline(seed: int, common: dict) -> dict:
+    """The seed's direct-transfer baseline, trained once and shared by every method's bench run."""
+    record = Path(common["output"]) / f"baseline-s{seed}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    out = run_training(build_config("baseline", seed=seed, name=f"baseline-s{seed}", **common))
+    base = {"metrics": out["metrics"], "init": str(Path(out["checkpoint"]) / CHECKPOINT_FILE)}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(base, indent=1))
+    os.replace(tmp, record)
+    return base
 
 
 def main() -> None:
@@ -29,8 +46,8 @@ def main() -> None:
                   mlflow_uri="sqlite:///bench/out/mlflow.db", experiment="bench-uda")
     rows = []
     for seed in args.seeds:
-        base = run_training(build_config("baseline", seed=seed, name=f"baseline-s{seed}", **common))
-        init = str(Path(base["checkpoint"]) / CHECKPOINT_FILE)
+        base = baseline(seed, common)
+        init = base["init"]
         uda = run_training(build_config(args.method, overrides=args.overrides, seed=seed, init=init,
                                         name=f"{args.method}-s{seed}", **common))
         b, u = base["metrics"], uda["metrics"]
