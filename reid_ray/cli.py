@@ -3,6 +3,9 @@
     reid-ray synth data/                      # write the synthetic benchmark (synth-a, synth-b)
     reid-ray datasets market1501 --data-root /datasets   # check a dataset and print its stats
     reid-ray train ...                        # = python -m reid_ray.train ...
+    reid-ray tune ...                         # = python -m reid_ray.tune ...
+    reid-ray report --experiment "synth-a->synth-b"   # Markdown + PNG comparison of an MLflow experiment
+    reid-ray doctor [--data-root DIR] [--no-ray]      # what a run would use here: Ray, GPUs, faiss, datasets, MLflow
 
 A mistake a user can fix prints one line naming the problem and the fix, and
 exits with code 2.
@@ -70,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `reid-ray train|tune ...` forward to the module entry points with their own parsers
-    if argv and argv[0] in ("train", "tune"):
+    # `reid-ray train|tune|report|doctor ...` forward to the module entry points with their own parsers
+    if argv and argv[0] in ("train", "tune", "report", "doctor"):
         import importlib
 
         return importlib.import_module(f"reid_ray.{argv[0]}").main(argv[1:])

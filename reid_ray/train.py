@@ -53,6 +53,34 @@ def build_config(method: str = "baseline", source: str = "synth-a", target: str 
     return cfg
 
 
+def load_config_file(path: str) -> tuple[str | None, str | None, str | None, dict]:
+    """A config YAML (a sweep's best_config.yaml, a run's config.yaml, or a hand-written subset):
+    (method, source, target, dotted overrides)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ReidRayError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ReidRayError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ReidRayError(f"--config {path}: expected a mapping of config keys (e.g. method: mmt, optim: {{lr: 3.5e-4}})")
+
+    def dotted(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    flat = dotted(data)
+    method, source, target = (flat.pop(k, None) for k in ("method", "source", "target"))
+    for k in ("name", "resume"):
+        flat.pop(k, None)
+    return method, source, target, flat
+
+
 def ensure_data(cfg: TrainConfig) -> Domains:
     """Generate the synthetic domains if asked for and missing; read both domains (fails early, clearly)."""
     root = Path(cfg.data_root).expanduser().resolve()
@@ -91,11 +119,16 @@ def worker_resources(cfg: TrainConfig, cluster: dict) -> tuple[bool, dict, int]:
                            f"pass --workers between 1 and {int(cpus)}")
     # leave ~10% for Ray's controller and the driver (PLATFORM_NOTES.md)
     per_cpu = round(0.9 * cpus / cfg.workers, 2)
-    return False, {"CPU": per_cpu}, max(1, int(round(per_cpu)))
+    return False, {"CPU": per_cpu}, max(1, round(per_cpu))
 
 
-def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
-    """Train under Ray Train; returns the final metrics plus run/checkpoint locations."""
+def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict | None = None,
+                 tags: dict | None = None) -> dict:
+    """Train under Ray Train; returns the final metrics plus run/checkpoint locations.
+
+    `plan` (from `tune.plan_resources`) fixes the worker and actor resources of one Tune
+    trial; without it they are derived from the whole cluster. `tags` go on the MLflow run
+    (a trial's parent run and trial id)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -104,7 +137,10 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
 
     domains = ensure_data(cfg)
     init_ray()
-    use_gpu, resources, threads = worker_resources(cfg, ray.cluster_resources())
+    if plan is not None:
+        use_gpu, resources, threads = plan["use_gpu"], plan["worker"], plan["threads"]
+    else:
+        use_gpu, resources, threads = worker_resources(cfg, ray.cluster_resources())
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     output = Path(cfg.output).expanduser().resolve()
     method_cls = METHODS[cfg.method]
@@ -117,12 +153,13 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     if method_cls.uses_clustering and cfg.clustering == "actor":
         from reid_ray.clustering.actor import create_pseudo_labeler
         t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
-        labeler = create_pseudo_labeler(cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+        labeler = create_pseudo_labeler(cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
+                                        options=(plan["actor"], plan["actor_threads"]) if plan else None)
     uri = tracking.resolve_uri(cfg.mlflow_uri)
     run_id = tracking.start_run(
         uri, cfg.experiment or f"{cfg.source}->{cfg.target}", name, flatten(cfg),
         {"method": cfg.method, "source": cfg.source, "target": cfg.target,
-         "source_to_target": f"{cfg.source}->{cfg.target}"}, to_dict(cfg))
+         "source_to_target": f"{cfg.source}->{cfg.target}", **(tags or {})}, to_dict(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "threads": threads, "mlflow_uri": uri, "mlflow_run_id": run_id,
@@ -179,8 +216,19 @@ def source_pretraining(cfg: TrainConfig) -> str:
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     shutil.copyfile(Path(out["checkpoint"]) / CHECKPOINT_FILE, tmp)
+    metrics = {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))}
+    cached.with_suffix(".json.tmp").write_text(json.dumps(metrics, indent=1))
+    os.replace(cached.with_suffix(".json.tmp"), cached.with_suffix(".json"))
     os.replace(tmp, cached)
     return str(cached)
+
+
+def pretraining_metrics(init: str) -> dict:
+    """The last-epoch metrics of a cached source pretraining (source mAP, direct-transfer target mAP)."""
+    import json
+
+    sidecar = Path(init).with_suffix(".json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
 
 
 def print_summary(cfg: TrainConfig, out: dict) -> None:
@@ -204,9 +252,11 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-ray train", description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="baseline", help=f"one of: {', '.join(sorted(METHODS))}")
-    p.add_argument("--source", default="synth-a", help="labelled source dataset")
-    p.add_argument("--target", default="synth-b", help="unlabelled target dataset")
+    p.add_argument("--method", default=None, help=f"one of: {', '.join(sorted(METHODS))} (default baseline)")
+    p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
+    p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
+    p.add_argument("--config", default=None, help="a config YAML, e.g. a sweep's best_config.yaml (flags override it)")
+    p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/presets.py)")
     p.add_argument("--data-root", default=None, help="folder holding the datasets' own top folders (default: data)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2)")
     p.add_argument("--epochs", type=int, default=None)
@@ -232,10 +282,21 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def _run(a):
-        cfg = build_config(a.method, a.source, a.target, a.overrides, data_root=a.data_root, workers=a.workers,
-                           epochs=a.epochs, eval_every=a.eval_every, seed=a.seed, mlflow_uri=a.mlflow_uri,
-                           experiment=a.experiment, name=a.name, output=a.output, resume=a.resume, init=a.init,
-                           clustering=a.clustering)
+        method, source, target, base = (None, None, None, {})
+        if a.config:
+            method, source, target, base = load_config_file(a.config)
+        method = a.method or method or "baseline"
+        if a.preset:
+            from reid_ray.presets import apply_preset
+            source, target, preset = apply_preset(a.preset, method)
+            base = {**base, **preset}
+        # precedence: defaults < --config file < --preset < flags < --set
+        cfg = build_config(method, a.source or source or "synth-a", a.target or target or "synth-b", base)
+        flags = dict(data_root=a.data_root, workers=a.workers, epochs=a.epochs, eval_every=a.eval_every, seed=a.seed,
+                     mlflow_uri=a.mlflow_uri, experiment=a.experiment, name=a.name, output=a.output,
+                     resume=a.resume, init=a.init, clustering=a.clustering)
+        apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+        apply_overrides(cfg, a.overrides)
         if cfg.resume and not Path(cfg.resume).exists():
             raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
         out = run_training(cfg)

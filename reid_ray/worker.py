@@ -78,10 +78,12 @@ def train_loop_per_worker(config: dict) -> None:
             m.to(memory_format=torch.channels_last)
     ectx = EpochContext(epoch=0, rank=rank, world_size=world)
     start, best = 0, {"target_mAP": -1.0}
+    last_target = 0.0  # the latest target mAP, carried between evaluations (Tune's ASHA metric)
     state = _load_state(cfg)
     if state is not None:
         method.load_state_dict(state["method"])
         start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
+        last_target = state.get("last_target", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
     uri, run_id = config["mlflow_uri"], config["mlflow_run_id"]
     run_dir = Path(config["run_dir"])
@@ -94,6 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
             for name, ds in (("source", domains.source), ("target", domains.target)):
                 res, curves[name] = evaluate_method(method, ds, cfg, name)
                 metrics.update(res)
+            last_target = metrics["target_mAP"]
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
@@ -103,14 +106,15 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
-                         "rng": {"torch": torch.get_rng_state()}, "config": config["cfg"]}
+                         "last_target": last_target, "rng": {"torch": torch.get_rng_state()}, "config": config["cfg"]}
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 if metrics.get("target_mAP", -1) > best["target_mAP"]:
                     best = {k: v for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
                     run_dir.mkdir(parents=True, exist_ok=True)
                     torch.save(state, run_dir / "best.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "best_target_mAP": best["target_mAP"]}, checkpoint=checkpoint)
+            ray.train.report({**metrics, "best_target_mAP": best["target_mAP"], "target_mAP_last": last_target,
+                              "mlflow_run_id": run_id}, checkpoint=checkpoint)
     if rank == 0 and run_id:
         from reid_ray.tracking import cmc_plot
         if curves:

@@ -68,9 +68,11 @@ def actor_options(cluster: dict) -> tuple[dict, int]:
     return {"num_cpus": share}, max(1, int(cpus // 2))
 
 
-def create_pseudo_labeler(spec: ClusterSpec, truth=None, cameras=None):
-    options, threads = actor_options(ray.cluster_resources())
-    return PseudoLabeler.options(**options).remote(spec, threads, truth, cameras)
+def create_pseudo_labeler(spec: ClusterSpec, truth=None, cameras=None, options: tuple[dict, int] | None = None):
+    """The run's actor; `options` = (Ray resources, faiss threads), by default derived from the cluster
+    (a Tune trial passes its own share, see tune.plan_resources)."""
+    resources, threads = options or actor_options(ray.cluster_resources())
+    return PseudoLabeler.options(**resources).remote(spec, threads, truth, cameras)
 
 
 class ActorClusterer:

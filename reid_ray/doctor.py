@@ -1,0 +1,201 @@
+"""What a run would use here: Ray cluster, torch/CUDA, faiss, datasets, MLflow; each problem with its fix.
+
+    reid-ray doctor                            # joins $RAY_ADDRESS or this node's Ray, else starts one briefly
+    reid-ray doctor --data-root /data --no-ray # skip Ray; check the datasets under /data
+    python -m reid_ray.doctor --strict         # exit 1 when a problem is found (for setup scripts)
+
+Exit code 0 whenever it could report (problems included, unless --strict); 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import reid_ray
+
+GPU_EXTRA_FIX = ("pip install 'reid-ray[gpu]' && pip uninstall -y faiss-cpu && "
+                 "pip install --force-reinstall --no-deps faiss-gpu-cu12")
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)        # (section, item, value)
+    datasets: list[tuple[str, ...]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)         # (problem, fix)
+
+    def add(self, section: str, item: str, value: str) -> None:
+        self.rows.append((section, item, value))
+
+    def problem(self, what: str, fix: str) -> None:
+        self.problems.append((what, fix))
+
+
+def check_ray(r: Report, use_ray: bool) -> int:
+    """Ray's version and, unless skipped, the cluster's nodes and resources; returns the node count."""
+    import ray
+
+    r.add("ray", "version", ray.__version__)
+    if not use_ray:
+        r.add("ray", "cluster", "skipped (--no-ray)")
+        return 0
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):  # the Jobs API of a remote cluster: not joinable from here
+        r.add("ray", "cluster", f"{address} (Jobs API): see the cluster itself with "
+                                "`ray job submit -- python -m reid_ray.doctor --data-root /data`")
+        return 0
+    started = not ray.is_initialized()
+    try:
+        if started:
+            # RAY_ADDRESS or a Ray already running on this node: join it without resources
+            # (PLATFORM_NOTES.md); else a local Ray for a moment
+            ctx = ray.init(address=address or None, logging_level="ERROR", log_to_driver=False)
+        else:
+            ctx = None
+        gcs = ray.get_runtime_context().gcs_address
+        res = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        dashboard = getattr(ctx, "dashboard_url", "") if ctx is not None else "(already connected)"
+    except Exception as e:  # noqa: BLE001 - a cluster we cannot reach is a finding, not a crash
+        r.add("ray", "cluster", f"unreachable: {type(e).__name__}: {e}")
+        r.problem(f"cannot connect to Ray at {address or 'a new local instance'}",
+                  "check RAY_ADDRESS (ray://... or the head's address), RAY_AUTH_MODE=token with the cluster's "
+                  "token, or unset RAY_ADDRESS to start a local Ray; --no-ray skips this check")
+        return 0
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    r.add("ray", "cluster", address or f"local ({gcs})")
+    r.add("ray", "nodes", str(len(nodes)))
+    r.add("ray", "CPUs / GPUs", f"{res.get('CPU', 0):g} / {res.get('GPU', 0):g}")
+    r.add("ray", "dashboard", dashboard or "off")
+    if not dashboard:
+        r.problem("the Ray dashboard is off: Ray Train V2 cannot free a stopped trial's workers",
+                  "install ray[default] and start Ray without --include-dashboard=false")
+    if len(nodes) > 1 and res.get("GPU", 0) == 0:
+        r.add("ray", "note", "no GPUs now: an autoscaling cluster (clusters/*.yaml) adds GPU nodes on demand")
+    return len(nodes)
+
+
+def check_torch(r: Report) -> int:
+    import torch
+
+    r.add("torch", "version", torch.__version__)
+    r.add("torch", "CUDA build", torch.version.cuda or "none (CPU-only build)")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
+    r.add("torch", "GPUs", f"{n}" + (f": {names}" if names else ""))
+    if n == 0:
+        r.problem("no GPU visible to torch: training runs on CPU (fine for the synthetic demo only)",
+                  "run real datasets on a GPU node (ray up clusters/aws-gpu.yaml) with the gpu extra: "
+                  + GPU_EXTRA_FIX)
+    return n
+
+
+def check_faiss(r: Report, torch_gpus: int) -> None:
+    try:
+        import faiss
+    except ImportError:
+        r.add("faiss", "version", "not installed")
+        r.problem("faiss is not installed (clustering needs it)", "pip install -e . (faiss-cpu) or " + GPU_EXTRA_FIX)
+        return
+    r.add("faiss", "version", getattr(faiss, "__version__", "?"))
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    r.add("faiss", "GPUs", str(gpus))
+    if torch_gpus and not gpus:
+        r.problem("torch sees CUDA but faiss is the CPU build: k-means/kNN run on CPU",
+                  GPU_EXTRA_FIX)
+
+
+def check_datasets(r: Report, root: str) -> None:
+    from reid_ray.data.layouts import LAYOUTS
+    from reid_ray.data.readers import DatasetError, dataset_names, read_dataset
+
+    base = Path(root).expanduser().resolve()
+    r.add("data", "root", str(base) + ("" if base.is_dir() else " (does not exist)"))
+    for name in dataset_names():
+        tops = [lo.top for lo in LAYOUTS[name]]
+        if not any((base / t).is_dir() for t in tops):
+            r.datasets.append((name, "-", "-", "-", "not found (expected " + " or ".join(f"{t}/" for t in tops) + ")"))
+            continue
+        try:
+            st = read_dataset(name, base).stats()
+        except DatasetError as e:  # the folder is there but partial or not in the published layout
+            r.datasets.append((name, "-", "-", "-", "broken"))
+            r.problem(f"{name}: {e}", "restore the dataset's published layout (README, Datasets)")
+            continue
+        r.datasets.append((name, *(f"{st[s]['ids']} / {st[s]['images']}" for s in ("train", "query", "gallery")),
+                           "ok"))
+
+
+def check_mlflow(r: Report, uri: str, cluster: bool) -> None:
+    from reid_ray.tracking import resolve_uri
+
+    resolved = resolve_uri(uri)
+    r.add("mlflow", "tracking URI", resolved)
+    if cluster and resolved.startswith(("sqlite:", "file:")):
+        r.problem("a local MLflow store on a Ray cluster: workers on other nodes cannot write to it",
+                  "run a shared MLflow server and pass --mlflow-uri http://HOST:5000 (or MLFLOW_TRACKING_URI)")
+
+
+def collect(args: argparse.Namespace) -> Report:
+    r = Report()
+    r.add("reid-ray", "version", f"{reid_ray.__version__} (Python {platform.python_version()})")
+    nodes = check_ray(r, use_ray=not args.no_ray)
+    check_faiss(r, check_torch(r))
+    check_datasets(r, args.data_root)
+    check_mlflow(r, args.mlflow_uri, cluster=bool(os.environ.get("RAY_ADDRESS")) or nodes > 1)
+    return r
+
+
+def render(r: Report) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    def table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[str, ...] = ()):
+        t = Table(title=title)
+        for col in columns:  # fold, never truncate: paths and fixes must stay whole
+            t.add_column(col, overflow="fold", justify="right" if col in right else "left")
+        for row in rows:
+            t.add_row(*(escape(str(v)) for v in row))  # "[gpu]" is text, not rich markup
+        return t
+
+    console = Console()
+    console.print(table("reid-ray doctor: what a run would use here", ("part", "item", "value"), r.rows))
+    console.print(table("datasets (ids / images per split)", ("dataset", "train", "query", "gallery", "status"),
+                        r.datasets, right=("train", "query", "gallery")))
+    if r.problems:
+        console.print(table(f"{len(r.problems)} problem(s)", ("problem", "fix"), r.problems))
+    else:
+        console.print("no problems found")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reid-ray doctor", description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default="data", help="folder holding the datasets' own top folders (default: data)")
+    p.add_argument("--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray cluster check (no Ray is started)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any problem is found")
+    return p
+
+
+def main(argv=None) -> int:
+    from reid_ray.cli import run_cli
+
+    args = build_parser().parse_args(argv)
+
+    def _run(a):
+        report = collect(a)
+        render(report)
+        return 1 if a.strict and report.problems else 0
+
+    return run_cli(_run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

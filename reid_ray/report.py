@@ -1,0 +1,231 @@
+"""Sweep results for people: the end-of-sweep table, the best config, and `reid-ray report`.
+
+    reid-ray report --experiment "synth-a->synth-b" [--mlflow-uri sqlite:///mlflow.db] [--out reports/]
+
+writes `report.md` (one row per trial: method, swept parameters, target mAP/R1, status) and PNG plots
+(target mAP per trial and method; each swept parameter against target mAP) from the MLflow store, the
+same runs the MLflow UI shows (`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from reid_ray import ReidRayError
+from reid_ray.config import apply_overrides, from_dict, to_dict
+
+METRIC = "target_mAP_last"
+
+
+# --------------------------------------------------------------------------- end of a sweep
+
+def trial_rows(grid, epochs: int) -> list[dict]:
+    rows = []
+    for res in grid:
+        m = dict(res.metrics or {})
+        done = int(m.get("epoch", 0))
+        status = "error" if res.error else ("completed" if done >= epochs else "stopped by ASHA")
+        rows.append({"trial": m.get("trial_id", "?"), "config": dict(res.config or {}), "status": status,
+                     "epoch": done, "target_mAP": m.get(METRIC, float("nan")), "target_R1": m.get("target_R1", float("nan")),
+                     "source_mAP": m.get("source_mAP", float("nan")), "run_id": m.get("mlflow_run_id")})
+    return sorted(rows, key=lambda r: -r["target_mAP"] if not math.isnan(r["target_mAP"]) else math.inf)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else (f"{v:.4g}" if abs(v) < 1 else f"{v:.1f}")
+    return str(v)
+
+
+def markdown_table(rows: list[dict], params: list[str]) -> str:
+    head = ["trial", *params, "target mAP", "target R1", "epochs", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["trial"], *[_fmt(r["config"].get(p, "")) for p in params], _fmt(r["target_mAP"]),
+                 _fmt(r["target_R1"]), str(r["epoch"]), r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def finalize_sweep(out: dict) -> dict:
+    """Best config YAML, summary Markdown, MLflow child-run statuses and the parent's summary."""
+    from mlflow.tracking import MlflowClient
+
+    from reid_ray import tracking
+
+    grid, sweep, base, folder, uri = out["grid"], out["sweep"], out["base"], out["folder"], out["uri"]
+    rows = trial_rows(grid, base.epochs)
+    params = sorted({k for r in rows for k in r["config"]})
+    client = MlflowClient(uri)
+    for r in rows:
+        if r["run_id"]:
+            client.set_tag(r["run_id"], "status", r["status"])
+            if r["status"] == "stopped by ASHA":
+                client.set_terminated(r["run_id"], "KILLED")
+            elif r["status"] == "error" and client.get_run(r["run_id"]).info.status == "RUNNING":
+                client.set_terminated(r["run_id"], "FAILED")
+    best = next((r for r in rows if not math.isnan(r["target_mAP"])), None)
+    dt = sweep.get("direct_transfer", {})
+    text = [f"# Sweep {sweep['name']}: {base.method}, {base.source} -> {base.target}\n",
+            f"Search space: `{sweep['space_path']}`; {len(rows)} trials; metric: target mAP at the trial's last epoch.\n"]
+    if dt:
+        text.append(f"Direct transfer (the source model every trial starts from): target mAP "
+                    f"{dt.get('target_mAP', float('nan')):.1f}, R1 {dt.get('target_R1', float('nan')):.1f}.\n")
+    text.append(markdown_table(rows, params))
+    if best is not None:
+        cfg = apply_overrides(from_dict(copy.deepcopy(sweep["base"])), dict(best["config"]))
+        cfg.name, cfg.resume = "", ""
+        best_yaml = folder / "best_config.yaml"
+        _write_atomic(best_yaml, f"# best trial {best['trial']} of sweep {sweep['name']}: target mAP "
+                                 f"{best['target_mAP']:.1f}\n# python -m reid_ray.train --config {best_yaml}\n"
+                                 + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        out["best_config"] = str(best_yaml)
+        text.append(f"\nBest: trial {best['trial']}, target mAP {best['target_mAP']:.1f}; config: `{best_yaml}`\n")
+        tracking.log_artifact(uri, sweep["parent_run_id"], best_yaml)
+        tracking.log_metrics(uri, sweep["parent_run_id"], {"best_target_mAP": best["target_mAP"],
+                                                            "best_target_R1": best["target_R1"]}, step=0)
+        client.set_tag(sweep["parent_run_id"], "best_trial", best["trial"])
+    if dt:
+        tracking.log_metrics(uri, sweep["parent_run_id"], {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
+                             step=0)
+    _write_atomic(folder / "summary.md", "\n".join(text))
+    tracking.log_artifact(uri, sweep["parent_run_id"], folder / "summary.md")
+    out.update(rows=rows, params=params, best=best)
+    return out
+
+
+def print_results(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base, rows, params, dt = out["base"], out["rows"], out["params"], out["sweep"].get("direct_transfer", {})
+    table = Table(title=f"sweep {out['sweep']['name']}: {base.method}, {base.source} -> {base.target}")
+    for col in ("trial", *params, "target mAP", "R1", "epochs", "status"):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    if dt:
+        table.add_row("direct transfer", *[""] * len(params), _fmt(dt.get("target_mAP", float("nan"))),
+                      _fmt(dt.get("target_R1", float("nan"))), "", "source model")
+    for r in rows:
+        table.add_row(r["trial"], *[_fmt(r["config"].get(p, "")) for p in params], _fmt(r["target_mAP"]),
+                      _fmt(r["target_R1"]), str(r["epoch"]), r["status"])
+    console = Console()
+    console.print(table)
+    if out.get("best_config"):
+        console.print(f"best config: {out['best_config']}\n  python -m reid_ray.train --config {out['best_config']}")
+    console.print(f"MLflow: parent run {out['sweep']['parent_run_id']} in {out['uri']}  "
+                  f"(mlflow ui --backend-store-uri {out['uri']})\nsummary: {out['folder'] / 'summary.md'}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- reid-ray report
+
+def experiment_runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ReidRayError(f"no MLflow experiment {experiment!r} in {uri}; found: {', '.join(names) or 'none'}")
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    return [r for r in runs if r.data.tags.get("sweep_parent") != "true" and "target_mAP" in r.data.metrics]
+
+
+def report_experiment(uri: str, experiment: str, out_dir: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = experiment_runs(uri, experiment)
+    if not runs:
+        raise ReidRayError(f"experiment {experiment!r} has no finished training runs with a target mAP yet")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_method: dict[str, list] = {}
+    for r in runs:
+        by_method.setdefault(r.data.tags.get("method", "?"), []).append(r)
+    lines = [f"# {experiment}: {len(runs)} runs\n"]
+    swept_all = {}
+    for method, rs in sorted(by_method.items()):
+        keys = sorted({k for r in rs for k in r.data.params})
+        swept = [k for k in keys if len({r.data.params.get(k) for r in rs}) > 1
+                 and k not in ("name", "init", "resume", "output")]
+        swept_all[method] = swept
+        rs.sort(key=lambda r: -r.data.metrics["target_mAP"])
+        lines.append(f"\n## {method} ({len(rs)} runs)\n")
+        head = ["run", *swept, "target mAP", "target R1", "status"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rs:
+            m = r.data.metrics
+            lines.append("| " + " | ".join([r.info.run_name, *[r.data.params.get(k, "") for k in swept],
+                                            _fmt(m["target_mAP"]), _fmt(m.get("target_R1", float("nan"))),
+                                            r.data.tags.get("status", r.info.status.lower())]) + " |")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (method, rs) in enumerate(sorted(by_method.items())):
+        ax.scatter([i] * len(rs), [r.data.metrics["target_mAP"] for r in rs], alpha=0.7)
+    ax.set_xticks(range(len(by_method)), sorted(by_method))
+    ax.set_ylabel("target mAP (%)")
+    ax.set_title("target mAP per run")
+    fig.tight_layout()
+    fig.savefig(out / "target_map_by_method.png", dpi=100)
+    plt.close(fig)
+    lines.append("\n![target mAP per method](target_map_by_method.png)\n")
+    for method, swept in swept_all.items():
+        for k in swept:
+            xs, ys = [], []
+            for r in by_method[method]:
+                try:
+                    xs.append(float(r.data.params[k]))
+                    ys.append(r.data.metrics["target_mAP"])
+                except (KeyError, ValueError):
+                    continue
+            if len(xs) < 2:
+                continue
+            fig, ax = plt.subplots(figsize=(4, 3))
+            ax.scatter(xs, ys)
+            ax.set_xlabel(k)
+            ax.set_ylabel("target mAP (%)")
+            ax.set_title(method)
+            fig.tight_layout()
+            png = f"{method}_{k.replace('.', '_')}.png"
+            fig.savefig(out / png, dpi=100)
+            plt.close(fig)
+            lines.append(f"![{method}: {k}]({png})")
+    report = out / "report.md"
+    _write_atomic(report, "\n".join(lines) + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    from reid_ray.cli import run_cli
+    from reid_ray.tracking import resolve_uri
+
+    p = argparse.ArgumentParser(prog="reid-ray report", description="Markdown table + PNG plots of an MLflow experiment")
+    p.add_argument("--experiment", required=True, help='e.g. "synth-a->synth-b" (runs of every method on that pair)')
+    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>)")
+    args = p.parse_args(argv)
+
+    def _run(a):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in a.experiment)
+        path = report_experiment(resolve_uri(a.mlflow_uri or ""), a.experiment, a.out or Path("reports") / safe)
+        print(f"wrote {path}")
+        return 0
+
+    return run_cli(_run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

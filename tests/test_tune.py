@@ -1,0 +1,150 @@
+"""Sweeps: search-space YAML checks, resource planning, --config files (Ray-free), and one
+2-trial Ray Tune + Optuna + ASHA sweep end to end with its MLflow parent/child runs."""
+
+import math
+
+import pytest
+import yaml
+
+from reid_ray import ReidRayError
+from reid_ray.search_space import default_path, load_search_space
+from reid_ray.train import build_config, load_config_file
+from reid_ray.tune import plan_resources
+
+
+def write(tmp_path, text, name="space.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("method", ["baseline", "mmt", "ecn", "mar"])
+def test_shipped_search_spaces_are_valid(method):
+    space = load_search_space(default_path(method), build_config(method))
+    assert space.params and all(p.line > 0 for p in space.params.values())
+
+
+def test_search_space_reads_distributions_and_fixed(tmp_path):
+    path = write(tmp_path, "params:\n  # k\n  params.num_clusters: {distribution: int, low: 8, high: 16}\n"
+                           "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                           "  model.arch: {distribution: choice, values: [small, resnet18]}\n"
+                           "fixed:\n  epochs: 3\n")
+    space = load_search_space(path, build_config("mmt"))
+    assert space.params["params.num_clusters"].describe() == "int[8, 16]"
+    assert space.params["params.num_clusters"].line == 3
+    assert space.params["model.arch"].values == ["small", "resnet18"]
+    assert space.fixed == {"epochs": 3}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params:\n  params.beta: {distribution: uniform, low: 0.1, high: 0.2}\n",
+     r"line 2: unknown parameter 'params.beta'; valid names: the method's params.alpha"),
+    ("params:\n  optim.lr: {distribution: gaussian, low: 0.1, high: 0.2}\n", "line 2: .*unknown distribution 'gaussian'"),
+    ("params:\n  optim.lr: {distribution: loguniform, low: 0, high: 0.2}\n", "loguniform needs low > 0"),
+    ("params:\n  optim.lr: {distribution: uniform, low: 1e-4, high: 0.2}\n", "write 1.0e-4"),
+    ("params:\n  optim.lr: {distribution: uniform, low: 0.3, high: 0.2}\n", "must be below high"),
+    ("params:\n  optim.lr: {distribution: uniform, low: 0.1, high: 0.2\n", "line 3: not valid YAML"),
+    ("search:\n  optim.lr: 1\n", "unknown section"),
+    ("params:\n  model.arch: {distribution: choice, values: []}\n", "non-empty list"),
+    ("params:\n  optim.lr: {distribution: uniform, low: 0.1, high: 0.2}\nfixed:\n  epochz: 3\n",
+     "line 4: unknown parameter 'epochz'"),
+])
+def test_search_space_mistakes_name_the_line_and_the_fix(tmp_path, text, message):
+    with pytest.raises(ReidRayError, match=message):
+        load_search_space(write(tmp_path, text), build_config("mmt"))
+
+
+def test_missing_search_space_names_the_shipped_folder(tmp_path):
+    with pytest.raises(ReidRayError, match="no such file.*search_spaces"):
+        load_search_space(tmp_path / "nope.yaml", build_config("mmt"))
+
+
+def test_plan_fits_one_trial_on_two_cpus_and_many_on_a_gpu_cluster():
+    small = plan_resources({"CPU": 2}, workers=2, gpus_per_worker=0, uses_actor=True)
+    total = small["trial"][0]["CPU"] + small["trial"][1]["CPU"] + 2 * small["worker"]["CPU"]
+    assert small["concurrent"] == 1 and total <= 2 and not small["use_gpu"]
+    assert small["actor"] == {"num_cpus": small["trial"][1]["CPU"]}
+    big = plan_resources({"CPU": 64, "GPU": 8}, workers=2, gpus_per_worker=1, uses_actor=True)
+    assert big["concurrent"] == 3 and big["worker"]["GPU"] == 1  # 3 × (2 + 0.25) GPUs ≤ 8
+    assert 3 * (2 * big["worker"]["CPU"] + sum(b["CPU"] for b in big["trial"])) <= 64
+    assert plan_resources({"CPU": 64, "GPU": 8}, 2, 1, True, max_concurrent=2)["concurrent"] == 2
+    assert plan_resources({"CPU": 16}, 2, 0, False)["concurrent"] == 7
+    with pytest.raises(ReidRayError, match="--gpus-per-worker 0"):
+        plan_resources({"CPU": 8}, 2, 1, True)
+    with pytest.raises(ReidRayError, match="--workers-per-trial between 1 and 2"):
+        plan_resources({"CPU": 2}, 3, 0, True)
+
+
+def test_config_file_round_trip_and_errors(tmp_path):
+    from reid_ray.config import to_dict
+
+    cfg = build_config("mmt", overrides={"params.num_clusters": 42, "optim.lr": 1e-4})
+    path = write(tmp_path, yaml.safe_dump(to_dict(cfg)), "best.yaml")
+    method, source, target, overrides = load_config_file(str(path))
+    again = build_config(method, source, target, overrides)
+    assert to_dict(again) == to_dict(cfg)
+    with pytest.raises(ReidRayError, match="no such file"):
+        load_config_file(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ReidRayError, match="expected a mapping"):
+        load_config_file(str(write(tmp_path, "- 1\n- 2\n", "list.yaml")))
+
+
+# --------------------------------------------------------------------------- end to end under Ray
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from reid_ray.data.synthetic import SynthConfig, generate_synthetic
+    from reid_ray.report import report_experiment
+    from reid_ray.tune import main
+
+    data = tmp_path / "data"
+    generate_synthetic(data, SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3),
+                                         num_cameras=3, camstyle=False, texture=False))
+    space = write(tmp_path, "params:\n  params.num_clusters: {distribution: int, low: 8, high: 16}\n"
+                            "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                            "fixed:\n  loader.num_identities: 8\n  pretrain_epochs: 2\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--method", "mmt", "--data-root", str(data), "--search-space", str(space), "--num-samples", "2",
+            "--epochs", "2", "--grace-period", "1", "--output", str(tmp_path / "out"), "--mlflow-uri", uri,
+            "--name", "t"]
+    assert main(argv) == 0
+
+    folder = tmp_path / "out" / "tune" / "t"
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert best["method"] == "mmt" and 8 <= best["params"]["num_clusters"] <= 16 and best["epochs"] == 2
+    assert "| trial |" in (folder / "summary.md").read_text()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("synth-a->synth-b")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == 2
+    assert {r.data.tags["status"] for r in children} <= {"completed", "stopped by ASHA"}
+    assert {r.data.tags["trial_id"] for r in children} and all("params.num_clusters" in r.data.params for r in children)
+    assert not math.isnan(parent[0].data.metrics["best_target_mAP"])
+    arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"best_config.yaml", "search_space.yaml", "summary.md"} <= arts
+
+    # the sweep's best config trains as is, and the report reads the same store
+    from reid_ray.train import build_config as bc
+    method, source, target, overrides = load_config_file(str(folder / "best_config.yaml"))
+    assert bc(method, source, target, overrides).params["num_clusters"] == best["params"]["num_clusters"]
+    report = report_experiment(uri, "synth-a->synth-b", tmp_path / "report")
+    text = report.read_text()
+    assert "## mmt" in text and "## baseline" in text and (tmp_path / "report" / "target_map_by_method.png").exists()
+
+    # rerunning with the same name resumes: finished trials are not rerun
+    assert main(argv) == 0
+    assert len([r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 2
