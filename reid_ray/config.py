@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     use_gpu: str = "auto"              # auto | true | false
+    gpu_wait_s: float = 900            # use_gpu=true on an autoscaling cluster: wait this long for GPU nodes
     amp: bool = True                   # mixed precision (GPU only)
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
     output: str = "outputs"

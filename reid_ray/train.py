@@ -14,6 +14,7 @@ MLflow run and checkpoint are.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -104,7 +105,31 @@ def init_ray() -> None:
         ray.init(log_to_driver=True)
 
 
-def worker_resources(cfg: TrainConfig, cluster: dict) -> tuple[bool, dict, int]:
+def cpus_per_gpu(nodes: list[dict]) -> float:
+    """The fewest CPUs per GPU on any live GPU node: a GPU worker asking for more fits on no node."""
+    ratios = [n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in nodes
+              if n.get("Alive", True) and n.get("Resources", {}).get("GPU", 0) > 0]
+    return min(ratios) if ratios else math.inf
+
+
+def wait_for_gpus(needed: float, timeout_s: float) -> dict:
+    """Ask Ray's autoscaler for `needed` GPUs (a cluster may start with none) and wait for them."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    cluster = ray.cluster_resources()
+    if cluster.get("GPU", 0) >= needed or timeout_s <= 0:
+        return cluster
+    print(f"waiting up to {timeout_s:.0f} s for the autoscaler to add {needed:g} GPUs "
+          f"(the cluster has {cluster.get('GPU', 0):g}) ...", flush=True)
+    request_resources(bundles=[{"GPU": 1}] * math.ceil(needed))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and ray.cluster_resources().get("GPU", 0) < needed:
+        time.sleep(10)
+    return ray.cluster_resources()
+
+
+def worker_resources(cfg: TrainConfig, cluster: dict, nodes: list[dict] | None = None) -> tuple[bool, dict, int]:
     """(use_gpu, resources per worker, torch threads per worker), derived from the cluster."""
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     use_gpu = gpus >= 1 if cfg.use_gpu == "auto" else cfg.use_gpu.lower() in ("true", "1", "yes")
@@ -112,7 +137,8 @@ def worker_resources(cfg: TrainConfig, cluster: dict) -> tuple[bool, dict, int]:
         if cfg.workers > gpus:
             raise ReidRayError(f"{cfg.workers} GPU workers requested but the cluster has {gpus:g} GPUs; "
                                f"pass --workers {int(gpus)} or add GPU nodes")
-        per_cpu = max(1.0, (cpus - 1) // cfg.workers)
+        # one CPU per GPU node stays free for the pseudo-label actor and Ray's own actors
+        per_cpu = max(1.0, min((cpus - 1) // cfg.workers, cpus_per_gpu(nodes or []) - 1))
         return True, {"CPU": per_cpu, "GPU": 1}, int(per_cpu)
     if cfg.workers < 1 or cfg.workers > cpus:
         raise ReidRayError(f"{cfg.workers} CPU workers requested but the cluster has {cpus:g} CPUs; "
@@ -140,7 +166,10 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
     if plan is not None:
         use_gpu, resources, threads = plan["use_gpu"], plan["worker"], plan["threads"]
     else:
-        use_gpu, resources, threads = worker_resources(cfg, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        if cfg.use_gpu.lower() in ("true", "1", "yes"):
+            cluster = wait_for_gpus(cfg.workers, cfg.gpu_wait_s)
+        use_gpu, resources, threads = worker_resources(cfg, cluster, ray.nodes())
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     output = Path(cfg.output).expanduser().resolve()
     method_cls = METHODS[cfg.method]

@@ -36,7 +36,7 @@ SYNTHETIC_SWEEP = {"epochs": 4, "eval_every": 1, "pretrain_epochs": 12}
 
 
 def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_actor: bool,
-                   max_concurrent: int | None = None) -> dict:
+                   max_concurrent: int | None = None, cpu_per_gpu: float = math.inf) -> dict:
     """How many trials run at once, and each trial's share: the trial function, its Ray Train
     workers and its pseudo-label actor. Derived from the cluster, so that concurrent trials never
     wait on each other's resources (PLATFORM_NOTES.md: on 2 CPUs, one trial at a time)."""
@@ -62,6 +62,9 @@ def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_act
     budget = cpus / concurrent
     actor_cpu = (1.0 if use_gpu else round(0.05 * budget, 2)) if uses_actor else 0.0
     worker_cpu = math.floor((budget - trial_cpu - actor_cpu) / workers * 100) / 100
+    if use_gpu:  # a GPU worker must fit on one GPU node, beside the actor's CPU
+        if math.isfinite(cpu_per_gpu):
+            worker_cpu = min(worker_cpu, max(1.0, math.floor(cpu_per_gpu * gpus_per_worker) - 1))
     if worker_cpu < (1 if use_gpu else 0.3):
         raise ReidRayError(f"{cpus:g} CPUs leave {worker_cpu:g} per worker for {concurrent} concurrent trials of "
                            f"{workers} workers; lower --max-concurrent or --workers-per-trial")
@@ -153,7 +156,14 @@ def run_sweep(sweep: dict) -> dict:
     from ray import tune
 
     from reid_ray import tracking
-    from reid_ray.train import ensure_data, init_ray, pretraining_metrics, source_pretraining
+    from reid_ray.train import (
+        cpus_per_gpu,
+        ensure_data,
+        init_ray,
+        pretraining_metrics,
+        source_pretraining,
+        wait_for_gpus,
+    )
 
     base = from_dict(copy.deepcopy(sweep["base"]))
     space = load_search_space(sweep["space_path"], base) if Path(sweep["space_path"]).is_file() else None
@@ -164,8 +174,13 @@ def run_sweep(sweep: dict) -> dict:
     if method_cls.needs_source_init and not base.init:
         base.init = source_pretraining(base)
         sweep["base"]["init"] = base.init
-    plan = plan_resources(ray.cluster_resources(), base.workers, sweep["gpus_per_worker"],
-                          method_cls.uses_clustering and base.clustering == "actor", sweep["max_concurrent"])
+    uses_actor = method_cls.uses_clustering and base.clustering == "actor"
+    cluster = ray.cluster_resources()
+    if sweep["gpus_per_worker"] > 0:  # an autoscaling cluster may start with no GPU node
+        trials = min(sweep["num_samples"], sweep["max_concurrent"] or sweep["num_samples"])
+        cluster = wait_for_gpus(trials * (base.workers * sweep["gpus_per_worker"] + 0.25 * uses_actor), base.gpu_wait_s)
+    plan = plan_resources(cluster, base.workers, sweep["gpus_per_worker"], uses_actor, sweep["max_concurrent"],
+                          cpus_per_gpu(ray.nodes()))
     uri = tracking.resolve_uri(base.mlflow_uri)
     sweep["base"]["mlflow_uri"] = uri
     folder = _sweep_dir(base.output, sweep["name"])
@@ -274,7 +289,7 @@ def main(argv=None) -> int:
         a.source, a.target = a.source or "synth-a", a.target or "synth-b"
         synthetic = a.source.startswith("synth") and a.target.startswith("synth") and not a.preset
         a.num_samples = a.num_samples or (4 if synthetic else 16)
-        if a.gpus_per_worker is None:
+        if a.gpus_per_worker is None:  # pass it explicitly on a cluster that scales GPUs from zero
             init_ray()
             a.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         sweep = prepare_sweep(a)

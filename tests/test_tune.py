@@ -68,6 +68,9 @@ def test_plan_fits_one_trial_on_two_cpus_and_many_on_a_gpu_cluster():
     assert big["concurrent"] == 3 and big["worker"]["GPU"] == 1  # 3 × (2 + 0.25) GPUs ≤ 8
     assert 3 * (2 * big["worker"]["CPU"] + sum(b["CPU"] for b in big["trial"])) <= 64
     assert plan_resources({"CPU": 64, "GPU": 8}, 2, 1, True, max_concurrent=2)["concurrent"] == 2
+    # 8 × g5.2xlarge (8 CPUs, 1 GPU each): a worker asks for at most 7 CPUs, or it fits on no node
+    capped = plan_resources({"CPU": 72, "GPU": 8}, 2, 1, True, cpu_per_gpu=8.0)
+    assert capped["worker"] == {"CPU": 7.0, "GPU": 1}
     assert plan_resources({"CPU": 16}, 2, 0, False)["concurrent"] == 7
     with pytest.raises(ReidRayError, match="--gpus-per-worker 0"):
         plan_resources({"CPU": 8}, 2, 1, True)
@@ -148,3 +151,12 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     assert main(argv) == 0
     assert len([r for r in client.search_runs([exp.experiment_id])
                 if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 2
+
+
+def test_cpus_per_gpu_is_the_tightest_gpu_node():
+    from reid_ray.train import cpus_per_gpu
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8, "GPU": 1}}, {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}},
+             {"Alive": True, "Resources": {"CPU": 8}}, {"Alive": False, "Resources": {"CPU": 2, "GPU": 1}}]
+    assert cpus_per_gpu(nodes) == 8.0
+    assert cpus_per_gpu([{"Alive": True, "Resources": {"CPU": 4}}]) == math.inf
