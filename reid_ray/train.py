@@ -215,24 +215,26 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
 
 
 PRETRAIN_IGNORED = ("method", "name", "experiment", "output", "resume", "mlflow_uri", "workers", "init",
-                    "clustering", "params", "max_failures", "eval_every")
+                    "clustering", "params", "max_failures", "eval_every", "gpu_wait_s")
 
 
 def source_pretraining(cfg: TrainConfig) -> str:
     """The baseline checkpoint a method starts from: trained once per config, then cached.
 
     The cache key is everything that shapes the source model (data, model, transforms,
-    loader, optimiser, epochs, seed), so a sweep over the method's own parameters pays it once.
+    loader, the baseline's optimiser, pretraining epochs, seed), so a sweep over the method's own
+    parameters (lr included) pays it once.
     """
     import hashlib
     import json
     import shutil
 
     base = build_config("baseline", cfg.source, cfg.target)
-    d = to_dict(cfg)
+    # the source model shares the method's data, model, transforms and loader, but trains with the
+    # baseline's own schedule (BoT: warmup, step decay), never the method's fine-tuning lr
+    d = {**to_dict(cfg), "optim": to_dict(base)["optim"], "epochs": cfg.pretrain_epochs or base.epochs}
     for k in PRETRAIN_IGNORED:
         d.pop(k, None)
-    d["pretrain_epochs"] = cfg.pretrain_epochs
     key = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
     cached = Path(cfg.output).expanduser().resolve() / "pretrain" / f"baseline-{key}.pt"
     if cached.is_file():
@@ -240,7 +242,7 @@ def source_pretraining(cfg: TrainConfig) -> str:
         return str(cached)
     print(f"source model: training the baseline on {cfg.source} first (cached as {cached})", flush=True)
     base = from_dict({**to_dict(cfg), "method": "baseline", "params": base.params, "name": f"pretrain-{key}",
-                      "epochs": cfg.pretrain_epochs or base.epochs, "resume": "", "init": ""})
+                      "optim": to_dict(base)["optim"], "epochs": d["epochs"], "resume": "", "init": ""})
     out = run_training(base)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
