@@ -2,11 +2,15 @@
 
 from reid_ray.methods.base import Domains, EpochContext, Method
 from reid_ray.methods.baseline import Baseline
+from reid_ray.methods.ecn import ECN
+from reid_ray.methods.mar import MAR
 from reid_ray.methods.mmt import MMT
 
 METHODS: dict[str, type[Method]] = {
     "baseline": Baseline,
+    "ecn": ECN,
     "mmt": MMT,
+    "mar": MAR,
 }
 
 __all__ = ["METHODS", "Method", "Domains", "EpochContext"]
