@@ -102,7 +102,11 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # a job or a running cluster: resources belong to the cluster (PLATFORM_NOTES.md)
     else:
-        ray.init(log_to_driver=True)
+        # OpenMP threads that spin while they wait make every parallel region crawl as soon as another
+        # process wants the core (Ray's daemons, the actor, a second worker): 5× slower epochs on 2 cores
+        # (bench/RESULTS.md). Passive waiting costs nothing when the core is free.
+        ray.init(log_to_driver=True,
+                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
 
 
 def cpus_per_gpu(nodes: list[dict]) -> float:

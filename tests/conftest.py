@@ -1,6 +1,11 @@
-import pytest
+import os
 
-from reid_ray.data.synthetic import SynthConfig, generate_synthetic
+# before torch starts OpenMP: passive waiting, as train.init_ray gives Ray's workers (see there)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+from reid_ray.data.synthetic import SynthConfig, generate_synthetic  # noqa: E402
 
 # A small benchmark shared by every test of a session: 12 train + 8 test ids per domain.
 TINY = SynthConfig(train_ids=12, test_ids=8, images_per_id=(6, 8), cameras_per_id=(2, 3), num_cameras=3)
