@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--tag", default="", help="suffix of the run names (a rerun with new settings needs a new one: "
+                                              "Ray Train resumes a run whose name and storage path exist)")
     args = ap.parse_args()
     common = dict(data_root=args.data_root, workers=args.workers, output="bench/out/uda",
                   mlflow_uri="sqlite:///bench/out/mlflow.db", experiment="bench-uda")
@@ -74,7 +76,7 @@ def main() -> None:
         base = baseline(seed, common)
         init = base["init"]
         uda = run_training(build_config(args.method, overrides=args.overrides, seed=seed, init=init,
-                                        name=f"{args.method}-s{seed}", **common))
+                                        name=f"{args.method}{args.tag}-s{seed}", **common))
         b, u = base["metrics"], uda["metrics"]
         a = base["adabn"]
         rows.append((b["source_mAP"], b["target_mAP"], b["target_R1"], u["target_mAP"], u["target_R1"],
