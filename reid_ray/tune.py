@@ -31,8 +31,9 @@ from reid_ray.search_space import SearchSpace, default_path, load_search_space
 
 METRIC = "target_mAP_last"   # the latest target mAP, reported every epoch (see worker.py)
 SWEEP_FILE = "reid_ray_sweep.json"
-# the embedded default must sweep in minutes on 2 CPU cores: short trials, evaluated every epoch
-SYNTHETIC_SWEEP = {"epochs": 4, "eval_every": 1, "pretrain_epochs": 12}
+# the embedded default must sweep in minutes on 2 CPU cores: a shorter source pretraining, short trials
+# evaluated every epoch (ASHA's rungs), one worker per trial (no DDP overhead on 2 cores)
+SYNTHETIC_SWEEP = {"epochs": 3, "eval_every": 1, "pretrain_epochs": 8, "workers": 1}
 
 
 def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_actor: bool,
@@ -130,12 +131,12 @@ def prepare_sweep(args: argparse.Namespace) -> dict:
         from reid_ray.presets import apply_preset
         source, target, preset_overrides = apply_preset(args.preset, args.method)
         source, target = args.source_given or source, args.target_given or target
-    cfg = build_config(args.method, source, target, preset_overrides, data_root=args.data_root,
-                       mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,
-                       workers=args.workers_per_trial, seed=args.seed)
-    synthetic = cfg.source.startswith("synth") and cfg.target.startswith("synth")
-    if synthetic:
+    cfg = build_config(args.method, source, target, preset_overrides)
+    if cfg.source.startswith("synth") and cfg.target.startswith("synth"):
         apply_overrides(cfg, SYNTHETIC_SWEEP)
+    flags = dict(data_root=args.data_root, mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,
+                 workers=args.workers_per_trial, seed=args.seed)
+    apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
     space_path = args.search_space or default_path(args.method)
     space = load_search_space(space_path, cfg)
     apply_overrides(cfg, space.fixed)
@@ -248,13 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-ray tune", description=__doc__.split("\n")[0])
     p.add_argument("--method", default="mmt", help=f"one of: {', '.join(sorted(METHODS))}")
     p.add_argument("--search-space", default=None, help="YAML search space (default: search_spaces/<method>.yaml)")
-    p.add_argument("--num-samples", type=int, default=None, help="trials (default: 4 on the synthetic default, else 16)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default: 3 on the synthetic default, else 16)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can stop "
                                                                   "(default: eval_every)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA's reduction factor")
-    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 2)")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 2; 1 on the synthetic default)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
     p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
         a.source_given, a.target_given = a.source, a.target
         a.source, a.target = a.source or "synth-a", a.target or "synth-b"
         synthetic = a.source.startswith("synth") and a.target.startswith("synth") and not a.preset
-        a.num_samples = a.num_samples or (4 if synthetic else 16)
+        a.num_samples = a.num_samples or (3 if synthetic else 16)
         if a.gpus_per_worker is None:  # pass it explicitly on a cluster that scales GPUs from zero
             init_ray()
             a.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

@@ -38,7 +38,7 @@ def test_search_space_reads_distributions_and_fixed(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("params:\n  params.beta: {distribution: uniform, low: 0.1, high: 0.2}\n",
-     r"line 2: unknown parameter 'params.beta'; valid names: the method's params.alpha"),
+     r"line 2: unknown parameter 'params.beta'; valid names: the method's params.adabn_init, params.alpha"),
     ("params:\n  optim.lr: {distribution: gaussian, low: 0.1, high: 0.2}\n", "line 2: .*unknown distribution 'gaussian'"),
     ("params:\n  optim.lr: {distribution: loguniform, low: 0, high: 0.2}\n", "loguniform needs low > 0"),
     ("params:\n  optim.lr: {distribution: uniform, low: 1e-4, high: 0.2}\n", "write 1.0e-4"),
