@@ -246,7 +246,8 @@ def source_pretraining(cfg: TrainConfig) -> str:
         return str(cached)
     print(f"source model: training the baseline on {cfg.source} first (cached as {cached})", flush=True)
     base = from_dict({**to_dict(cfg), "method": "baseline", "params": base.params, "name": f"pretrain-{key}",
-                      "optim": to_dict(base)["optim"], "epochs": d["epochs"], "resume": "", "init": ""})
+                      "optim": to_dict(base)["optim"], "epochs": d["epochs"], "eval_every": d["epochs"],
+                      "resume": "", "init": ""})
     out = run_training(base)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
