@@ -105,8 +105,21 @@ def init_ray() -> None:
         # OpenMP threads that spin while they wait make every parallel region crawl as soon as another
         # process wants the core (Ray's daemons, the actor, a second worker): 5× slower epochs on 2 cores
         # (bench/RESULTS.md). Passive waiting costs nothing when the core is free.
-        ray.init(log_to_driver=True,
-                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
+        # Ray Train's placement-group cleaner (which frees the workers of a trial that Tune stops) finds
+        # the cluster through the state API: with a second local Ray on the machine, "auto" is ambiguous
+        # and the cleaner fails, so the next trial waits forever. Name this instance's API server for it.
+        port = _free_port()
+        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        ray.init(log_to_driver=True, dashboard_port=port, runtime_env={"env_vars": env})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpus_per_gpu(nodes: list[dict]) -> float:
