@@ -6,6 +6,7 @@
     reid-ray tune ...                         # = python -m reid_ray.tune ...
     reid-ray report --experiment "synth-a->synth-b"   # Markdown + PNG comparison of an MLflow experiment
     reid-ray doctor [--data-root DIR] [--no-ray]      # what a run would use here: Ray, GPUs, faiss, datasets, MLflow
+    reid-ray san-pg pairs|train|predict ...   # SAN's pseudo texture generator (= python -m reid_ray.san_pg)
 
 A mistake a user can fix prints one line naming the problem and the fix, and
 exits with code 2.
@@ -74,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `reid-ray train|tune|report|doctor ...` forward to the module entry points with their own parsers
-    if argv and argv[0] in ("train", "tune", "report", "doctor"):
+    if argv and argv[0] in ("train", "tune", "report", "doctor", "san-pg"):
         import importlib
 
-        return importlib.import_module(f"reid_ray.{argv[0]}").main(argv[1:])
+        return importlib.import_module(f"reid_ray.{argv[0].replace('-', '_')}").main(argv[1:])
     args = build_parser().parse_args(argv)
     return run_cli(args.fn, args)
 

@@ -97,6 +97,9 @@ def train_loop_per_worker(config: dict) -> None:
                 res, curves[name] = evaluate_method(method, ds, cfg, name)
                 metrics.update(res)
             last_target = metrics["target_mAP"]
+            if run_id and hasattr(method, "eval_artifacts"):  # e.g. SAN's texture reconstructions
+                for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}"):
+                    tracking.log_artifact(uri, run_id, path, f"epoch{epoch + 1}")
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)

@@ -5,12 +5,14 @@ from reid_ray.methods.baseline import Baseline
 from reid_ray.methods.ecn import ECN
 from reid_ray.methods.mar import MAR
 from reid_ray.methods.mmt import MMT
+from reid_ray.methods.san import SAN
 
 METHODS: dict[str, type[Method]] = {
     "baseline": Baseline,
     "ecn": ECN,
     "mmt": MMT,
     "mar": MAR,
+    "san": SAN,
 }
 
 __all__ = ["METHODS", "Method", "Domains", "EpochContext"]
