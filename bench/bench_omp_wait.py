@@ -6,10 +6,15 @@
 Run it while another training uses the cores (the situation of every Ray worker beside Ray's daemons,
 the pseudo-label actor or a second worker). Prints each epoch's wall time and one Adam step's time.
 """
-import time, torch, sys
-from reid_ray.train import build_config, ensure_data
-from reid_ray.methods import METHODS, EpochContext
+import sys
+import time
+
+import torch
+
 from reid_ray.engine import train_epoch
+from reid_ray.methods import METHODS, EpochContext
+from reid_ray.train import build_config, ensure_data
+
 torch.set_num_threads(int(sys.argv[2]))
 if sys.argv[1] == "1":
     torch.set_flush_denormal(True)
@@ -20,7 +25,10 @@ m.setup()
 m.iterations = lambda: 6
 ctx = EpochContext(epoch=0)
 for e in range(3):
-    t = time.perf_counter(); out = train_epoch(m, ctx); print(sys.argv[1], "epoch", e, round(time.perf_counter() - t, 2), flush=True)
+    t = time.perf_counter()
+    train_epoch(m, ctx)
+    print(sys.argv[1], "epoch", e, round(time.perf_counter() - t, 2), flush=True)
 t = time.perf_counter()
-for _ in range(5): m.optimizer.step()
+for _ in range(5):
+    m.optimizer.step()
 print("adam step", (time.perf_counter() - t) / 5)

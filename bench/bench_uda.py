@@ -82,13 +82,15 @@ def main() -> None:
         rows.append((b["source_mAP"], b["target_mAP"], b["target_R1"], u["target_mAP"], u["target_R1"],
                      a["target_mAP"]))
         print(f"seed {seed}: source mAP {b['source_mAP']:.1f} | direct transfer mAP {b['target_mAP']:.1f} "
-              f"R1 {b['target_R1']:.1f} | AdaBN mAP {a['target_mAP']:.1f} R1 {a['target_R1']:.1f} | {args.method} mAP {u['target_mAP']:.1f} R1 {u['target_R1']:.1f} "
+              f"R1 {b['target_R1']:.1f} | AdaBN mAP {a['target_mAP']:.1f} R1 {a['target_R1']:.1f} | "
+              f"{args.method} mAP {u['target_mAP']:.1f} R1 {u['target_R1']:.1f} "
               f"(pseudo-label NMI {uda['metrics'].get('pseudo_nmi', float('nan')):.3f} at the last refresh)",
               flush=True)
     mean = [statistics.mean(c) for c in zip(*rows)]
     sd = [statistics.stdev(c) if len(rows) > 1 else 0.0 for c in zip(*rows)]
     print(f"mean of {len(rows)} seeds: source mAP {mean[0]:.1f}±{sd[0]:.1f} | direct transfer mAP {mean[1]:.1f}±{sd[1]:.1f} "
-          f"R1 {mean[2]:.1f} | AdaBN mAP {mean[5]:.1f}±{sd[5]:.1f} | {args.method} mAP {mean[3]:.1f}±{sd[3]:.1f} R1 {mean[4]:.1f} | "
+          f"R1 {mean[2]:.1f} | AdaBN mAP {mean[5]:.1f}±{sd[5]:.1f} | "
+          f"{args.method} mAP {mean[3]:.1f}±{sd[3]:.1f} R1 {mean[4]:.1f} | "
           f"gain {mean[3] - mean[1]:+.1f} mAP")
 
 

@@ -173,7 +173,7 @@ def report_experiment(uri: str, experiment: str, out_dir: str | Path) -> Path:
                                             _fmt(m["target_mAP"]), _fmt(m.get("target_R1", float("nan"))),
                                             r.data.tags.get("status", r.info.status.lower())]) + " |")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, (method, rs) in enumerate(sorted(by_method.items())):
+    for i, (_method, rs) in enumerate(sorted(by_method.items())):
         ax.scatter([i] * len(rs), [r.data.metrics["target_mAP"] for r in rs], alpha=0.7)
     ax.set_xticks(range(len(by_method)), sorted(by_method))
     ax.set_ylabel("target mAP (%)")

@@ -75,7 +75,7 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status)
 
 
-def cmc_plot(curves: dict[str, "list[float]"], path: str | os.PathLike) -> None:
+def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike) -> None:
     """CMC curves (rank 1..N, in %) of several test sets, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")

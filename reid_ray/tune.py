@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can stop "
                                                                   "(default: eval_every)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA's reduction factor")
-    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 2; 1 on the synthetic default)")
+    p.add_argument("--workers-per-trial", type=int, default=None,
+                   help="Ray Train workers per trial (default 2; 1 on the synthetic default)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
     p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")

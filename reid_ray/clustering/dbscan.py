@@ -40,7 +40,7 @@ def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int =
     dist = 2 - 2 * (feats[:, None, :] * feats[e_idx.clamp(min=0)]).sum(-1)
     v = encoding_matrix(e_idx, torch.where(present, -dist, -torch.inf), rank, k2)
     rows, cols, vals = [], [], []
-    for lo, hi, i, j, m in min_overlaps(v, n, pairs_per_chunk):
+    for lo, _hi, i, j, m in min_overlaps(v, n, pairs_per_chunk):
         pair = torch.sparse_coo_tensor(torch.stack([i + lo, j]), m, (n, n), check_invariants=False).coalesce()
         r, c = pair.indices()
         rows.append(r)

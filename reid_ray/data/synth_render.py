@@ -162,7 +162,8 @@ def render_person(p: dict, yy: np.ndarray, xx: np.ndarray, view: str, stride: fl
     # accessories in front of the torso
     if accessories and p["backpack"] is not None:
         if view == "back":
-            paint(_box(yy, xx, shoulder + 3, shoulder + 0.7 * (hip - shoulder) + 3, cx - 0.75 * hw, cx + 0.75 * hw), p["backpack"])
+            paint(_box(yy, xx, shoulder + 3, shoulder + 0.7 * (hip - shoulder) + 3, cx - 0.75 * hw, cx + 0.75 * hw),
+                  p["backpack"])
         elif view == "front":
             for sx in (-0.6 * hw, 0.6 * hw - 2):
                 paint(_box(yy, xx, shoulder, shoulder + 0.5 * (hip - shoulder), cx + sx, cx + sx + 2), p["backpack"])
@@ -179,7 +180,8 @@ def render_person(p: dict, yy: np.ndarray, xx: np.ndarray, view: str, stride: fl
             paint(head & (xx > cx + 0.2 * head_r), p["hair"])
         if p["long_hair"]:
             for sgn in (-1, 1):
-                paint(_box(yy, xx, head_cy - 0.3 * head_r, shoulder + 4, cx + sgn * 0.8 * head_r - 1.5, cx + sgn * 0.8 * head_r + 1.5), p["hair"])
+                paint(_box(yy, xx, head_cy - 0.3 * head_r, shoulder + 4, cx + sgn * 0.8 * head_r - 1.5,
+                           cx + sgn * 0.8 * head_r + 1.5), p["hair"])
     if accessories and p["hat"] is not None:
         paint(head & (yy < head_cy - 0.45 * head_r), p["hat"])
         paint(_box(yy, xx, head_cy - 0.55 * head_r, head_cy - 0.3 * head_r, cx - head_r - 2, cx + head_r + 2), p["hat"])
