@@ -22,3 +22,12 @@ def tiny_synth(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     # manifests cached by a test never leak into the user's ~/.cache or other tests
     monkeypatch.setenv("REID_RAY_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module (PLATFORM_NOTES.md: sharing it saves ~4 s per test)."""
+    import ray
+    ray.init(num_cpus=2)
+    yield
+    ray.shutdown()

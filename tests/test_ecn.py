@@ -156,14 +156,6 @@ def test_ecn_without_camstyle_trains_without_the_camera_term(tiny_synth, tmp_pat
     assert "camera" not in outs[-1] and outs[-1]["target_loss"] == pytest.approx(outs[-1]["exemplar"])
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_ecn_end_to_end_under_ray_on_two_workers(ray_local, tmp_path):
     from reid_ray.train import run_training

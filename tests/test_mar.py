@@ -178,14 +178,6 @@ def test_memory_and_losses_identical_on_two_ddp_ranks_and_equal_one_process(tiny
 
 # ----------------------------------------------------------------------------- end to end under Ray
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_mar_end_to_end_on_two_workers(ray_local, tmp_path):
     from reid_ray.data.synthetic import SynthConfig, generate_synthetic

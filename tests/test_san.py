@@ -111,14 +111,6 @@ def test_san_step_checkpoint_keys_and_artifact(tiny_synth, tmp_path):
     assert png.is_file() and png.suffix == ".png"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_san_trains_under_ray_on_two_workers(ray_local, tiny_synth, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -13,14 +13,6 @@ SMALL = SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_synthetic(root, SMALL)

@@ -94,14 +94,6 @@ def test_config_file_round_trip_and_errors(tmp_path):
 
 # --------------------------------------------------------------------------- end to end under Ray
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
