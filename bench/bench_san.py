@@ -6,8 +6,11 @@ For each seed, three source models trained on synth-a (the synthetic benchmark's
 are SAN's target): the BoT baseline (shared with bench_uda: bench/out/uda/baseline-s<seed>.json),
 SAN without the decoder's triplet constraints (tr_weight 0) and SAN. Reported: source mAP
 (supervised) and target mAP (direct transfer), then target mAP of MMT started from each (`--init`).
-Every run is recorded in bench/out/san/<name>.json and reused by later invocations. Last epoch,
-no model selection on target labels.
+Every run is recorded in bench/out/san/<name>.json and reused by later invocations; a run of the same
+name that already FINISHED in the bench's MLflow experiment (e.g. `python -m reid_ray.train --method san
+--seed 0 --name san-s0 --output bench/out/san --mlflow-uri sqlite:///bench/out/mlflow.db --experiment
+bench-san`) is adopted, not retrained. MMT from the baseline is bench_uda's run (`mmt-adabn-s<seed>`, same
+settings) when it exists. Last epoch, no model selection on target labels.
 """
 
 from __future__ import annotations
@@ -25,14 +28,33 @@ OUT = Path("bench/out/san")
 VARIANTS = {"baseline": None, "san-notr": ["tr_weight=0"], "san": []}
 
 
+def finished_run(name: str, common: dict) -> dict | None:
+    """The last metrics and latest checkpoint of a FINISHED MLflow run called `name`, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient(common["mlflow_uri"])
+    exp = client.get_experiment_by_name(common["experiment"])
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    ckpts = sorted((Path(common["output"]) / name).glob("checkpoint_*/" + CHECKPOINT_FILE))
+    if not runs or not ckpts:
+        return None
+    print(f"{name}: adopting finished MLflow run {runs[0].info.run_id} ({common['experiment']})", flush=True)
+    return {"metrics": dict(runs[0].data.metrics), "init": str(ckpts[-1]), "adopted": runs[0].info.run_id}
+
+
 def recorded(name: str, method: str, overrides: list[str], seed: int, common: dict, **kw) -> dict:
     """Train once (`name` is the record and the Ray run name), then read the record."""
-    record = OUT / f"{name}.json"
+    record = Path(common["output"]) / f"{name}.json"
     if record.is_file():
         return json.loads(record.read_text())
-    out = run_training(build_config(method, overrides=overrides, seed=seed, name=name, **common, **kw))
-    res = {"metrics": {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))},
-           "init": str(Path(out["checkpoint"]) / CHECKPOINT_FILE)}
+    res = finished_run(name, common)
+    if res is None:
+        out = run_training(build_config(method, overrides=overrides, seed=seed, name=name, **common, **kw))
+        res = {"metrics": {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))},
+               "init": str(Path(out["checkpoint"]) / CHECKPOINT_FILE)}
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
@@ -47,6 +69,8 @@ def main() -> None:
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--no-mmt", action="store_true", help="source models only")
     ap.add_argument("--mmt-set", action="append", default=[], help="overrides of the MMT runs")
+    ap.add_argument("--baseline-mmt", default="mmt-adabn", help="bench_uda's MMT run names (<this>-s<seed>) to reuse "
+                                                               "for the baseline row ('' to train it here)")
     args = ap.parse_args()
     common = dict(data_root=args.data_root, workers=args.workers, output=str(OUT),
                   mlflow_uri="sqlite:///bench/out/mlflow.db", experiment="bench-san")
@@ -59,7 +83,12 @@ def main() -> None:
                 src = recorded(f"{variant}-s{seed}", "san", overrides, seed, common)
             m = src["metrics"]
             mmt = float("nan")
-            if not args.no_mmt:
+            uda = {**common, "output": "bench/out/uda", "experiment": "bench-uda"}
+            reuse = finished_run(f"{args.baseline_mmt}-s{seed}", uda) if overrides is None and args.baseline_mmt \
+                and not args.mmt_set else None
+            if reuse is not None:
+                mmt = reuse["metrics"]["target_mAP"]
+            elif not args.no_mmt:
                 mmt = recorded(f"mmt-from-{variant}-s{seed}", "mmt", args.mmt_set, seed, common,
                                init=src["init"])["metrics"]["target_mAP"]
             rows[variant].append((m["source_mAP"], m["target_mAP"], mmt))

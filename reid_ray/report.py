@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from reid_ray import ReidRayError
+from reid_ray import ReidRayError, write_text_atomic
 from reid_ray.config import apply_overrides, from_dict, to_dict
 
 METRIC = "target_mAP_last"
@@ -83,7 +82,7 @@ def finalize_sweep(out: dict) -> dict:
         cfg = apply_overrides(from_dict(copy.deepcopy(sweep["base"])), dict(best["config"]))
         cfg.name, cfg.resume = "", ""
         best_yaml = folder / "best_config.yaml"
-        _write_atomic(best_yaml, f"# best trial {best['trial']} of sweep {sweep['name']}: target mAP "
+        write_text_atomic(best_yaml, f"# best trial {best['trial']} of sweep {sweep['name']}: target mAP "
                                  f"{best['target_mAP']:.1f}\n# python -m reid_ray.train --config {best_yaml}\n"
                                  + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         out["best_config"] = str(best_yaml)
@@ -95,7 +94,7 @@ def finalize_sweep(out: dict) -> dict:
     if dt:
         tracking.log_metrics(uri, sweep["parent_run_id"], {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
                              step=0)
-    _write_atomic(folder / "summary.md", "\n".join(text))
+    write_text_atomic(folder / "summary.md", "\n".join(text))
     tracking.log_artifact(uri, sweep["parent_run_id"], folder / "summary.md")
     out.update(rows=rows, params=params, best=best)
     return out
@@ -121,12 +120,6 @@ def print_results(out: dict) -> None:
         console.print(f"best config: {out['best_config']}\n  python -m reid_ray.train --config {out['best_config']}")
     console.print(f"MLflow: parent run {out['sweep']['parent_run_id']} in {out['uri']}  "
                   f"(mlflow ui --backend-store-uri {out['uri']})\nsummary: {out['folder'] / 'summary.md'}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- reid-ray report
@@ -204,7 +197,7 @@ def report_experiment(uri: str, experiment: str, out_dir: str | Path) -> Path:
             plt.close(fig)
             lines.append(f"![{method}: {k}]({png})")
     report = out / "report.md"
-    _write_atomic(report, "\n".join(lines) + "\n")
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report
 
 

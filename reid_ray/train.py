@@ -215,7 +215,9 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(output), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # INFO would print every rank's full report dict each epoch ("Reporting training result ...")
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()
     status = "FAILED"
@@ -289,8 +291,8 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     table.add_column("")
     table.add_column("mAP (%)", justify="right")
     table.add_column("R1 (%)", justify="right")
-    for name, label in (("source", f"source {cfg.source} (supervised)"),
-                        ("target", f"target {cfg.target} ({'direct transfer' if cfg.method == 'baseline' else 'adapted'})")):
+    adapted = "adapted" if METHODS[cfg.method].adapts else "direct transfer"
+    for name, label in (("source", f"source {cfg.source} (supervised)"), ("target", f"target {cfg.target} ({adapted})")):
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
     console = Console()
     console.print(table)

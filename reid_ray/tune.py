@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from reid_ray import ReidRayError
+from reid_ray import ReidRayError, write_text_atomic
 from reid_ray.config import TrainConfig, apply_overrides, flatten, from_dict, to_dict
 from reid_ray.methods import METHODS
 from reid_ray.search_space import SearchSpace, default_path, load_search_space
@@ -194,7 +194,7 @@ def run_sweep(sweep: dict) -> dict:
              "sweep_parent": "true"}, sweep["base"])
         tracking.log_text(uri, sweep["parent_run_id"], sweep["space_text"], "search_space.yaml")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / SWEEP_FILE, json.dumps(sweep, indent=1, default=str))
+    write_text_atomic(folder / SWEEP_FILE, json.dumps(sweep, indent=1, default=str))
     sweep["direct_transfer"] = pretraining_metrics(base.init) if base.init else {}
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=sweep["base"], plan=plan, sweep=sweep),
@@ -237,12 +237,6 @@ def _tune_config(sweep: dict, base: TrainConfig, plan: dict):
         scheduler = FIFOScheduler()
     return tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
                            num_samples=sweep["num_samples"], max_concurrent_trials=plan["concurrent"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

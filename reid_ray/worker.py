@@ -8,6 +8,7 @@ on rank 0 every `eval_every` epochs, reports metrics and checkpoints with
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,8 +102,8 @@ def train_loop_per_worker(config: dict) -> None:
                 for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}"):
                     tracking.log_artifact(uri, run_id, path, f"epoch{epoch + 1}")
         if rank == 0:
-            print(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if run_id:
                 tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
@@ -125,3 +126,11 @@ def train_loop_per_worker(config: dict) -> None:
             tracking.log_artifact(uri, run_id, run_dir / "cmc.png")
         if (run_dir / "best.pt").exists():
             tracking.log_artifact(uri, run_id, run_dir / "best.pt", "checkpoints")
+
+
+def _say(line: str) -> None:
+    """One progress line on the worker's own stdout (streamed to the driver by Ray). Ray Train patches
+    `print` in its workers to also log at INFO to the console, so a plain print shows up twice."""
+    out = sys.__stdout__ or sys.stdout
+    out.write(line + "\n")
+    out.flush()

@@ -20,3 +20,16 @@ def test_synth_command_via_module(tmp_path):
                           "--test-ids", "3", "--no-camstyle"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "synth-a" / "query").is_dir() and not list((tmp_path / "synth-a" / "camstyle").iterdir())
+
+
+def test_summary_calls_source_only_methods_direct_transfer(capsys):
+    from reid_ray.train import build_config, print_summary
+
+    out = {"metrics": {"source_mAP": 90.0, "source_R1": 95.0, "target_mAP": 20.0, "target_R1": 30.0},
+           "wall_time": 1.0, "mlflow_run_id": "r", "mlflow_uri": "u", "checkpoint": "c", "run_dir": "d"}
+    labels = {}
+    for method in ("baseline", "san", "mmt"):
+        print_summary(build_config(method), out)
+        labels[method] = capsys.readouterr().out
+    assert "(direct transfer)" in labels["baseline"] and "(direct transfer)" in labels["san"]
+    assert "(adapted)" in labels["mmt"] and "(direct transfer)" not in labels["mmt"]

@@ -46,6 +46,7 @@ class Method:
     name: ClassVar[str]
     needs_source_init: ClassVar[bool] = False   # starts from a source-trained baseline (--init)
     uses_clustering: ClassVar[bool] = False     # asks `self.clusterer` for pseudo-labels
+    adapts: ClassVar[bool] = True               # trains on the target; False: source only (target = direct transfer)
     # the method's own hyperparameters, with the papers' names; documented in the subclass
     default_params: ClassVar[dict[str, Any]] = {}
     # what changes on the embedded synthetic benchmark (small, CPU-sized), on top of config.SYNTHETIC_DEFAULTS

@@ -26,6 +26,7 @@ from reid_ray.models.reid_net import build_reid_net
 
 class Baseline(Method):
     name = "baseline"
+    adapts = False
     default_params = {
         "epsilon": 0.1,           # label smoothing ε
         "margin": 0.3,            # triplet margin m

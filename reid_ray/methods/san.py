@@ -33,6 +33,7 @@ from reid_ray.models.sync_bn import convert_sync_bn
 
 class SAN(Method):
     name = "san"
+    adapts = False
     default_params = {
         "epsilon": 0.1,           # label smoothing ε of L_ID
         "margin": 0.3,            # triplet margin of L_tri (encoder)
