@@ -10,7 +10,8 @@ Every run is recorded in bench/out/san/<name>.json and reused by later invocatio
 name that already FINISHED in the bench's MLflow experiment (e.g. `python -m reid_ray.train --method san
 --seed 0 --name san-s0 --output bench/out/san --mlflow-uri sqlite:///bench/out/mlflow.db --experiment
 bench-san`) is adopted, not retrained. MMT from the baseline is bench_uda's run (`mmt-adabn-s<seed>`, same
-settings) when it exists. Last epoch, no model selection on target labels.
+settings: both nets from the one source model, `params.two_sources=false`) when it exists. Last epoch,
+no model selection on target labels.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> None:
             if reuse is not None:
                 mmt = reuse["metrics"]["target_mAP"]
             elif not args.no_mmt:
-                mmt = recorded(f"mmt-from-{variant}-s{seed}", "mmt", args.mmt_set, seed, common,
+                # both MMT nets from this one source model: the comparison isolates the source model
+                mmt = recorded(f"mmt-from-{variant}-s{seed}", "mmt", ["two_sources=false", *args.mmt_set], seed, common,
                                init=src["init"])["metrics"]["target_mAP"]
             rows[variant].append((m["source_mAP"], m["target_mAP"], mmt))
             print(f"seed {seed} {variant:<9} source mAP {m['source_mAP']:5.1f} | direct transfer mAP "

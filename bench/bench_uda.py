@@ -5,8 +5,9 @@
 For each seed: trains the baseline on synth-a (the embedded default; once per seed, recorded
 in bench/out/uda/baseline-s<seed>.json and reused by later runs of any method), reports its
 source mAP and target mAP (direct transfer), then trains the UDA method on synth-b
-starting from that checkpoint and reports its target mAP. Last epoch, no
-model selection on target labels.
+starting from that checkpoint and reports its target mAP (MMT's second net starts from the
+baseline of seed + 1, as in the paper; `--set params.two_sources=false` starts both from one). Last
+epoch, no model selection on target labels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
+from reid_ray.methods import METHODS
 from reid_ray.train import CHECKPOINT_FILE, build_config, run_training
 
 
@@ -75,8 +77,11 @@ def main() -> None:
     for seed in args.seeds:
         base = baseline(seed, common)
         init = base["init"]
-        uda = run_training(build_config(args.method, overrides=args.overrides, seed=seed, init=init,
-                                        name=f"{args.method}{args.tag}-s{seed}", **common))
+        cfg = build_config(args.method, overrides=args.overrides, seed=seed, init=init,
+                           name=f"{args.method}{args.tag}-s{seed}", **common)
+        if METHODS[args.method].source_models(cfg.params) > 1 and not cfg.params.get("init2"):
+            cfg.params["init2"] = baseline(seed + 1, common)["init"]  # MMT's second net: the next seed's baseline
+        uda = run_training(cfg)
         b, u = base["metrics"], uda["metrics"]
         a = base["adabn"]
         rows.append((b["source_mAP"], b["target_mAP"], b["target_R1"], u["target_mAP"], u["target_R1"],

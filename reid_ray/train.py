@@ -190,11 +190,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     output = Path(cfg.output).expanduser().resolve()
     method_cls = METHODS[cfg.method]
-    init = ""
-    if method_cls.needs_source_init:
-        init = cfg.init or source_pretraining(cfg)
-        if not Path(init).is_file():
-            raise ReidRayError(f"--init {init}: no such checkpoint file")
+    init = source_inits(cfg)
     labeler = None
     if method_cls.uses_clustering and cfg.clustering == "actor":
         from reid_ray.clustering.actor import create_pseudo_labeler
@@ -235,6 +231,23 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
 
 PRETRAIN_IGNORED = ("method", "name", "experiment", "output", "resume", "mlflow_uri", "workers", "init",
                     "clustering", "params", "max_failures", "eval_every", "gpu_wait_s")
+
+
+def source_inits(cfg: TrainConfig) -> list[str]:
+    """The source-trained checkpoints the method starts from: `--init` (and MMT's `params.init2`), else
+    baselines pretrained (and cached) with the run's seed, seed + 1, ... Empty for methods that need none."""
+    import dataclasses
+
+    method_cls = METHODS[cfg.method]
+    if not method_cls.needs_source_init:
+        return []
+    n = method_cls.source_models(cfg.params)
+    given = [cfg.init, *([cfg.params.get("init2", "")] if n > 1 else [])]
+    inits = [path or source_pretraining(dataclasses.replace(cfg, seed=cfg.seed + i)) for i, path in enumerate(given)]
+    for flag, path in zip(("--init", "params.init2"), inits):
+        if not Path(path).is_file():
+            raise ReidRayError(f"{flag} {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
+    return inits
 
 
 def source_pretraining(cfg: TrainConfig) -> str:
@@ -318,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (default: <method>-<time>)")
     p.add_argument("--output", default=None, help="checkpoints and run files (default: outputs)")
     p.add_argument("--resume", default=None, help="a checkpoint directory or checkpoint.pt to continue from")
-    p.add_argument("--init", default=None, help="UDA methods: baseline checkpoint.pt to start from "
-                                                "(default: train one on the source first, cached)")
+    p.add_argument("--init", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="UDA methods: baseline checkpoint.pt to start from (default: train one on the source first, "
+                        "cached); MMT takes a second for its second net (default: pretrained with seed + 1)")
     p.add_argument("--clustering", choices=("actor", "local"), default=None,
                    help="pseudo-labels from the PseudoLabeler Ray actor (default) or in-process on rank 0")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -345,8 +359,13 @@ def main(argv=None) -> int:
         cfg = build_config(method, a.source or source or "synth-a", a.target or target or "synth-b", base)
         flags = dict(data_root=a.data_root, workers=a.workers, epochs=a.epochs, eval_every=a.eval_every, seed=a.seed,
                      mlflow_uri=a.mlflow_uri, experiment=a.experiment, name=a.name, output=a.output,
-                     resume=a.resume, init=a.init, clustering=a.clustering)
+                     resume=a.resume, init=a.init[0] if a.init else None, clustering=a.clustering)
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+        if a.init and len(a.init) > 1:
+            if len(a.init) > 2 or METHODS[method].source_models({**cfg.params, "two_sources": True}) < 2:
+                raise ReidRayError(f"--init: {method} starts from one source model, got {len(a.init)} checkpoints; "
+                                   "pass one (MMT takes two: one per net)")
+            cfg.params["init2"] = a.init[1]
         apply_overrides(cfg, a.overrides)
         if cfg.resume and not Path(cfg.resume).exists():
             raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")

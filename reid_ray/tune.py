@@ -162,7 +162,7 @@ def run_sweep(sweep: dict) -> dict:
         ensure_data,
         init_ray,
         pretraining_metrics,
-        source_pretraining,
+        source_inits,
         wait_for_gpus,
     )
 
@@ -172,9 +172,11 @@ def run_sweep(sweep: dict) -> dict:
     sweep["base"]["data_root"] = base.data_root
     init_ray()
     method_cls = METHODS[base.method]
-    if method_cls.needs_source_init and not base.init:
-        base.init = source_pretraining(base)
-        sweep["base"]["init"] = base.init
+    if method_cls.needs_source_init:  # pretrained (or checked) once here, not by every trial
+        inits = source_inits(base)
+        base.init = sweep["base"]["init"] = inits[0]
+        if len(inits) > 1:
+            base.params["init2"] = sweep["base"]["params"]["init2"] = inits[1]
     uses_actor = method_cls.uses_clustering and base.clustering == "actor"
     cluster = ray.cluster_resources()
     if sweep["gpus_per_worker"] > 0:  # an autoscaling cluster may start with no GPU node

@@ -68,9 +68,12 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     domains = Domains(read_dataset(cfg.source, cfg.data_root), read_dataset(cfg.target, cfg.data_root))
     method = METHODS[cfg.method](cfg, domains, device, rank, world)
-    if config.get("init"):
+    inits = config.get("init") or []
+    if inits:
         from reid_ray.methods.mmt import source_init_state
-        method.init_state = source_init_state(torch.load(config["init"], map_location="cpu", weights_only=False))
+        inits = [inits] if isinstance(inits, str) else inits
+        method.init_states = [source_init_state(torch.load(p, map_location="cpu", weights_only=False)) for p in inits]
+        method.init_state = method.init_states[0]
     if method.uses_clustering:
         method.clusterer = _clusterer(cfg, config, domains)
     method.setup(wrap=ray.train.torch.prepare_model)

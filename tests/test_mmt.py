@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from reid_ray import ReidRayError
 from reid_ray.clustering.client import ClusterSpec, LocalClusterer
 from reid_ray.data.readers import read_dataset
 from reid_ray.engine import evaluate_method, train_epoch
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
 from reid_ray.methods import METHODS, Domains, EpochContext
 from reid_ray.methods.mmt import ema_update
+from reid_ray.models.reid_net import build_reid_net
 from reid_ray.train import build_config
 
 
@@ -73,3 +75,52 @@ def test_mmt_refreshes_pseudo_labels_and_trains(tiny_synth):
     metrics, _ = evaluate_method(method, domains.target, cfg, "target")
     assert {"target_mAP", "target_mAP_mean_net1", "target_mAP_mean_net2"} <= set(metrics)
     assert metrics["target_mAP"] == max(metrics["target_mAP_mean_net1"], metrics["target_mAP_mean_net2"])
+
+
+def test_two_nets_start_from_two_source_models(tiny_synth):
+    """The paper (and its code) starts net 1 / net 2 and their mean nets from source models of two seeds."""
+    cfg = build_config("mmt", overrides=["num_identities=4", "num_clusters=10"], data_root=str(tiny_synth))
+    domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
+    states = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        states.append(build_reid_net(cfg.model, 7, torch.device("cpu")).state_dict())
+    method = METHODS["mmt"](cfg, domains, torch.device("cpu"))
+    method.init_states, method.init_state = states, states[0]
+    method.setup()
+    for i, (net, ema) in enumerate(zip(method.models.values(), method.emas)):
+        for name, v in net.state_dict().items():
+            if not name.startswith("classifier."):
+                assert torch.equal(v, states[i][name]) and torch.equal(ema.state_dict()[name], v), (i, name)
+    w1, w2 = (next(m.parameters()) for m in method.models.values())
+    assert not torch.equal(w1, w2)
+
+
+def test_source_inits_pretrain_seed_and_seed_plus_one(monkeypatch, tmp_path):
+    import reid_ray.train as train
+
+    seeds = []
+
+    def fake_pretraining(cfg):
+        seeds.append(cfg.seed)
+        path = tmp_path / f"baseline-s{cfg.seed}.pt"
+        path.write_bytes(b"x")
+        return str(path)
+
+    monkeypatch.setattr(train, "source_pretraining", fake_pretraining)
+    cfg = build_config("mmt", seed=3)
+    assert train.source_inits(cfg) == [str(tmp_path / "baseline-s3.pt"), str(tmp_path / "baseline-s4.pt")]
+    assert seeds == [3, 4]
+    assert len(train.source_inits(build_config("mmt", overrides=["two_sources=false"], seed=3))) == 1
+    assert train.source_inits(build_config("baseline")) == []
+    given = build_config("mmt", overrides=[f"init2={tmp_path / 'nowhere.pt'}"], init=str(tmp_path / "baseline-s3.pt"))
+    with pytest.raises(ReidRayError, match="params.init2 .*nowhere.pt: no such checkpoint"):
+        train.source_inits(given)
+
+
+def test_cli_two_inits_only_for_mmt(tmp_path, capsys):
+    from reid_ray.train import main
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert main(["--method", "ecn", "--init", str(a), str(b), "--data-root", str(tmp_path)]) == 2
+    assert "ecn starts from one source model" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 2-trial Ray Tune + Optuna + ASHA sweep end to end with its MLflow parent/child runs."""
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -117,6 +118,9 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     folder = tmp_path / "out" / "tune" / "t"
     best = yaml.safe_load((folder / "best_config.yaml").read_text())
     assert best["method"] == "mmt" and 8 <= best["params"]["num_clusters"] <= 16 and best["epochs"] == 2
+    # both source models were pretrained once, before the trials, and the trials started from them
+    assert best["init"] != best["params"]["init2"] and all(
+        (tmp_path / "out" / "pretrain" / Path(p).name).is_file() for p in (best["init"], best["params"]["init2"]))
     assert "| trial |" in (folder / "summary.md").read_text()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("synth-a->synth-b")

@@ -61,6 +61,12 @@ class Method:
         self.train_loader = None
         self.clusterer = None        # set by the driver loop for methods that use clustering
         self.init_state = None       # source-trained weights for methods that need them
+        self.init_states: list = []  # all of them, when the method starts from several (MMT: one per net)
+
+    @classmethod
+    def source_models(cls, params: dict) -> int:
+        """How many source-trained models the method starts from (`needs_source_init` methods)."""
+        return 1
 
     def setup(self, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         """Build models (then wrapped for DDP), the optimizer, scheduler and train loader."""

@@ -9,7 +9,9 @@ mean net E[θ_k']  (Eq. 9):
            + (1 - soft_tri_weight)·L_tri(θ_k) + soft_tri_weight·L_stri(θ_k | E[θ_k'])
 with L_id label-smoothed CE on the pseudo-labels. Net k sees augmented view k. Mean nets:
 E[θ] ← a·E[θ] + (1 - a)·θ, a = min(1 - 1/(step + 1), alpha)  (the paper's warm start).
-Both nets start from a source-trained baseline (`--init`, else the driver pretrains one); before
+As in the paper and its code, the two nets (and their mean nets) start from two source-trained
+baselines of different seeds (`two_sources`; `--init A B`, else the driver pretrains seed and
+seed + 1): their disagreement is what the mutual teaching feeds on. Before
 the first clustering the mean nets' BatchNorm statistics are re-estimated on the target (AdaBN,
 `adabn_init`), which the official code does not do: on the synthetic benchmark AdaBN alone is worth
 more than the first refreshes of MMT (bench/RESULTS.md).
@@ -71,6 +73,9 @@ class MMT(Method):
         "iters": 400,             # iterations per epoch (at most one pass of the P×K sampler)
         "epsilon": 0.1,           # label smoothing of L_id
         "refresh_every": 1,       # epochs between pseudo-label refreshes
+        "two_sources": True,      # net 2 starts from a second source model (seed + 1), as in the paper;
+                                  # False: both nets from the same one
+        "init2": "",              # that second model's checkpoint.pt (default: pretrained with seed + 1, cached)
         "adabn_init": True,       # re-estimate the mean nets' BN statistics on the target before the first
                                   # clustering (AdaBN), so the first pseudo-labels see target-normalised features
     }
@@ -80,6 +85,10 @@ class MMT(Method):
     synthetic_overrides = {"params.num_clusters": 100, "params.alpha": 0.99, "epochs": 10, "eval_every": 2,
                            "optim.warmup_epochs": 0, "optim.milestones": (1000,)}
 
+    @classmethod
+    def source_models(cls, params: dict) -> int:
+        return 2 if {**cls.default_params, **params}["two_sources"] else 1
+
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p
         k = int(p["num_clusters"])
@@ -87,8 +96,9 @@ class MMT(Method):
         for i in range(2):
             torch.manual_seed(cfg.seed + i)
             net = build_reid_net(cfg.model, k, self.device)
-            if self.init_state is not None:
-                state = {n: v for n, v in self.init_state.items() if not n.startswith("classifier.")}
+            init = self.init_states[i] if len(self.init_states) > 1 else self.init_state
+            if init is not None:
+                state = {n: v for n, v in init.items() if not n.startswith("classifier.")}
                 net.load_state_dict(state, strict=False)
             nets.append(net.to(self.device))
         self.emas = [copy.deepcopy(n).requires_grad_(False) for n in nets]
