@@ -43,6 +43,7 @@ class TrainConfig:
     data_root: str = "data"
     epochs: int = 120
     eval_every: int = 10
+    eval_source: bool = True           # source test set at every evaluation; False: at the last epoch only (sweeps)
     seed: int = 0
     workers: int = 2
     use_gpu: str = "auto"              # auto | true | false

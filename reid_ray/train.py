@@ -230,7 +230,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
 
 
 PRETRAIN_IGNORED = ("method", "name", "experiment", "output", "resume", "mlflow_uri", "workers", "init",
-                    "clustering", "params", "max_failures", "eval_every", "gpu_wait_s")
+                    "clustering", "params", "max_failures", "eval_every", "eval_source", "gpu_wait_s")
 
 
 def source_inits(cfg: TrainConfig) -> list[str]:

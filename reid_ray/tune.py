@@ -134,8 +134,9 @@ def prepare_sweep(args: argparse.Namespace) -> dict:
     cfg = build_config(args.method, source, target, preset_overrides)
     if cfg.source.startswith("synth") and cfg.target.startswith("synth"):
         apply_overrides(cfg, SYNTHETIC_SWEEP)
+    # trials are ranked on the target: the source test set only at a trial's last epoch
     flags = dict(data_root=args.data_root, mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,
-                 workers=args.workers_per_trial, seed=args.seed)
+                 workers=args.workers_per_trial, seed=args.seed, eval_source=False)
     apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
     space_path = args.search_space or default_path(args.method)
     space = load_search_space(space_path, cfg)

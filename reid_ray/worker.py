@@ -98,6 +98,8 @@ def train_loop_per_worker(config: dict) -> None:
         last = epoch + 1 == cfg.epochs
         if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
             for name, ds in (("source", domains.source), ("target", domains.target)):
+                if name == "source" and not (cfg.eval_source or last):
+                    continue
                 res, curves[name] = evaluate_method(method, ds, cfg, name)
                 metrics.update(res)
             last_target = metrics["target_mAP"]

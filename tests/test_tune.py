@@ -130,6 +130,10 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(children) == 2
     assert {r.data.tags["status"] for r in children} <= {"completed", "stopped by ASHA"}
+    for r in children:  # trials evaluate the target every epoch, the source only at their last one
+        if r.data.tags["status"] == "completed":
+            hist = {k: [m.step for m in client.get_metric_history(r.info.run_id, k)] for k in ("source_mAP", "target_mAP")}
+            assert hist == {"source_mAP": [2], "target_mAP": [1, 2]}, hist
     assert {r.data.tags["trial_id"] for r in children} and all("params.num_clusters" in r.data.params for r in children)
     assert not math.isnan(parent[0].data.metrics["best_target_mAP"])
     arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
