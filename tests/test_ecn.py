@@ -137,7 +137,7 @@ def _short_run(root, **over):
 
 
 def test_ecn_trains_and_writes_the_memory(tiny_synth):
-    method, outs = _short_run(tiny_synth)
+    method, outs = _short_run(tiny_synth, memory_init="false")  # the authors' zero-initialised memory
     for key in ("loss", "ce", "target_loss", "exemplar", "camera", "acc"):
         assert key in outs[-1] and np.isfinite(outs[-1][key]), key
     assert outs[-1]["iters"] == 2
@@ -169,3 +169,42 @@ def test_ecn_end_to_end_under_ray_on_two_workers(ray_local, tmp_path):
     m = run_training(cfg)["metrics"]
     assert m["epoch"] == 2 and 0 <= m["target_mAP"] <= 100 and "source_mAP" in m
     assert all(np.isfinite(m[k]) for k in ("loss", "ce", "exemplar", "camera", "target_loss"))
+
+
+def test_ecn_starts_from_adabn_and_a_memory_of_target_embeddings(tiny_synth):
+    from reid_ray.evaluation import extract_features
+    from reid_ray.methods.ecn import TargetEmbedding
+
+    cfg = build_config("ecn", overrides=["num_identities=4", "target_batch=16", "features=32"],
+                       data_root=str(tiny_synth))
+    method = METHODS["ecn"](cfg, Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth)),
+                            torch.device("cpu"))
+    method.setup()
+    model = method.models["net"]
+    bn = model.net.bnneck
+    before = bn.running_mean.clone()
+    method.on_epoch_start(EpochContext(0))
+    assert not torch.allclose(bn.running_mean, before)  # AdaBN: target statistics
+    mem = method.memory.memory
+    assert mem.shape == (method.domains.target.train.num_rows, 32)
+    assert torch.allclose(mem.norm(dim=1), torch.ones(len(mem)), atol=1e-5)  # every slot filled, unit norm
+    feats, _, _ = extract_features(TargetEmbedding(model), method.extract_loader)
+    assert torch.allclose(mem, feats, atol=1e-5) and model.training
+
+
+@pytest.mark.parametrize("target_bn", [True, False])
+def test_target_bn_source_pass_leaves_running_statistics(tiny_synth, target_bn):
+    cfg = build_config("ecn", overrides=["num_identities=4", "features=32", f"target_bn={target_bn}"],
+                       data_root=str(tiny_synth))
+    method = METHODS["ecn"](cfg, Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth)),
+                            torch.device("cpu"))
+    method.setup()
+    model = method.models["net"].train()
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 3, 64, 32), torch.randn(4, 3, 64, 32) + 1.0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model(x, t)
+    both = model.net.bnneck.running_mean.clone()
+    model.load_state_dict(state)
+    model.net(t)  # the target pass alone
+    assert torch.allclose(both, model.net.bnneck.running_mean) == target_bn

@@ -20,10 +20,16 @@ Choices (kept / changed from the authors' code):
   the image and a CamStyle version and average the two losses (same scale, so λ keeps its meaning;
   without a CamStyle folder only L(x) is used, with a warning).
 - Start from the source-trained BoT baseline (`needs_source_init`, as MMT), not from ImageNet
-  weights trained jointly: the short synthetic runs have no ImageNet features to start from, and
-  the source model gives the memory meaningful features from the first step. The authors' frozen
-  conv1-layer2 (for ImageNet weights) is dropped for the same reason; Adam (BoT's optimiser) instead
-  of SGD with a 10× lr on new layers.
+  weights trained jointly: the short synthetic runs have no ImageNet features to start from. The
+  authors' frozen conv1-layer2 (for ImageNet weights) is dropped for the same reason; Adam (BoT's
+  optimiser) instead of SGD with a 10× lr on new layers.
+- `target_bn`: the source pass normalises with its own batch but leaves the BatchNorm running
+  statistics alone, so the evaluated network normalises with target statistics (the authors' two
+  forwards leave a ~50/50 mix of both domains' statistics in the evaluated model). `adabn_init`: before
+  the first step the running statistics are re-estimated on the target (AdaBN, as MMT's start).
+- `memory_init`: K starts from the target embeddings of the (AdaBN-adapted) source model, one pass
+  before the first step, instead of zeros: with zero slots, a short run trains most images against
+  their own empty slot (the exemplar and camera terms then only push away from the others).
 - Source loss: label-smoothed CE with ε = `epsilon` (0: the authors' plain CE); no triplet term.
 - Evaluation uses the BNNeck feature of the backbone (the authors evaluate the pooled feature).
 """
@@ -31,16 +37,19 @@ Choices (kept / changed from the authors' code):
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from reid_ray.data.camstyle import CamStyleDataset
-from reid_ray.data.loader import build_train_loader, relabel
+from reid_ray.data.loader import build_test_loader, build_train_loader, relabel
 from reid_ray.data.paired import PairedLoader, build_shuffle_loader
 from reid_ray.data.transforms import train_transform
+from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.ecn import ExemplarMemory, invariance_loss
 from reid_ray.methods.base import EpochContext, Method, build_optimizer, unwrap, warmup_step_scheduler
+from reid_ray.models.adabn import adapt_bn, frozen_bn_stats
 from reid_ray.models.reid_net import ReIDNet, build_reid_net
 from reid_ray.models.sync_bn import convert_sync_bn
 
@@ -48,9 +57,10 @@ from reid_ray.models.sync_bn import convert_sync_bn
 class ECNNet(nn.Module):
     """ReIDNet + ECN's target embedding. Training: (source outputs, target embeddings); eval: f_i."""
 
-    def __init__(self, net: ReIDNet, features: int, dropout: float, sync_bn: bool, device: torch.device):
+    def __init__(self, net: ReIDNet, features: int, dropout: float, sync_bn: bool, device: torch.device,
+                 target_bn: bool = True):
         super().__init__()
-        self.net = net
+        self.net, self.target_bn = net, target_bn
         self.embed = nn.Linear(net.feat_dim, features)
         nn.init.kaiming_normal_(self.embed.weight, mode="fan_out")
         nn.init.zeros_(self.embed.bias)
@@ -63,9 +73,26 @@ class ECNNet(nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None):
         if not self.training:
             return self.net(x)
-        src = self.net(x)  # source and target pass separately through BN, as the authors' two calls
-        feat = self.net(target)["feat"]
-        return src, self.drop(F.normalize(self.embed_bn(self.embed(feat)), dim=1))
+        # source and target pass separately through BN, as the authors' two calls; with target_bn the
+        # running statistics follow the target only
+        with frozen_bn_stats(self.net, self.target_bn):
+            src = self.net(x)
+        return src, self.drop(self.embedding(self.net(target)["feat"]))
+
+    def embedding(self, feat: torch.Tensor) -> torch.Tensor:
+        """The authors' `tgt_feat` before dropout: L2-normalised BN(FC(pooled feature))."""
+        return F.normalize(self.embed_bn(self.embed(feat)), dim=1)
+
+
+class TargetEmbedding(nn.Module):
+    """Eval-mode view of an ECNNet that returns the target embedding (what the memory holds)."""
+
+    def __init__(self, model: ECNNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embedding(self.model.net.backbone(x).mean((2, 3)))
 
 
 class ECN(Method):
@@ -82,6 +109,9 @@ class ECN(Method):
         "epsilon": 0.0,               # label smoothing of the source CE (authors: 0)
         "target_batch": 128,          # global target batch (authors: 128, as the source)
         "iters": 0,                   # iterations per epoch; 0: one pass of the target set
+        "target_bn": True,            # BN running statistics from target batches only (see the docstring)
+        "adabn_init": True,           # re-estimate BN statistics on the target before the first step
+        "memory_init": True,          # fill K from the source model's target embeddings (authors: zeros)
     }
     # from the source model: 4 × 8 steps (≈ 1.4 passes of the 1,517 target images), no warmup, lr
     # 1e-4 (3.5e-4 drifted: 37 vs 42 mAP after 16 steps, seed 0), the neighbourhood term from the
@@ -98,7 +128,8 @@ class ECN(Method):
         net = build_reid_net(cfg.model, int(labels.max()) + 1, self.device)
         if self.init_state is not None:
             net.load_state_dict(self.init_state)
-        model = ECNNet(net, int(p["features"]), float(p["dropout"]), cfg.model.sync_bn, self.device)
+        model = ECNNet(net, int(p["features"]), float(p["dropout"]), cfg.model.sync_bn, self.device,
+                       bool(p["target_bn"]))
         self.models = {"net": wrap(model)}
         self.optimizer = build_optimizer([q for q in model.parameters() if q.requires_grad], cfg.optim)
         o = cfg.optim
@@ -112,6 +143,30 @@ class ECN(Method):
             num_workers=cfg.loader.num_workers))
         self.memory = ExemplarMemory(len(target), int(p["features"])).to(self.device)
         self.ce = CrossEntropyLabelSmooth(float(p["epsilon"]))
+        self.extract_loader = build_test_loader(self.domains.target.train, cfg.transform, cfg.loader, rank=self.rank,
+                                                world_size=self.world_size)
+        self.started = False
+
+    @torch.no_grad()
+    def start(self) -> None:
+        """Before the first step: AdaBN on the target, then K from the target embeddings (all ranks)."""
+        model = unwrap(self.models["net"])
+        if self.p["adabn_init"]:
+            adapt_bn(model.net, self.extract_loader, self.device)
+        if self.p["memory_init"]:
+            feats, _, _ = extract_features(TargetEmbedding(model).train(model.training), self.extract_loader,
+                                           device=self.device)
+            if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+                shards = [None] * self.world_size  # contiguous shards, in rank order
+                dist.all_gather_object(shards, feats)
+                feats = torch.cat(shards)
+            self.memory.memory.copy_(feats.to(self.device))
+        self.started = True
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        if not self.started and ctx.epoch == 0:
+            self.start()
+        super().on_epoch_start(ctx)
 
     def iterations(self) -> int | None:
         return int(self.p["iters"]) or None

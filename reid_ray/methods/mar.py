@@ -23,12 +23,9 @@ On the synthetic default (3 seeds, bench_uda) this alone, applied to the baselin
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from reid_ray.data.loader import ImageDataset, build_test_loader, build_train_loader, relabel
 from reid_ray.data.paired import PairedLoader, build_shuffle_loader
@@ -43,21 +40,8 @@ from reid_ray.losses.mar import (
     soft_multilabels,
 )
 from reid_ray.methods.base import EpochContext, Method, build_optimizer, gather_batch, unwrap, warmup_step_scheduler
+from reid_ray.models.adabn import frozen_bn_stats
 from reid_ray.models.reid_net import build_reid_net
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: torch.nn.Module, frozen: bool = True):
-    """BatchNorm normalises with the batch but does not update its running statistics."""
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)] if frozen else []
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
 
 
 class MAR(Method):

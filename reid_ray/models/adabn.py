@@ -8,6 +8,8 @@ On the synthetic benchmark it alone lifts direct transfer from ~23 to ~59 target
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,3 +45,18 @@ def adapt_bn(model: nn.Module, loader, device: torch.device | str = "cpu") -> in
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     return n
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module, frozen: bool = True):
+    """BatchNorm normalises with the batch but does not update its running statistics (e.g. a source
+    forward pass of a UDA method, so the evaluated network keeps target statistics)."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)] if frozen else []
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
