@@ -43,7 +43,7 @@ def finished_run(name: str, common: dict) -> dict | None:
     if not runs or not ckpts:
         return None
     print(f"{name}: adopting finished MLflow run {runs[0].info.run_id} ({common['experiment']})", flush=True)
-    return {"metrics": dict(runs[0].data.metrics), "init": str(ckpts[-1]), "adopted": runs[0].info.run_id}
+    return {"metrics": dict(runs[0].data.metrics), "init": str(ckpts[-1].resolve()), "adopted": runs[0].info.run_id}
 
 
 def recorded(name: str, method: str, overrides: list[str], seed: int, common: dict, **kw) -> dict:

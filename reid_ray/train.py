@@ -247,7 +247,8 @@ def source_inits(cfg: TrainConfig) -> list[str]:
     for flag, path in zip(("--init", "params.init2"), inits):
         if not Path(path).is_file():
             raise ReidRayError(f"{flag} {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
-    return inits
+    # absolute: Ray Train workers do not run in the driver's working directory
+    return [str(Path(path).expanduser().resolve()) for path in inits]
 
 
 def source_pretraining(cfg: TrainConfig) -> str:

@@ -110,6 +110,9 @@ def test_source_inits_pretrain_seed_and_seed_plus_one(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "source_pretraining", fake_pretraining)
     cfg = build_config("mmt", seed=3)
     assert train.source_inits(cfg) == [str(tmp_path / "baseline-s3.pt"), str(tmp_path / "baseline-s4.pt")]
+    monkeypatch.chdir(tmp_path)  # relative paths come back absolute (Ray workers run elsewhere)
+    assert train.source_inits(build_config("mmt", overrides=["two_sources=false"], init="baseline-s3.pt")) == [
+        str(tmp_path / "baseline-s3.pt")]
     assert seeds == [3, 4]
     assert len(train.source_inits(build_config("mmt", overrides=["two_sources=false"], seed=3))) == 1
     assert train.source_inits(build_config("baseline")) == []
