@@ -61,6 +61,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Ray Train logs every report and checkpoint at INFO; our per-epoch line says the same, shorter
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray Train v2 reports each rank's full metrics dict at INFO through a logger named by its file
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     cfg = from_dict(config["cfg"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
