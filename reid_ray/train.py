@@ -39,16 +39,20 @@ from reid_ray.worker import CHECKPOINT_FILE, cluster_spec, train_loop_per_worker
 
 def build_config(method: str = "baseline", source: str = "synth-a", target: str = "synth-b",
                  overrides: list[str] | dict | None = None, **fields) -> TrainConfig:
-    """Defaults < synthetic-demo defaults (when both domains are synthetic) < the method's params < overrides."""
+    """Defaults < synthetic-demo defaults (when both domains are synthetic) < the method's paper config and
+    params < its synthetic overrides < fields < overrides."""
     if method not in METHODS:
         raise ReidRayError(f"unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
     for d in (source, target):
         if d.lower() not in dataset_names():
             raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}")
     cfg = TrainConfig(method=method, source=source.lower(), target=target.lower())
-    cfg.params = dict(METHODS[method].default_params)
+    m = METHODS[method]
+    cfg.params = dict(m.default_params)
     if cfg.source in SYNTH_DOMAINS and cfg.target in SYNTH_DOMAINS:
-        apply_overrides(cfg, {**SYNTHETIC_DEFAULTS, **METHODS[method].synthetic_overrides})
+        apply_overrides(cfg, {**SYNTHETIC_DEFAULTS, **m.config_defaults, **m.synthetic_overrides})
+    else:
+        apply_overrides(cfg, m.config_defaults)
     apply_overrides(cfg, {k: v for k, v in fields.items() if v is not None})
     apply_overrides(cfg, overrides or [])
     return cfg

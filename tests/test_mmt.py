@@ -127,3 +127,18 @@ def test_cli_two_inits_only_for_mmt(tmp_path, capsys):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     assert main(["--method", "ecn", "--init", str(a), str(b), "--data-root", str(tmp_path)]) == 2
     assert "ecn starts from one source model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_adam_moments_reset_at_every_refresh_as_the_authors_new_optimiser(tiny_synth, reset):
+    cfg = build_config("mmt", overrides=["num_identities=4", "num_clusters=10", "iters=2", f"reset_optimizer={reset}"],
+                       data_root=str(tiny_synth))
+    assert cfg.optim.warmup_epochs == 0 and tuple(cfg.optim.milestones) == ()  # the paper's constant lr
+    domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
+    method = METHODS["mmt"](cfg, domains, torch.device("cpu"))
+    method.clusterer = LocalClusterer(ClusterSpec(num_clusters=10), domains.target.train["pid"].to_numpy())
+    method.setup()
+    train_epoch(method, EpochContext(0))
+    assert len(method.optimizer.state) > 0
+    method.on_epoch_start(EpochContext(1))  # a refresh: new clusters behind the classifier rows
+    assert (len(method.optimizer.state) == 0) == reset

@@ -49,6 +49,8 @@ class Method:
     adapts: ClassVar[bool] = True               # trains on the target; False: source only (target = direct transfer)
     # the method's own hyperparameters, with the papers' names; documented in the subclass
     default_params: ClassVar[dict[str, Any]] = {}
+    # config fields the method's paper trains with on every dataset (e.g. MMT's constant lr), before the presets
+    config_defaults: ClassVar[dict[str, Any]] = {}
     # what changes on the embedded synthetic benchmark (small, CPU-sized), on top of config.SYNTHETIC_DEFAULTS
     synthetic_overrides: ClassVar[dict[str, Any]] = {}
 
