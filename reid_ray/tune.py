@@ -34,6 +34,9 @@ SWEEP_FILE = "reid_ray_sweep.json"
 # the embedded default must sweep in minutes on 2 CPU cores: a shorter source pretraining, short trials
 # evaluated every epoch (ASHA's rungs), one worker per trial (no DDP overhead on 2 cores)
 SYNTHETIC_SWEEP = {"epochs": 3, "eval_every": 1, "pretrain_epochs": 8, "workers": 1}
+# ... and, for the methods that have them, one source model for both MMT nets: a second costs another
+# pretraining (~2.5 min on 2 cores) that the demo cannot afford (bench_uda measures MMT with two)
+SYNTHETIC_SWEEP_PARAMS = {"two_sources": False}
 
 
 def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_actor: bool,
@@ -134,6 +137,7 @@ def prepare_sweep(args: argparse.Namespace) -> dict:
     cfg = build_config(args.method, source, target, preset_overrides)
     if cfg.source.startswith("synth") and cfg.target.startswith("synth"):
         apply_overrides(cfg, SYNTHETIC_SWEEP)
+        cfg.params.update({k: v for k, v in SYNTHETIC_SWEEP_PARAMS.items() if k in cfg.params})
     # trials are ranked on the target: the source test set only at a trial's last epoch
     flags = dict(data_root=args.data_root, mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,
                  workers=args.workers_per_trial, seed=args.seed, eval_source=False)

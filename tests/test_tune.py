@@ -112,7 +112,7 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["--method", "mmt", "--data-root", str(data), "--search-space", str(space), "--num-samples", "2",
             "--epochs", "2", "--grace-period", "1", "--output", str(tmp_path / "out"), "--mlflow-uri", uri,
-            "--name", "t"]
+            "--name", "t", "--set", "two_sources=true"]  # the demo's default is one source model
     assert main(argv) == 0
 
     folder = tmp_path / "out" / "tune" / "t"
@@ -160,3 +160,16 @@ def test_cpus_per_gpu_is_the_tightest_gpu_node():
              {"Alive": True, "Resources": {"CPU": 8}}, {"Alive": False, "Resources": {"CPU": 2, "GPU": 1}}]
     assert cpus_per_gpu(nodes) == 8.0
     assert cpus_per_gpu([{"Alive": True, "Resources": {"CPU": 4}}]) == math.inf
+
+
+@pytest.mark.parametrize("method", ["mmt", "ecn"])
+def test_synthetic_sweep_is_short_and_ranks_on_the_target(method, tmp_path):
+    from reid_ray.tune import build_parser, prepare_sweep
+
+    a = build_parser().parse_args(["--method", method, "--output", str(tmp_path), "--num-samples", "2"])
+    a.source_given = a.target_given = None
+    a.source, a.target, a.gpus_per_worker = "synth-a", "synth-b", 0.0
+    base = prepare_sweep(a)["base"]
+    assert base["epochs"] == 3 and base["workers"] == 1 and base["eval_source"] is False
+    # MMT's second source model is left out of the demo; methods without the parameter do not get it
+    assert base["params"].get("two_sources", "absent") == (False if method == "mmt" else "absent")
