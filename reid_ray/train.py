@@ -247,6 +247,9 @@ def source_inits(cfg: TrainConfig) -> list[str]:
         return []
     n = method_cls.source_models(cfg.params)
     given = [cfg.init, *([cfg.params.get("init2", "")] if n > 1 else [])]
+    if n > 1 and given[0] and not given[1]:
+        print(f"{cfg.method}: --init gives net 1's source model; net 2's is pretrained with seed {cfg.seed + 1} "
+              "(pass --init A B for both, or --set two_sources=false to start both from A)", flush=True)
     inits = [path or source_pretraining(dataclasses.replace(cfg, seed=cfg.seed + i)) for i, path in enumerate(given)]
     for flag, path in zip(("--init", "params.init2"), inits):
         if not Path(path).is_file():
@@ -367,9 +370,10 @@ def main(argv=None) -> int:
                      resume=a.resume, init=a.init[0] if a.init else None, clustering=a.clustering)
         apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
         if a.init and len(a.init) > 1:
-            if len(a.init) > 2 or METHODS[method].source_models({**cfg.params, "two_sources": True}) < 2:
-                raise ReidRayError(f"--init: {method} starts from one source model, got {len(a.init)} checkpoints; "
-                                   "pass one (MMT takes two: one per net)")
+            most = 2 if METHODS[method].source_models({**cfg.params, "two_sources": True}) > 1 else 1
+            if len(a.init) > most:
+                raise ReidRayError(f"--init: {method} starts from {'one source model' if most == 1 else 'two source models'}"
+                                   f", got {len(a.init)} checkpoints; pass {most} (MMT takes two: one per net)")
             cfg.params["init2"] = a.init[1]
         apply_overrides(cfg, a.overrides)
         if cfg.resume and not Path(cfg.resume).exists():
