@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
 from bench.bench_uda import baseline
+from reid_ray import write_text_atomic
 from reid_ray.train import CHECKPOINT_FILE, build_config, run_training
 
 OUT = Path("bench/out/san")
@@ -57,9 +57,7 @@ def recorded(name: str, method: str, overrides: list[str], seed: int, common: di
         res = {"metrics": {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))},
                "init": str(Path(out["checkpoint"]) / CHECKPOINT_FILE)}
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, record)
+    write_text_atomic(record, json.dumps(res, indent=1))
     return res
 
 

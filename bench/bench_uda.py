@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
+from reid_ray import write_text_atomic
 from reid_ray.methods import METHODS
 from reid_ray.train import CHECKPOINT_FILE, build_config, run_training
 
@@ -55,9 +55,7 @@ def baseline(seed: int, common: dict) -> dict:
         base = {"metrics": out["metrics"], "init": str(Path(out["checkpoint"]) / CHECKPOINT_FILE)}
     base["adabn"] = adabn_target_map(base["init"], cfg)
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(base, indent=1))
-    os.replace(tmp, record)
+    write_text_atomic(record, json.dumps(base, indent=1))
     return base
 
 

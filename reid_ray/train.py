@@ -216,7 +216,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: dict 
             name=name, storage_path=str(output), callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # INFO would print every rank's full report dict each epoch ("Reporting training result ...")
+            # Ray Train's own INFO lines on the console (its per-report dump is silenced in worker.py)
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()

@@ -74,12 +74,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     domains = Domains(read_dataset(cfg.source, cfg.data_root), read_dataset(cfg.target, cfg.data_root))
     method = METHODS[cfg.method](cfg, domains, device, rank, world)
-    inits = config.get("init") or []
-    if inits:
+    if config["init"]:  # source_inits(): a list of checkpoint paths
         from reid_ray.methods.mmt import source_init_state
-        inits = [inits] if isinstance(inits, str) else inits
-        method.init_states = [source_init_state(torch.load(p, map_location="cpu", weights_only=False)) for p in inits]
-        method.init_state = method.init_states[0]
+        method.init_states = [source_init_state(torch.load(p, map_location="cpu", weights_only=False))
+                              for p in config["init"]]
     if method.uses_clustering:
         method.clusterer = _clusterer(cfg, config, domains)
     method.setup(wrap=ray.train.torch.prepare_model)

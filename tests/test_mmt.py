@@ -86,7 +86,7 @@ def test_two_nets_start_from_two_source_models(tiny_synth):
         torch.manual_seed(seed)
         states.append(build_reid_net(cfg.model, 7, torch.device("cpu")).state_dict())
     method = METHODS["mmt"](cfg, domains, torch.device("cpu"))
-    method.init_states, method.init_state = states, states[0]
+    method.init_states = states
     method.setup()
     for i, (net, ema) in enumerate(zip(method.models.values(), method.emas)):
         for name, v in net.state_dict().items():

@@ -62,8 +62,12 @@ class Method:
         self.models: dict[str, nn.Module] = {}
         self.train_loader = None
         self.clusterer = None        # set by the driver loop for methods that use clustering
-        self.init_state = None       # source-trained weights for methods that need them
-        self.init_states: list = []  # all of them, when the method starts from several (MMT: one per net)
+        self.init_states: list = []  # source-trained weights, for methods that start from them (MMT: one per net)
+
+    @property
+    def init_state(self) -> dict | None:
+        """The (first) source-trained state dict, or None."""
+        return self.init_states[0] if self.init_states else None
 
     @classmethod
     def source_models(cls, params: dict) -> int:

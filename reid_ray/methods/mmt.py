@@ -101,7 +101,7 @@ class MMT(Method):
         for i in range(2):
             torch.manual_seed(cfg.seed + i)
             net = build_reid_net(cfg.model, k, self.device)
-            init = self.init_states[i] if len(self.init_states) > 1 else self.init_state
+            init = self.init_states[min(i, len(self.init_states) - 1)] if self.init_states else None
             if init is not None:
                 state = {n: v for n, v in init.items() if not n.startswith("classifier.")}
                 net.load_state_dict(state, strict=False)
