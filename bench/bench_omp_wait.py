@@ -11,14 +11,15 @@ import time
 
 import torch
 
+from reid_ray.config import resolve_config
+from reid_ray.data.domains import ensure_data
 from reid_ray.engine import train_epoch
 from reid_ray.methods import METHODS, EpochContext
-from reid_ray.train import build_config, ensure_data
 
 torch.set_num_threads(int(sys.argv[2]))
 if sys.argv[1] == "1":
     torch.set_flush_denormal(True)
-cfg = build_config("baseline", data_root="data")
+cfg = resolve_config("baseline", flags=dict(data_root="data"))
 d = ensure_data(cfg)
 m = METHODS["baseline"](cfg, d, torch.device("cpu"))
 m.setup()

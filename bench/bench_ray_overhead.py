@@ -15,9 +15,12 @@ import time
 
 import torch
 
+from reid_ray.config import resolve_config
+from reid_ray.data.domains import ensure_data
+from reid_ray.distributed.driver import run_training
+from reid_ray.distributed.resources import plan_resources
 from reid_ray.engine import train_epoch
 from reid_ray.methods import METHODS, EpochContext
-from reid_ray.train import build_config, ensure_data, run_training, worker_resources
 
 
 def main() -> None:
@@ -25,10 +28,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--data-root", default="data")
     args = ap.parse_args()
-    cfg = build_config("baseline", data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
-                       output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db")
+    cfg = resolve_config("baseline", flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
+                                                output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db"))
     domains = ensure_data(cfg)
-    _, _, threads = worker_resources(cfg, {"CPU": os.cpu_count()})
+    threads = plan_resources({"CPU": os.cpu_count()}, 1, 0, False, max_concurrent=1).threads
     torch.set_num_threads(threads)  # the same thread count the Ray worker will get
 
     method = METHODS["baseline"](cfg, domains, torch.device("cpu"))

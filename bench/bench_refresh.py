@@ -15,7 +15,8 @@ import statistics
 
 from mlflow.tracking import MlflowClient
 
-from reid_ray.train import build_config, run_training
+from reid_ray.config import resolve_config
+from reid_ray.distributed.driver import run_training
 
 PARTS = ("refresh_time", "pseudo_gather_time", "pseudo_cluster_time", "pseudo_return_time", "epoch_time")
 
@@ -27,9 +28,10 @@ def main() -> None:
     ap.add_argument("--data-root", default="data")
     args = ap.parse_args()
     for path in ("actor", "local"):
-        cfg = build_config("mmt", data_root=args.data_root, init=args.init, clustering=path, epochs=args.epochs,
-                           eval_every=10**6, output="bench/out/refresh", mlflow_uri="sqlite:///bench/out/mlflow.db",
-                           experiment="bench-refresh", name=f"mmt-{path}")
+        cfg = resolve_config("mmt", sets=["two_sources=false"], flags=dict(
+            data_root=args.data_root, init=[args.init], clustering=path, epochs=args.epochs, eval_every=10**6,
+            output="bench/out/refresh", mlflow_uri="sqlite:///bench/out/mlflow.db", experiment="bench-refresh",
+            name=f"mmt-{path}"))
         out = run_training(cfg)
         client = MlflowClient(out["mlflow_uri"])
         mean = {}

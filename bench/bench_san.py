@@ -23,7 +23,9 @@ from pathlib import Path
 
 from bench.bench_uda import baseline
 from reid_ray import write_text_atomic
-from reid_ray.train import CHECKPOINT_FILE, build_config, run_training
+from reid_ray.config import resolve_config
+from reid_ray.distributed.driver import run_training
+from reid_ray.distributed.worker import CHECKPOINT_FILE
 
 OUT = Path("bench/out/san")
 VARIANTS = {"baseline": None, "san-notr": ["tr_weight=0"], "san": []}
@@ -53,7 +55,7 @@ def recorded(name: str, method: str, overrides: list[str], seed: int, common: di
         return json.loads(record.read_text())
     res = finished_run(name, common)
     if res is None:
-        out = run_training(build_config(method, overrides=overrides, seed=seed, name=name, **common, **kw))
+        out = run_training(resolve_config(method, sets=overrides, flags=dict(seed=seed, name=name, **common, **kw)))
         res = {"metrics": {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))},
                "init": str(Path(out["checkpoint"]) / CHECKPOINT_FILE)}
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,7 @@ def main() -> None:
             elif not args.no_mmt:
                 # both MMT nets from this one source model: the comparison isolates the source model
                 mmt = recorded(f"mmt-from-{variant}-s{seed}", "mmt", ["two_sources=false", *args.mmt_set], seed, common,
-                               init=src["init"])["metrics"]["target_mAP"]
+                               init=[src["init"]])["metrics"]["target_mAP"]
             rows[variant].append((m["source_mAP"], m["target_mAP"], mmt))
             print(f"seed {seed} {variant:<9} source mAP {m['source_mAP']:5.1f} | direct transfer mAP "
                   f"{m['target_mAP']:5.1f} | MMT from it: target mAP {mmt:5.1f}", flush=True)

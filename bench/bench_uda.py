@@ -18,22 +18,23 @@ import statistics
 from pathlib import Path
 
 from reid_ray import write_text_atomic
+from reid_ray.config import resolve_config
+from reid_ray.distributed.driver import run_training
+from reid_ray.distributed.worker import CHECKPOINT_FILE
 from reid_ray.methods import METHODS
-from reid_ray.train import CHECKPOINT_FILE, build_config, run_training
 
 
 def adabn_target_map(init: str, cfg) -> dict:
     """Target mAP/R1 of the source model after AdaBN (BN statistics re-estimated on the target train set)."""
     import torch
 
+    from reid_ray.data.domains import ensure_data
     from reid_ray.data.loader import build_test_loader
     from reid_ray.engine import evaluate_model
-    from reid_ray.methods.mmt import source_init_state
     from reid_ray.models.adabn import adapt_bn
     from reid_ray.models.reid_net import build_reid_net
-    from reid_ray.train import ensure_data
 
-    state = source_init_state(torch.load(init, map_location="cpu", weights_only=False))
+    state = METHODS["baseline"].source_weights(init)
     net = build_reid_net(cfg.model, state["classifier.weight"].shape[0], torch.device("cpu"))
     net.load_state_dict(state)
     domains = ensure_data(cfg)
@@ -45,7 +46,7 @@ def adabn_target_map(init: str, cfg) -> dict:
 def baseline(seed: int, common: dict) -> dict:
     """The seed's direct-transfer baseline (+ AdaBN), trained once and shared by every method's bench run."""
     record = Path(common["output"]) / f"baseline-s{seed}.json"
-    cfg = build_config("baseline", seed=seed, name=f"baseline-s{seed}", **common)
+    cfg = resolve_config("baseline", flags=dict(seed=seed, name=f"baseline-s{seed}", **common))
     if record.is_file():
         base = json.loads(record.read_text())
         if "adabn" in base:
@@ -75,10 +76,11 @@ def main() -> None:
     for seed in args.seeds:
         base = baseline(seed, common)
         init = base["init"]
-        cfg = build_config(args.method, overrides=args.overrides, seed=seed, init=init,
-                           name=f"{args.method}{args.tag}-s{seed}", **common)
-        if METHODS[args.method].source_models(cfg.params) > 1 and not cfg.params.get("init2"):
-            cfg.params["init2"] = baseline(seed + 1, common)["init"]  # MMT's second net: the next seed's baseline
+        cfg = resolve_config(args.method, sets=args.overrides,
+                             flags=dict(seed=seed, name=f"{args.method}{args.tag}-s{seed}", **common))
+        # one source model per net the method starts from: this seed's baseline, then the next seeds'
+        cfg.init = [init] + [baseline(seed + i, common)["init"]
+                             for i in range(1, METHODS[args.method].source_models(cfg.params))]
         uda = run_training(cfg)
         b, u = base["metrics"], uda["metrics"]
         a = base["adabn"]

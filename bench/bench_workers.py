@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from reid_ray.train import build_config, run_training
+from reid_ray.config import resolve_config
+from reid_ray.distributed.driver import run_training
 
 
 def main() -> None:
@@ -25,9 +26,9 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for w in args.workers:
-            cfg = build_config("baseline", data_root=args.data_root, workers=w, seed=seed,
-                               output="bench/out/workers", mlflow_uri=args.mlflow_uri,
-                               experiment="bench-workers", name=f"baseline-w{w}-s{seed}")
+            cfg = resolve_config("baseline", flags=dict(data_root=args.data_root, workers=w, seed=seed,
+                                                        output="bench/out/workers", mlflow_uri=args.mlflow_uri,
+                                                        experiment="bench-workers", name=f"baseline-w{w}-s{seed}"))
             m = run_training(cfg)["metrics"]
             rows.append((seed, w, m["source_mAP"], m["source_R1"], m["target_mAP"], m["target_R1"]))
             print(f"seed {seed} workers {w}: source mAP {m['source_mAP']:.1f} R1 {m['source_R1']:.1f} | "

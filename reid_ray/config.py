@@ -1,19 +1,37 @@
-"""One typed config per run: defaults < synthetic-demo defaults < search space < CLI flags < Tune sample.
+"""One typed config per run, built by one function from one precedence list.
 
-    >>> cfg = TrainConfig(method="baseline")
-    >>> cfg = apply_overrides(cfg, ["model.arch=resnet18", "lr=1e-4"])   # dotted path or unique leaf name
+    >>> cfg = resolve_config("baseline", sets=["model.arch=resnet18", "lr=1e-4"])  # dotted path or unique leaf
     >>> flatten(cfg)["optim.lr"]
     0.0001
 
-Names are the papers' names, documented once where they are defined.
+`resolve_config` is the only place that layers a run's settings. Lowest first:
+
+    1. defaults               the dataclasses below, and the method's own `Params` dataclass
+    2. synthetic defaults     `SYNTHETIC_DEFAULTS` when both domains are the embedded benchmark
+    3. the method's config    `Method.config_defaults` (what its paper trains with everywhere); on the
+                              embedded benchmark also `Method.synthetic_overrides`, and in a sweep
+                              on it `SYNTHETIC_SWEEP` (short trials), then `Method.sweep_overrides`
+    4. preset                 `--preset`: the shared real-benchmark settings, then the method's own
+                              (`Method.presets`, see presets.py)
+    5. config file            `--config` (a run's config.yaml, a sweep's best_config.yaml), or a search
+                              space's `fixed:` section
+    6. flags                  `--epochs`, `--workers`, `--init`, ...
+    7. `--set key=value`
+    8. a Tune sample          applied to the resolved base by each trial (distributed/sweep.py)
+
+`train`, `tune`, the benchmarks and the tests all call it. Names are the papers' names, documented
+once where they are defined: here for shared fields, in `methods/<name>.py` for a method's `params`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import numbers
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from reid_ray import ReidRayError
@@ -36,6 +54,11 @@ class OptimConfig:
 
 
 @dataclass
+class NoParams:
+    """The `params` of a method that has none of its own."""
+
+
+@dataclass
 class TrainConfig:
     method: str = "baseline"
     source: str = "synth-a"
@@ -52,7 +75,8 @@ class TrainConfig:
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
     output: str = "outputs"
     resume: str = ""
-    init: str = ""                     # UDA methods: source-trained baseline checkpoint to start from
+    init: list[str] = field(default_factory=list)  # source-trained baseline checkpoints a UDA method starts
+                                                   # from, one per source model it needs (`--init A B`)
     pretrain_epochs: int = 0           # epochs of that source training when no --init (0: the baseline's)
     clustering: str = "actor"          # actor (the PseudoLabeler Ray actor) | local (rank 0, in-process)
     mlflow_uri: str = ""
@@ -62,10 +86,10 @@ class TrainConfig:
     transform: TransformConfig = field(default_factory=TransformConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    params: dict[str, Any] = field(default_factory=dict)  # the method's own hyperparameters (see its file)
+    params: Any = field(default_factory=NoParams)  # the method's own `Params` dataclass (see its file)
 
 
-# The embedded default: small images, a small backbone and a schedule that fits minutes on 2 CPU cores.
+# Layer 2: the embedded default: small images, a small backbone and a schedule that fits minutes on 2 CPU cores.
 SYNTHETIC_DEFAULTS = {
     "epochs": 20, "eval_every": 5,
     "model.arch": "small",
@@ -73,6 +97,98 @@ SYNTHETIC_DEFAULTS = {
     "loader.in_memory": True,
     "optim.warmup_epochs": 3, "optim.milestones": (12, 17),
 }
+# ... and for a sweep on it, which must finish in minutes on 2 CPU cores: a shorter source pretraining,
+# short trials evaluated every epoch (ASHA's rungs), one worker per trial (no DDP overhead on 2 cores)
+SYNTHETIC_SWEEP = {"epochs": 3, "eval_every": 1, "pretrain_epochs": 8, "workers": 1}
+
+
+def is_synthetic(source: str, target: str) -> bool:
+    """Both domains are the embedded benchmark (the only test of it)."""
+    from reid_ray.data.synthetic import DOMAINS
+
+    return source.lower() in DOMAINS and target.lower() in DOMAINS
+
+
+def resolve_config(method: str = "baseline", source: str | None = None, target: str | None = None, *,
+                   preset: str | None = None, file: dict | None = None, flags: dict | None = None,
+                   sets: list[str] | dict | None = None, sweep: bool = False) -> TrainConfig:
+    """The run's config from the layers of the module docstring (None flags are not given).
+
+    `source`/`target` given explicitly win over the preset's; without either, synth-a -> synth-b.
+    `file` holds dotted keys (see `load_config_file`); `flags` field names; `sets` `key=value` strings
+    or a {key: value} mapping."""
+    from reid_ray.data.readers import dataset_names
+    from reid_ray.methods import method_class
+    from reid_ray.presets import apply_preset
+
+    cls = method_class(method)
+    preset_overrides: dict = {}
+    if preset:
+        p_source, p_target, preset_overrides = apply_preset(preset, cls)
+        source, target = source or p_source, target or p_target
+    source, target = (source or "synth-a").lower(), (target or "synth-b").lower()
+    for d in (source, target):
+        if d not in dataset_names():
+            raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}")
+    cfg = TrainConfig(method=cls.name, source=source, target=target, params=cls.Params())
+    synthetic = is_synthetic(source, target)
+    if synthetic:                                                         # 2
+        apply_overrides(cfg, SYNTHETIC_DEFAULTS)
+    apply_overrides(cfg, cls.config_defaults)                             # 3
+    if synthetic:
+        apply_overrides(cfg, cls.synthetic_overrides)
+        if sweep:
+            apply_overrides(cfg, {**SYNTHETIC_SWEEP, **cls.sweep_overrides})
+    apply_overrides(cfg, preset_overrides)                                # 4
+    apply_overrides(cfg, file or {})                                      # 5
+    apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6
+    apply_overrides(cfg, sets or [])                                      # 7
+    check_choices(cfg)
+    return cfg
+
+
+_CHOICES = {"clustering": ("actor", "local"), "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
+            "optim.optimizer": ("adam", "sgd")}
+
+
+def check_choices(cfg: TrainConfig) -> None:
+    """Fields that take one of a few words: a one-line error naming the valid ones."""
+    flat = flatten(cfg)
+    for key, valid in _CHOICES.items():
+        if str(flat[key]).lower() not in valid:
+            raise ReidRayError(f"{key}={flat[key]!r}; valid: {', '.join(v for v in valid if v not in ('1', '0', 'yes', 'no'))}")
+
+
+def load_config_file(path: str | Path) -> tuple[str | None, str | None, str | None, dict]:
+    """A config YAML (a sweep's best_config.yaml, a run's config.yaml, or a hand-written subset):
+    (method, source, target, dotted overrides). Run-specific fields (name, resume) are dropped."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ReidRayError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ReidRayError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ReidRayError(f"--config {path}: expected a mapping of config keys (e.g. epochs: 40, optim: {{lr: 3.5e-4}})")
+
+    flat = dotted(data)
+    method, source, target = (flat.pop(k, None) for k in ("method", "source", "target"))
+    for k in ("name", "resume"):
+        flat.pop(k, None)
+    return method, source, target, flat
+
+
+# --------------------------------------------------------------------------- typed overrides
+
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A nested mapping (YAML, `to_dict`) as dotted keys: {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out = {}
+    for k, v in d.items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _fields(obj) -> dict[str, Any]:
@@ -87,8 +203,6 @@ def flatten(cfg, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, key + "."))
-        elif isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             out[key] = value
     return out
@@ -98,28 +212,58 @@ def valid_keys(cfg) -> list[str]:
     return sorted(flatten(cfg))
 
 
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", None) if typing.get_origin(typ) is None else str(typ)
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    if not isinstance(value, str):
-        return tuple(value) if typing.get_origin(typ) is tuple else value
-    try:
-        if typ is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
+    """`value` as the field's type: strings are parsed, other values checked (ints widen to float)."""
+    origin = typing.get_origin(typ)
+    bad = ReidRayError(f"{key}={value!r}: expected {_type_name(typ)}")
+    if origin in (tuple, list):
+        inner = typing.get_args(typ)[0]
+        items = [v for v in value.strip("()[] ").split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad
+        seq = [_coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items]
+        return tuple(seq) if origin is tuple else seq
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        if typ in (int, float, str):
-            return typ(value)
-        if typing.get_origin(typ) is tuple:
-            inner = typing.get_args(typ)[0]
-            return tuple(inner(v) for v in value.strip("()[] ").split(",") if v.strip())
-        return json.loads(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ReidRayError(f"--set {key}={value}: expected {getattr(typ, '__name__', typ)}") from None
+        raise bad
+    if typ in (int, float):
+        if isinstance(value, str):
+            try:
+                return typ(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (typ is int and value != int(value)):
+            raise bad  # ints widen to float; a float is an int only when it is whole (YAML's 4.0)
+        return typ(value)
+    if typ is str:
+        if isinstance(value, bool):  # YAML's `use_gpu: true`
+            return str(value).lower()
+        if isinstance(value, (str, numbers.Real)):
+            return str(value)
+        raise bad
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise bad from None
+    return value
 
 
 def _resolve(cfg, key: str) -> str:
     keys = valid_keys(cfg)
-    if key in keys or key.startswith("params."):
+    if key in keys:
         return key
+    if key.startswith("params."):
+        names = [k for k in keys if k.startswith("params.")]
+        raise ReidRayError(f"unknown parameter {key!r} of method {cfg.method!r}; valid names: "
+                           f"{', '.join(names) or '(it has none)'}")
     matches = [k for k in keys if k.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
@@ -128,21 +272,17 @@ def _resolve(cfg, key: str) -> str:
 
 
 def set_value(cfg, key: str, value: Any) -> None:
-    """Set a dotted key (or unique leaf name) in place, converting strings to the field's type."""
+    """Set a dotted key (or unique leaf name) in place, converting to and checking the field's type."""
     path = _resolve(cfg, key).split(".")
     obj = cfg
     for part in path[:-1]:
         obj = getattr(obj, part)
-    if isinstance(obj, dict):
-        old = obj.get(path[-1])
-        obj[path[-1]] = _coerce(value, type(old), key) if old is not None else value
-        return
     hints = typing.get_type_hints(type(obj))
-    setattr(obj, path[-1], _coerce(value, hints[path[-1]], key))
+    setattr(obj, path[-1], _coerce(value, hints[path[-1]], ".".join(path)))
 
 
 def apply_overrides(cfg, items: list[str] | dict[str, Any]):
-    """Apply `key=value` strings (CLI `--set`) or a {key: value} mapping (a Tune sample)."""
+    """Apply `key=value` strings (CLI `--set`) or a {key: value} mapping (a layer, a Tune sample)."""
     pairs = items.items() if isinstance(items, dict) else [_split(s) for s in items]
     for k, v in pairs:
         set_value(cfg, k, v)
@@ -161,7 +301,11 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(d: dict) -> TrainConfig:
-    sub = {"model": ModelConfig, "transform": TransformConfig, "loader": LoaderConfig, "optim": OptimConfig}
-    kwargs = {k: (sub[k](**{kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()})
-                  if k in sub else v) for k, v in d.items()}
-    return TrainConfig(**kwargs)
+    """The inverse of `to_dict`, with every key and type checked (a config dict from a file or a checkpoint)."""
+    from reid_ray.methods import method_class
+
+    d = copy.deepcopy(d)
+    cfg = TrainConfig(method=d.get("method", "baseline"), params=method_class(d.get("method", "baseline")).Params())
+    flat = dotted(d)
+    flat.pop("method", None)
+    return apply_overrides(cfg, flat)

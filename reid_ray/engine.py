@@ -1,7 +1,7 @@
 """The Ray-free parts of a training run: one epoch of a method, and evaluation.
 
-`train.py` calls these inside Ray Train workers; benchmarks and tests call them
-directly in a bare torch process.
+The Ray Train worker loop (`distributed/worker.py`) calls these; benchmarks and tests call
+them directly in a bare torch process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     for batch in method.train_loader:
         if max_iters is not None and steps >= max_iters:
             break
-        if device.type == "cuda":  # channels_last inputs for the channels_last models (train.py)
+        if device.type == "cuda":  # channels_last inputs for the channels_last models (distributed/worker.py)
             batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
             losses = method.train_step(batch, ctx)
@@ -42,8 +42,7 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
         scaler.scale(losses["loss"]).backward()
         scaler.step(method.optimizer)
         scaler.update()
-        if hasattr(method, "after_step"):
-            method.after_step(ctx)
+        method.after_step(ctx)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         n_img += len(batch["img"])

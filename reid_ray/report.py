@@ -13,28 +13,40 @@ import argparse
 import copy
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from reid_ray import ReidRayError, write_text_atomic
-from reid_ray.config import apply_overrides, from_dict, to_dict
-
-METRIC = "target_mAP_last"
-
+from reid_ray.config import apply_overrides, to_dict
+from reid_ray.sweep_config import Sweep
 
 # --------------------------------------------------------------------------- end of a sweep
 
-def trial_rows(grid, epochs: int) -> list[dict]:
-    rows = []
-    for res in grid:
-        m = dict(res.metrics or {})
-        done = int(m.get("epoch", 0))
-        status = "error" if res.error else ("completed" if done >= epochs else "stopped by ASHA")
-        rows.append({"trial": m.get("trial_id", "?"), "config": dict(res.config or {}), "status": status,
-                     "epoch": done, "target_mAP": m.get(METRIC, float("nan")), "target_R1": m.get("target_R1", float("nan")),
-                     "source_mAP": m.get("source_mAP", float("nan")), "run_id": m.get("mlflow_run_id")})
-    return sorted(rows, key=lambda r: -r["target_mAP"] if not math.isnan(r["target_mAP"]) else math.inf)
+@dataclass
+class TrialRow:
+    trial: str
+    config: dict                  # the trial's sample
+    status: str                   # completed | stopped by ASHA | error
+    epoch: int
+    target_mAP: float
+    target_R1: float
+    source_mAP: float
+    run_id: str | None = None     # its MLflow run (found by the trial_id tag)
+
+
+@dataclass
+class SweepOutcome:
+    sweep: Sweep
+    rows: list[TrialRow]
+    folder: Path
+    uri: str
+    errors: int = 0
+    trials: int = 0
+    params: list[str] = field(default_factory=list)
+    best: TrialRow | None = None
+    best_config: str | None = None
 
 
 def _fmt(v) -> str:
@@ -43,83 +55,74 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict], params: list[str]) -> str:
-    head = ["trial", *params, "target mAP", "target R1", "epochs", "status"]
+def markdown_table(rows: list[TrialRow], params: list[str], run_ids: bool = False) -> str:
+    head = ["trial", *params, "target mAP", "target R1", "epochs", "status", *(["MLflow run"] if run_ids else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["trial"], *[_fmt(r["config"].get(p, "")) for p in params], _fmt(r["target_mAP"]),
-                 _fmt(r["target_R1"]), str(r["epoch"]), r["status"]]
+        cells = [r.trial, *[_fmt(r.config.get(p, "")) for p in params], _fmt(r.target_mAP),
+                 _fmt(r.target_R1), str(r.epoch), r.status, *([r.run_id or ""] if run_ids else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def finalize_sweep(out: dict) -> dict:
-    """Best config YAML, summary Markdown, MLflow child-run statuses and the parent's summary."""
-    from mlflow.tracking import MlflowClient
-
+def finalize_sweep(out: SweepOutcome) -> SweepOutcome:
+    """Best config YAML, summary Markdown and the parent run's summary (trial runs are their rank 0's)."""
     from reid_ray import tracking
 
-    grid, sweep, base, folder, uri = out["grid"], out["sweep"], out["base"], out["folder"], out["uri"]
-    rows = trial_rows(grid, base.epochs)
-    params = sorted({k for r in rows for k in r["config"]})
-    client = MlflowClient(uri)
-    for r in rows:
-        if r["run_id"]:
-            client.set_tag(r["run_id"], "status", r["status"])
-            if r["status"] == "stopped by ASHA":
-                client.set_terminated(r["run_id"], "KILLED")
-            elif r["status"] == "error" and client.get_run(r["run_id"]).info.status == "RUNNING":
-                client.set_terminated(r["run_id"], "FAILED")
-    best = next((r for r in rows if not math.isnan(r["target_mAP"])), None)
-    dt = sweep.get("direct_transfer", {})
-    text = [f"# Sweep {sweep['name']}: {base.method}, {base.source} -> {base.target}\n",
-            f"Search space: `{sweep['space_path']}`; {len(rows)} trials; metric: target mAP at the trial's last epoch.\n"]
+    sweep, base, folder, uri = out.sweep, out.sweep.base, out.folder, out.uri
+    rows = sorted(out.rows, key=lambda r: -r.target_mAP if not math.isnan(r.target_mAP) else math.inf)
+    params = sorted({k for r in rows for k in r.config})
+    best = next((r for r in rows if not math.isnan(r.target_mAP)), None)
+    dt = sweep.direct_transfer
+    text = [f"# Sweep {sweep.name}: {base.method}, {base.source} -> {base.target}\n",
+            f"Search space: `{sweep.space_path}`; {len(rows)} trials; metric: target mAP at the trial's last epoch.\n"]
     if dt:
         text.append(f"Direct transfer (the source model every trial starts from): target mAP "
                     f"{dt.get('target_mAP', float('nan')):.1f}, R1 {dt.get('target_R1', float('nan')):.1f}.\n")
-    text.append(markdown_table(rows, params))
+    text.append(markdown_table(rows, params, run_ids=True))
     if best is not None:
-        cfg = apply_overrides(from_dict(copy.deepcopy(sweep["base"])), dict(best["config"]))
+        cfg = apply_overrides(copy.deepcopy(base), dict(best.config))
         cfg.name, cfg.resume = "", ""
         best_yaml = folder / "best_config.yaml"
-        write_text_atomic(best_yaml, f"# best trial {best['trial']} of sweep {sweep['name']}: target mAP "
-                                 f"{best['target_mAP']:.1f}\n# python -m reid_ray.train --config {best_yaml}\n"
-                                 + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        out["best_config"] = str(best_yaml)
-        text.append(f"\nBest: trial {best['trial']}, target mAP {best['target_mAP']:.1f}; config: `{best_yaml}`\n")
-        tracking.log_artifact(uri, sweep["parent_run_id"], best_yaml)
-        tracking.log_metrics(uri, sweep["parent_run_id"], {"best_target_mAP": best["target_mAP"],
-                                                            "best_target_R1": best["target_R1"]}, step=0)
-        client.set_tag(sweep["parent_run_id"], "best_trial", best["trial"])
+        write_text_atomic(best_yaml, f"# best trial {best.trial} of sweep {sweep.name}: target mAP "
+                                     f"{best.target_mAP:.1f}\n# python -m reid_ray.train --config {best_yaml}\n"
+                                     + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        out.best_config = str(best_yaml)
+        text.append(f"\nBest: trial {best.trial}, target mAP {best.target_mAP:.1f}; config: `{best_yaml}`\n")
+        tracking.log_artifact(uri, sweep.parent_run_id, best_yaml)
+        tracking.log_metrics(uri, sweep.parent_run_id, {"best_target_mAP": best.target_mAP,
+                                                         "best_target_R1": best.target_R1}, step=0)
+        from mlflow.tracking import MlflowClient
+        MlflowClient(uri).set_tag(sweep.parent_run_id, "best_trial", best.trial)
     if dt:
-        tracking.log_metrics(uri, sweep["parent_run_id"], {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
+        tracking.log_metrics(uri, sweep.parent_run_id, {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
                              step=0)
     write_text_atomic(folder / "summary.md", "\n".join(text))
-    tracking.log_artifact(uri, sweep["parent_run_id"], folder / "summary.md")
-    out.update(rows=rows, params=params, best=best)
+    tracking.log_artifact(uri, sweep.parent_run_id, folder / "summary.md")
+    out.rows, out.params, out.best = rows, params, best
     return out
 
 
-def print_results(out: dict) -> None:
+def print_results(out: SweepOutcome) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    base, rows, params, dt = out["base"], out["rows"], out["params"], out["sweep"].get("direct_transfer", {})
-    table = Table(title=f"sweep {out['sweep']['name']}: {base.method}, {base.source} -> {base.target}")
-    for col in ("trial", *params, "target mAP", "R1", "epochs", "status"):
+    sweep, base, dt = out.sweep, out.sweep.base, out.sweep.direct_transfer
+    table = Table(title=f"sweep {sweep.name}: {base.method}, {base.source} -> {base.target}")
+    for col in ("trial", *out.params, "target mAP", "R1", "epochs", "status"):
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
     if dt:
-        table.add_row("direct transfer", *[""] * len(params), _fmt(dt.get("target_mAP", float("nan"))),
+        table.add_row("direct transfer", *[""] * len(out.params), _fmt(dt.get("target_mAP", float("nan"))),
                       _fmt(dt.get("target_R1", float("nan"))), "", "source model")
-    for r in rows:
-        table.add_row(r["trial"], *[_fmt(r["config"].get(p, "")) for p in params], _fmt(r["target_mAP"]),
-                      _fmt(r["target_R1"]), str(r["epoch"]), r["status"])
+    for r in out.rows:
+        table.add_row(r.trial, *[_fmt(r.config.get(p, "")) for p in out.params], _fmt(r.target_mAP),
+                      _fmt(r.target_R1), str(r.epoch), r.status)
     console = Console()
     console.print(table)
-    if out.get("best_config"):
-        console.print(f"best config: {out['best_config']}\n  python -m reid_ray.train --config {out['best_config']}")
-    console.print(f"MLflow: parent run {out['sweep']['parent_run_id']} in {out['uri']}  "
-                  f"(mlflow ui --backend-store-uri {out['uri']})\nsummary: {out['folder'] / 'summary.md'}")
+    if out.best_config:
+        console.print(f"best config: {out.best_config}\n  python -m reid_ray.train --config {out.best_config}")
+    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}  "
+                  f"(mlflow ui --backend-store-uri {out.uri})\nsummary: {out.folder / 'summary.md'}")
 
 
 # --------------------------------------------------------------------------- reid-ray report

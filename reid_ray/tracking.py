@@ -1,7 +1,9 @@
-"""MLflow tracking: one run per training run, written by the driver and rank 0 only.
+"""MLflow tracking: one run per training run, written by its rank 0 only.
 
-Stateless helpers over `MlflowClient`, so a Ray worker can log to the run the
-driver created without any global MLflow state. Default tracking URI:
+Stateless helpers over `MlflowClient`, so a Ray worker logs without any global MLflow
+state. Rank 0 opens its run (`open_run`: found again by its `reid_ray.run_key` tag when
+Ray Train restarts the worker group, or when a resumed sweep restarts a trial), logs to it
+and sets its status; the driver and the sweep only read runs (`find_runs`). Default tracking URI:
 `sqlite:///mlflow.db` in the working directory (the file store is deprecated);
 `--mlflow-uri` and `MLFLOW_TRACKING_URI` override. Open the UI with
 `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
@@ -39,11 +41,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+RUN_KEY = "reid_ray.run_key"
+
+
+def _experiment_id(client, experiment: str, create: bool = True) -> str | None:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(experiment) if create else None
+
+
+def find_runs(uri: str, experiment: str, tag: str, value: str) -> list:
+    """The runs of `experiment` whose tag `tag` is `value` (newest first)."""
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment, create=False)
+    if exp_id is None:
+        return []
+    return client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", order_by=["attributes.start_time DESC"])
+
+
+def open_run(uri: str, experiment: str, run_key: str, run_name: str, params: dict, tags: dict, config: dict) -> str:
+    """The run tagged `run_key`, marked RUNNING again, or a new one (params, tags, config YAML); its id."""
+    found = find_runs(uri, experiment, RUN_KEY, run_key)
+    if found:
+        set_status(uri, found[0].info.run_id, "RUNNING", "running")
+        return found[0].info.run_id
+    return start_run(uri, experiment, run_name, params, {**tags, RUN_KEY: run_key, "status": "running"}, config)
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict, config: dict) -> str:
     """Create the run (params, tags, config YAML artifact); returns its id."""
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = _experiment_id(client, experiment)
     run = client.create_run(exp_id, run_name=run_name, tags={**tags, "git_commit": git_commit()})
     from mlflow.entities import Param
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
@@ -73,6 +102,17 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status)
+
+
+def set_status(uri: str, run_id: str, status: str, note: str | None = None) -> None:
+    """The run's MLflow status (RUNNING, or a terminal one) and, with `note`, its `status` tag."""
+    client = _client(uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
+    if note is not None:
+        client.set_tag(run_id, "status", note)
 
 
 def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike) -> None:

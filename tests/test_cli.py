@@ -23,13 +23,14 @@ def test_synth_command_via_module(tmp_path):
 
 
 def test_summary_calls_source_only_methods_direct_transfer(capsys):
-    from reid_ray.train import build_config, print_summary
+    from reid_ray.config import resolve_config
+    from reid_ray.train import print_summary
 
     out = {"metrics": {"source_mAP": 90.0, "source_R1": 95.0, "target_mAP": 20.0, "target_R1": 30.0},
            "wall_time": 1.0, "mlflow_run_id": "r", "mlflow_uri": "u", "checkpoint": "c", "run_dir": "d"}
     labels = {}
     for method in ("baseline", "san", "mmt"):
-        print_summary(build_config(method), out)
+        print_summary(resolve_config(method), out)
         labels[method] = capsys.readouterr().out
     assert "(direct transfer)" in labels["baseline"] and "(direct transfer)" in labels["san"]
     assert "(adapted)" in labels["mmt"] and "(direct transfer)" not in labels["mmt"]

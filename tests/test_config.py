@@ -7,10 +7,10 @@ from reid_ray.config import (
     apply_overrides,
     flatten,
     from_dict,
+    resolve_config,
     to_dict,
 )
 from reid_ray.methods.base import warmup_step_scheduler
-from reid_ray.train import build_config
 
 
 def test_overrides_by_dotted_path_and_unique_leaf():
@@ -29,19 +29,19 @@ def test_unknown_and_badly_typed_keys_are_clear():
 
 
 def test_build_config_layers_synthetic_defaults_method_params_and_flags():
-    cfg = build_config("baseline", overrides=["margin=0.5", "epochs=3"])
+    cfg = resolve_config("baseline", sets=["margin=0.5", "epochs=3"])
     assert cfg.model.arch == SYNTHETIC_DEFAULTS["model.arch"] and cfg.epochs == 3
-    assert cfg.params["margin"] == 0.5 and cfg.params["epsilon"] == 0.1
-    real = build_config("baseline", "market1501", "dukemtmc")
+    assert cfg.params.margin == 0.5 and cfg.params.epsilon == 0.1
+    real = resolve_config("baseline", "market1501", "dukemtmc")
     assert real.model.arch == "resnet50" and real.epochs == 120  # paper defaults off the demo
     with pytest.raises(ReidRayError, match="valid: baseline"):
-        build_config("nope")
+        resolve_config("nope")
     with pytest.raises(ReidRayError, match="valid names"):
-        build_config("baseline", source="market")
+        resolve_config("baseline", source="market")
 
 
 def test_round_trip_and_flat_names():
-    cfg = build_config("baseline")
+    cfg = resolve_config("baseline")
     assert from_dict(to_dict(cfg)) == cfg
     assert "params.margin" in flatten(cfg) and "optim.lr" in flatten(cfg)
 

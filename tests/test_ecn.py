@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
+from reid_ray.config import resolve_config
 from reid_ray.data.camstyle import CamStyleDataset, camstyle_lookup
 from reid_ray.data.readers import read_dataset
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
@@ -20,7 +21,6 @@ from reid_ray.data.transforms import test_transform as eval_transform
 from reid_ray.engine import train_epoch
 from reid_ray.losses.ecn import ExemplarMemory, invariance_loss, neighbourhood_targets, update_memory
 from reid_ray.methods import METHODS, Domains, EpochContext
-from reid_ray.train import build_config
 
 K3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
 
@@ -124,7 +124,7 @@ def test_no_camstyle_folder_warns_once_and_has_no_camera_view(tmp_path):
 def _short_run(root, **over):
     overrides = ["num_identities=4", "target_batch=16", "iters=2", "features=32", "neighbour_start_epoch=1",
                  *[f"{k}={v}" for k, v in over.items()]]
-    cfg = build_config("ecn", overrides=overrides, data_root=str(root))
+    cfg = resolve_config("ecn", sets=overrides, flags=dict(data_root=str(root)))
     method = METHODS["ecn"](cfg, Domains(read_dataset("synth-a", root), read_dataset("synth-b", root)),
                             torch.device("cpu"))
     method.setup()
@@ -158,14 +158,14 @@ def test_ecn_without_camstyle_trains_without_the_camera_term(tiny_synth, tmp_pat
 
 @pytest.mark.ray
 def test_ecn_end_to_end_under_ray_on_two_workers(ray_local, tmp_path):
-    from reid_ray.train import run_training
+    from reid_ray.distributed.driver import run_training
 
     generate_synthetic(tmp_path / "data", SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8),
                                                       cameras_per_id=(2, 3), num_cameras=3, texture=False))
-    cfg = build_config("ecn", overrides=["num_identities=8", "target_batch=32", "iters=2", "features=32",
-                                         "pretrain_epochs=1", "neighbour_start_epoch=1"],
-                       data_root=str(tmp_path / "data"), output=str(tmp_path / "out"), epochs=2, eval_every=2,
-                       mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = resolve_config("ecn", sets=["num_identities=8", "target_batch=32", "iters=2", "features=32",
+                                      "pretrain_epochs=1", "neighbour_start_epoch=1"], flags=dict(
+                         data_root=str(tmp_path / "data"), output=str(tmp_path / "out"), epochs=2, eval_every=2,
+                         mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
     m = run_training(cfg)["metrics"]
     assert m["epoch"] == 2 and 0 <= m["target_mAP"] <= 100 and "source_mAP" in m
     assert all(np.isfinite(m[k]) for k in ("loss", "ce", "exemplar", "camera", "target_loss"))
@@ -175,8 +175,8 @@ def test_ecn_starts_from_adabn_and_a_memory_of_target_embeddings(tiny_synth):
     from reid_ray.evaluation import extract_features
     from reid_ray.methods.ecn import TargetEmbedding
 
-    cfg = build_config("ecn", overrides=["num_identities=4", "target_batch=16", "features=32"],
-                       data_root=str(tiny_synth))
+    cfg = resolve_config("ecn", sets=["num_identities=4", "target_batch=16", "features=32"],
+                         flags=dict(data_root=str(tiny_synth)))
     method = METHODS["ecn"](cfg, Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth)),
                             torch.device("cpu"))
     method.setup()
@@ -194,8 +194,8 @@ def test_ecn_starts_from_adabn_and_a_memory_of_target_embeddings(tiny_synth):
 
 @pytest.mark.parametrize("target_bn", [True, False])
 def test_target_bn_source_pass_leaves_running_statistics(tiny_synth, target_bn):
-    cfg = build_config("ecn", overrides=["num_identities=4", "features=32", f"target_bn={target_bn}"],
-                       data_root=str(tiny_synth))
+    cfg = resolve_config("ecn", sets=["num_identities=4", "features=32", f"target_bn={target_bn}"],
+                         flags=dict(data_root=str(tiny_synth)))
     method = METHODS["ecn"](cfg, Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth)),
                             torch.device("cpu"))
     method.setup()

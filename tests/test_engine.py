@@ -2,15 +2,15 @@
 
 import torch
 
+from reid_ray.config import resolve_config
 from reid_ray.data.readers import read_dataset
 from reid_ray.engine import evaluate_model, train_epoch
 from reid_ray.methods import METHODS, Domains, EpochContext
-from reid_ray.train import build_config
 
 
 def test_baseline_epoch_reports_named_losses_and_learns(tiny_synth):
-    cfg = build_config("baseline", overrides=["num_identities=4", "warmup_epochs=0", "erasing_prob=0"],
-                       data_root=str(tiny_synth))
+    cfg = resolve_config("baseline", sets=["num_identities=4", "warmup_epochs=0", "erasing_prob=0"],
+                         flags=dict(data_root=str(tiny_synth)))
     domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
     method = METHODS["baseline"](cfg, domains, torch.device("cpu"))
     method.setup()

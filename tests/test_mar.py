@@ -119,11 +119,11 @@ def test_memory_update_is_an_ema():
 # ----------------------------------------------------------------------------- two DDP ranks (gloo)
 
 def _mar(root: str, rank: int = 0, world: int = 1):
+    from reid_ray.config import resolve_config
     from reid_ray.data.readers import read_dataset
     from reid_ray.methods import METHODS, Domains
-    from reid_ray.train import build_config
 
-    cfg = build_config("mar", overrides=["num_identities=4", "params.mining_ratio=0.1"], data_root=root)
+    cfg = resolve_config("mar", sets=["num_identities=4", "params.mining_ratio=0.1"], flags=dict(data_root=root))
     domains = Domains(read_dataset("synth-a", root), read_dataset("synth-b", root))
     return METHODS["mar"](cfg, domains, torch.device("cpu"), rank, world)
 
@@ -180,15 +180,16 @@ def test_memory_and_losses_identical_on_two_ddp_ranks_and_equal_one_process(tiny
 
 @pytest.mark.ray
 def test_mar_end_to_end_on_two_workers(ray_local, tmp_path):
+    from reid_ray.config import resolve_config
     from reid_ray.data.synthetic import SynthConfig, generate_synthetic
-    from reid_ray.train import build_config, run_training
+    from reid_ray.distributed.driver import run_training
 
     root = tmp_path / "data"
     generate_synthetic(root, SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3),
                                          num_cameras=3, camstyle=False, texture=False))
-    cfg = build_config("mar", overrides=["num_identities=8", "pretrain_epochs=1"], data_root=str(root),
-                       output=str(tmp_path / "out"), epochs=2, eval_every=2, workers=2,
-                       mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = resolve_config("mar", sets=["num_identities=8", "pretrain_epochs=1"], flags=dict(
+        data_root=str(root), output=str(tmp_path / "out"), epochs=2, eval_every=2, workers=2,
+        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
     m = run_training(cfg)["metrics"]
     for key in ("loss", "mdl", "cml", "al", "rj", "mdl_pos_pairs", "mdl_threshold", "target_mAP", "target_R1"):
         assert key in m, key

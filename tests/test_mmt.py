@@ -8,13 +8,13 @@ import torch
 
 from reid_ray import ReidRayError
 from reid_ray.clustering.client import ClusterSpec, LocalClusterer
+from reid_ray.config import resolve_config
 from reid_ray.data.readers import read_dataset
 from reid_ray.engine import evaluate_method, train_epoch
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
 from reid_ray.methods import METHODS, Domains, EpochContext
 from reid_ray.methods.mmt import ema_update
 from reid_ray.models.reid_net import build_reid_net
-from reid_ray.train import build_config
 
 
 def test_soft_cross_entropy_hand_computed():
@@ -51,8 +51,8 @@ def test_ema_warm_start_then_alpha():
 
 
 def test_mmt_refreshes_pseudo_labels_and_trains(tiny_synth):
-    cfg = build_config("mmt", overrides=["num_identities=4", "num_clusters=10", "iters=4"],
-                       data_root=str(tiny_synth))
+    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=10", "iters=4"],
+                         flags=dict(data_root=str(tiny_synth)))
     domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
     method = METHODS["mmt"](cfg, domains, torch.device("cpu"))
     truth = domains.target.train["pid"].to_numpy()
@@ -79,7 +79,7 @@ def test_mmt_refreshes_pseudo_labels_and_trains(tiny_synth):
 
 def test_two_nets_start_from_two_source_models(tiny_synth):
     """The paper (and its code) starts net 1 / net 2 and their mean nets from source models of two seeds."""
-    cfg = build_config("mmt", overrides=["num_identities=4", "num_clusters=10"], data_root=str(tiny_synth))
+    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=10"], flags=dict(data_root=str(tiny_synth)))
     domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
     states = []
     for seed in (5, 6):
@@ -97,7 +97,7 @@ def test_two_nets_start_from_two_source_models(tiny_synth):
 
 
 def test_source_inits_pretrain_seed_and_seed_plus_one(monkeypatch, tmp_path):
-    import reid_ray.train as train
+    import reid_ray.distributed.driver as train
 
     seeds = []
 
@@ -108,16 +108,16 @@ def test_source_inits_pretrain_seed_and_seed_plus_one(monkeypatch, tmp_path):
         return str(path)
 
     monkeypatch.setattr(train, "source_pretraining", fake_pretraining)
-    cfg = build_config("mmt", seed=3)
+    cfg = resolve_config("mmt", flags=dict(seed=3))
     assert train.source_inits(cfg) == [str(tmp_path / "baseline-s3.pt"), str(tmp_path / "baseline-s4.pt")]
     monkeypatch.chdir(tmp_path)  # relative paths come back absolute (Ray workers run elsewhere)
-    assert train.source_inits(build_config("mmt", overrides=["two_sources=false"], init="baseline-s3.pt")) == [
+    assert train.source_inits(resolve_config("mmt", sets=["two_sources=false"], flags=dict(init=["baseline-s3.pt"]))) == [
         str(tmp_path / "baseline-s3.pt")]
     assert seeds == [3, 4]
-    assert len(train.source_inits(build_config("mmt", overrides=["two_sources=false"], seed=3))) == 1
-    assert train.source_inits(build_config("baseline")) == []
-    given = build_config("mmt", overrides=[f"init2={tmp_path / 'nowhere.pt'}"], init=str(tmp_path / "baseline-s3.pt"))
-    with pytest.raises(ReidRayError, match="params.init2 .*nowhere.pt: no such checkpoint"):
+    assert len(train.source_inits(resolve_config("mmt", sets=["two_sources=false"], flags=dict(seed=3)))) == 1
+    assert train.source_inits(resolve_config("baseline")) == []
+    given = resolve_config("mmt", flags=dict(init=[str(tmp_path / "baseline-s3.pt"), str(tmp_path / "nowhere.pt")]))
+    with pytest.raises(ReidRayError, match="--init .*nowhere.pt: no such checkpoint"):
         train.source_inits(given)
 
 
@@ -131,8 +131,8 @@ def test_cli_two_inits_only_for_mmt(tmp_path, capsys):
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_adam_moments_reset_at_every_refresh_as_the_authors_new_optimiser(tiny_synth, reset):
-    cfg = build_config("mmt", overrides=["num_identities=4", "num_clusters=10", "iters=2", f"reset_optimizer={reset}"],
-                       data_root=str(tiny_synth))
+    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=10", "iters=2", f"reset_optimizer={reset}"],
+                         flags=dict(data_root=str(tiny_synth)))
     assert cfg.optim.warmup_epochs == 0 and tuple(cfg.optim.milestones) == ()  # the paper's constant lr
     domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
     method = METHODS["mmt"](cfg, domains, torch.device("cpu"))

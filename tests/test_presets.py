@@ -3,11 +3,12 @@
 import pytest
 
 from reid_ray import ReidRayError
-from reid_ray.config import TrainConfig, flatten
+from reid_ray.config import TrainConfig, flatten, resolve_config
 from reid_ray.data.readers import dataset_names
 from reid_ray.methods import METHODS
-from reid_ray.presets import PRESETS, apply_preset, resolve_preset
-from reid_ray.train import build_config
+from reid_ray.presets import apply_preset, preset_names, resolve_preset
+
+PRESETS = {name: resolve_preset(name) for name in preset_names()}
 
 CONFIG_KEYS = set(flatten(TrainConfig()))
 
@@ -25,14 +26,14 @@ def test_names():
 def test_preset_builds_a_config(name, method):
     source, target, overrides = apply_preset(name, method)
     assert source in dataset_names() and target in dataset_names()
-    cfg = build_config(method, source, target, overrides=overrides)
+    cfg = resolve_config(method, source, target, preset=name)
     flat = flatten(cfg)
     for key, value in overrides.items():
         assert same(flat[key], value), key
     assert (cfg.model.arch, cfg.transform.height, cfg.transform.width) == ("resnet50", 256, 128)
     assert (cfg.loader.num_identities, cfg.loader.num_instances) == (16, 4)
     params = {k.split(".", 1)[1] for k in overrides if k.startswith("params.")}
-    unknown = params - set(METHODS[method].default_params)
+    unknown = params - set(flatten(METHODS[method].Params()))
     assert not unknown, f"not {method} params: {unknown}"
 
 
@@ -45,7 +46,7 @@ def test_method_overrides_are_well_formed():
                 assert isinstance(key, str) and (key.startswith("params.") or key in CONFIG_KEYS), (name, method, key)
             if method in METHODS:  # methods still being written (ecn) are checked once they exist
                 params = {k.split(".", 1)[1] for k in keys if k.startswith("params.")}
-                assert params <= set(METHODS[method].default_params), (name, method, params)
+                assert params <= set(flatten(METHODS[method].Params())), (name, method, params)
         for method, pub in p["published"].items():
             assert method in p["method_overrides"] and set(pub) == {"mAP", "R1", "paper"}
 

@@ -93,11 +93,10 @@ def test_san_pg_pairs_train_predict_and_bad_input(tiny_synth, tmp_path, capsys):
 
 
 def test_san_step_checkpoint_keys_and_artifact(tiny_synth, tmp_path):
+    from reid_ray.config import resolve_config
     from reid_ray.methods import METHODS, Domains, EpochContext
-    from reid_ray.methods.mmt import source_init_state
-    from reid_ray.train import build_config
 
-    cfg = build_config("san", overrides=["num_identities=4"], data_root=str(tiny_synth))
+    cfg = resolve_config("san", sets=["num_identities=4"], flags=dict(data_root=str(tiny_synth)))
     domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
     method = METHODS["san"](cfg, domains, torch.device("cpu"))
     method.setup()
@@ -106,7 +105,8 @@ def test_san_step_checkpoint_keys_and_artifact(tiny_synth, tmp_path):
     assert {"loss", "ce", "triplet", "rec", "tr"} <= set(losses) and math.isfinite(losses["loss"].item())
     state = method.state_dict()
     baseline_keys = build_reid_net(cfg.model, method.num_classes).state_dict().keys()
-    assert source_init_state({"method": state}).keys() == baseline_keys and "decoder" in state["models"]
+    torch.save({"method": state}, tmp_path / "san.pt")
+    assert METHODS["san"].source_weights(tmp_path / "san.pt").keys() == baseline_keys and "decoder" in state["models"]
     (png,) = method.eval_artifacts(tmp_path)
     assert png.is_file() and png.suffix == ".png"
 
@@ -115,11 +115,12 @@ def test_san_step_checkpoint_keys_and_artifact(tiny_synth, tmp_path):
 def test_san_trains_under_ray_on_two_workers(ray_local, tiny_synth, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.train import build_config, run_training
+    from reid_ray.config import resolve_config
+    from reid_ray.distributed.driver import run_training
 
-    cfg = build_config("san", overrides=["num_identities=4", "warmup_epochs=0"], data_root=str(tiny_synth),
-                       output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                       epochs=2, eval_every=2, workers=2)
+    cfg = resolve_config("san", sets=["num_identities=4", "warmup_epochs=0"], flags=dict(
+        data_root=str(tiny_synth), output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        epochs=2, eval_every=2, workers=2))
     out = run_training(cfg)
     m = out["metrics"]
     assert {"rec", "tr", "source_mAP", "target_mAP"} <= set(m) and 0 <= m["source_mAP"] <= 100

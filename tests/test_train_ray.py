@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from reid_ray.config import from_dict
+from reid_ray.config import from_dict, resolve_config
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
-from reid_ray.train import build_config, main, run_training
+from reid_ray.distributed.driver import run_training
+from reid_ray.train import main
 
 pytestmark = pytest.mark.ray
 SMALL = SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3), num_cameras=3,
@@ -20,9 +21,9 @@ def data_root(tmp_path_factory):
 
 
 def cfg_for(tmp_path, data_root, **kw):
-    return build_config("baseline", overrides=["num_identities=8", "warmup_epochs=1"], data_root=str(data_root),
-                        output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        **{"epochs": 2, "eval_every": 1, **kw})
+    return resolve_config("baseline", sets=["num_identities=8", "warmup_epochs=1"], flags=dict(
+        data_root=str(data_root), output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        **{"epochs": 2, "eval_every": 1, **kw}))
 
 
 def test_trains_reports_checkpoints_tracks_and_resumes(ray_local, data_root, tmp_path):
@@ -70,8 +71,8 @@ def test_pseudo_labeler_actor_clusters_and_survives_a_restart(ray_local):
     import numpy as np
     import ray
 
-    from reid_ray.clustering.actor import ActorClusterer, create_pseudo_labeler
     from reid_ray.clustering.client import ClusterSpec
+    from reid_ray.distributed.actor import ActorClusterer, create_pseudo_labeler
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 5, 200)
@@ -87,9 +88,9 @@ def test_pseudo_labeler_actor_clusters_and_survives_a_restart(ray_local):
 
 
 def test_mmt_end_to_end_with_the_actor_on_two_workers(ray_local, data_root, tmp_path):
-    cfg = build_config("mmt", overrides=["num_identities=8", "num_clusters=12", "iters=3", "pretrain_epochs=1"],
-                       data_root=str(data_root), output=str(tmp_path / "out"), epochs=2, eval_every=2,
-                       mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = resolve_config("mmt", sets=["num_identities=8", "num_clusters=12", "iters=3", "pretrain_epochs=1"],
+                         flags=dict(data_root=str(data_root), output=str(tmp_path / "out"), epochs=2, eval_every=2,
+                                    mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
     m = run_training(cfg)["metrics"]
     # labels identical on both ranks (checked by checksum in every refresh), quality and timings logged
     assert m["pseudo_labels_checksum_ok"] == 1 and 0 <= m["pseudo_nmi"] <= 1

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from reid_ray import ReidRayError
+from reid_ray.config import load_config_file, resolve_config
+from reid_ray.distributed.resources import plan_resources
 from reid_ray.search_space import default_path, load_search_space
-from reid_ray.train import build_config, load_config_file
-from reid_ray.tune import plan_resources
 
 
 def write(tmp_path, text, name="space.yaml"):
@@ -21,7 +21,7 @@ def write(tmp_path, text, name="space.yaml"):
 
 @pytest.mark.parametrize("method", ["baseline", "mmt", "ecn", "mar"])
 def test_shipped_search_spaces_are_valid(method):
-    space = load_search_space(default_path(method), build_config(method))
+    space = load_search_space(default_path(method), resolve_config(method))
     assert space.params and all(p.line > 0 for p in space.params.values())
 
 
@@ -30,7 +30,7 @@ def test_search_space_reads_distributions_and_fixed(tmp_path):
                            "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
                            "  model.arch: {distribution: choice, values: [small, resnet18]}\n"
                            "fixed:\n  epochs: 3\n")
-    space = load_search_space(path, build_config("mmt"))
+    space = load_search_space(path, resolve_config("mmt"))
     assert space.params["params.num_clusters"].describe() == "int[8, 16]"
     assert space.params["params.num_clusters"].line == 3
     assert space.params["model.arch"].values == ["small", "resnet18"]
@@ -52,40 +52,45 @@ def test_search_space_reads_distributions_and_fixed(tmp_path):
 ])
 def test_search_space_mistakes_name_the_line_and_the_fix(tmp_path, text, message):
     with pytest.raises(ReidRayError, match=message):
-        load_search_space(write(tmp_path, text), build_config("mmt"))
+        load_search_space(write(tmp_path, text), resolve_config("mmt"))
 
 
 def test_missing_search_space_names_the_shipped_folder(tmp_path):
     with pytest.raises(ReidRayError, match="no such file.*search_spaces"):
-        load_search_space(tmp_path / "nope.yaml", build_config("mmt"))
+        load_search_space(tmp_path / "nope.yaml", resolve_config("mmt"))
 
 
 def test_plan_fits_one_trial_on_two_cpus_and_many_on_a_gpu_cluster():
     small = plan_resources({"CPU": 2}, workers=2, gpus_per_worker=0, uses_actor=True)
-    total = small["trial"][0]["CPU"] + small["trial"][1]["CPU"] + 2 * small["worker"]["CPU"]
-    assert small["concurrent"] == 1 and total <= 2 and not small["use_gpu"]
-    assert small["actor"] == {"num_cpus": small["trial"][1]["CPU"]}
+    total = small.trial[0]["CPU"] + small.trial[1]["CPU"] + 2 * small.worker["CPU"]
+    assert small.concurrent == 1 and total <= 2 and not small.use_gpu
+    assert small.actor == {"num_cpus": small.trial[1]["CPU"]}
     big = plan_resources({"CPU": 64, "GPU": 8}, workers=2, gpus_per_worker=1, uses_actor=True)
-    assert big["concurrent"] == 3 and big["worker"]["GPU"] == 1  # 3 × (2 + 0.25) GPUs ≤ 8
-    assert 3 * (2 * big["worker"]["CPU"] + sum(b["CPU"] for b in big["trial"])) <= 64
-    assert plan_resources({"CPU": 64, "GPU": 8}, 2, 1, True, max_concurrent=2)["concurrent"] == 2
+    assert big.concurrent == 3 and big.worker["GPU"] == 1  # 3 × (2 + 0.25) GPUs ≤ 8
+    assert 3 * (2 * big.worker["CPU"] + sum(b["CPU"] for b in big.trial)) <= 64
+    assert plan_resources({"CPU": 64, "GPU": 8}, 2, 1, True, max_concurrent=2).concurrent == 2
     # 8 × g5.2xlarge (8 CPUs, 1 GPU each): a worker asks for at most 7 CPUs, or it fits on no node
     capped = plan_resources({"CPU": 72, "GPU": 8}, 2, 1, True, cpu_per_gpu=8.0)
-    assert capped["worker"] == {"CPU": 7.0, "GPU": 1}
-    assert plan_resources({"CPU": 16}, 2, 0, False)["concurrent"] == 7
+    assert capped.worker == {"CPU": 7.0, "GPU": 1}
+    assert plan_resources({"CPU": 16}, 2, 0, False).concurrent == 7
     with pytest.raises(ReidRayError, match="--gpus-per-worker 0"):
         plan_resources({"CPU": 8}, 2, 1, True)
     with pytest.raises(ReidRayError, match="--workers-per-trial between 1 and 2"):
         plan_resources({"CPU": 2}, 3, 0, True)
+    # one GPU, one worker that takes all of it: the actor clusters on its CPU (no 0.25 GPU left)
+    one = plan_resources({"CPU": 8, "GPU": 1}, 1, 1, True, max_concurrent=1, workers_flag="--workers")
+    assert one.worker["GPU"] == 1 and one.actor == {"num_cpus": 1.0} and one.trial[1] == {"CPU": 1.0}
+    with pytest.raises(ReidRayError, match="pass --workers 1"):
+        plan_resources({"CPU": 8, "GPU": 1}, 2, 1, True, max_concurrent=1, workers_flag="--workers")
 
 
 def test_config_file_round_trip_and_errors(tmp_path):
     from reid_ray.config import to_dict
 
-    cfg = build_config("mmt", overrides={"params.num_clusters": 42, "optim.lr": 1e-4})
+    cfg = resolve_config("mmt", sets={"params.num_clusters": 42, "optim.lr": 1e-4})
     path = write(tmp_path, yaml.safe_dump(to_dict(cfg)), "best.yaml")
     method, source, target, overrides = load_config_file(str(path))
-    again = build_config(method, source, target, overrides)
+    again = resolve_config(method, source, target, file=overrides)
     assert to_dict(again) == to_dict(cfg)
     with pytest.raises(ReidRayError, match="no such file"):
         load_config_file(str(tmp_path / "missing.yaml"))
@@ -119,8 +124,8 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     best = yaml.safe_load((folder / "best_config.yaml").read_text())
     assert best["method"] == "mmt" and 8 <= best["params"]["num_clusters"] <= 16 and best["epochs"] == 2
     # both source models were pretrained once, before the trials, and the trials started from them
-    assert best["init"] != best["params"]["init2"] and all(
-        (tmp_path / "out" / "pretrain" / Path(p).name).is_file() for p in (best["init"], best["params"]["init2"]))
+    assert len(best["init"]) == 2 and best["init"][0] != best["init"][1] and all(
+        (tmp_path / "out" / "pretrain" / Path(p).name).is_file() for p in best["init"])
     assert "| trial |" in (folder / "summary.md").read_text()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("synth-a->synth-b")
@@ -140,9 +145,8 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     assert {"best_config.yaml", "search_space.yaml", "summary.md"} <= arts
 
     # the sweep's best config trains as is, and the report reads the same store
-    from reid_ray.train import build_config as bc
     method, source, target, overrides = load_config_file(str(folder / "best_config.yaml"))
-    assert bc(method, source, target, overrides).params["num_clusters"] == best["params"]["num_clusters"]
+    assert resolve_config(method, source, target, file=overrides).params.num_clusters == best["params"]["num_clusters"]
     report = report_experiment(uri, "synth-a->synth-b", tmp_path / "report")
     text = report.read_text()
     assert "## mmt" in text and "## baseline" in text and (tmp_path / "report" / "target_map_by_method.png").exists()
@@ -154,7 +158,7 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
 
 
 def test_cpus_per_gpu_is_the_tightest_gpu_node():
-    from reid_ray.train import cpus_per_gpu
+    from reid_ray.distributed.resources import cpus_per_gpu
 
     nodes = [{"Alive": True, "Resources": {"CPU": 8, "GPU": 1}}, {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}},
              {"Alive": True, "Resources": {"CPU": 8}}, {"Alive": False, "Resources": {"CPU": 2, "GPU": 1}}]
@@ -167,9 +171,8 @@ def test_synthetic_sweep_is_short_and_ranks_on_the_target(method, tmp_path):
     from reid_ray.tune import build_parser, prepare_sweep
 
     a = build_parser().parse_args(["--method", method, "--output", str(tmp_path), "--num-samples", "2"])
-    a.source_given = a.target_given = None
-    a.source, a.target, a.gpus_per_worker = "synth-a", "synth-b", 0.0
-    base = prepare_sweep(a)["base"]
-    assert base["epochs"] == 3 and base["workers"] == 1 and base["eval_source"] is False
+    a.gpus_per_worker = 0.0
+    base = prepare_sweep(a).base
+    assert base.epochs == 3 and base.workers == 1 and base.eval_source is False
     # MMT's second source model is left out of the demo; methods without the parameter do not get it
-    assert base["params"].get("two_sources", "absent") == (False if method == "mmt" else "absent")
+    assert getattr(base.params, "two_sources", "absent") == (False if method == "mmt" else "absent")

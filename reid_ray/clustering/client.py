@@ -7,7 +7,7 @@ same `ClusterResult` for the whole set, in dataset order.
 `LocalClusterer` (here, Ray-free) gathers the shards to rank 0 with
 torch.distributed, clusters in-process and broadcasts the result: the
 `--clustering local` path, for debugging and for comparison in benchmarks.
-`reid_ray.clustering.actor.ActorClusterer` sends the shards to the run's
+`reid_ray.distributed.actor.ActorClusterer` sends the shards to the run's
 `PseudoLabeler` Ray actor instead.
 """
 

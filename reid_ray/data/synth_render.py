@@ -44,7 +44,7 @@ STYLES = {
                            contrast=(0.95, 1.05), cast=((0.96, 1.04), (0.96, 1.04), (0.96, 1.04)),
                            blur_sigma=(0.0, 0.25), noise_std=(0.005, 0.015), scale=(0.92, 1.0)),
     # Measured (bench/RESULTS.md): a coloured background is the strongest gap for a source-trained
-    # network (direct transfer ~5 mAP), so synth-b keeps near-grey but darker backgrounds and puts the
+    # network (direct transfer near zero), so synth-b keeps near-grey but darker backgrounds and puts the
     # rest of its gap in illumination, cast, blur, noise and scale.
     "synth-b": DomainStyle(bg_value=(0.42, 0.60), bg_saturation=(0.0, 0.10), gain=(0.78, 0.92),
                            contrast=(0.82, 0.92), cast=((0.82, 0.90), (0.92, 0.98), (1.06, 1.14)),

@@ -1,18 +1,27 @@
-"""UDA re-ID methods: one file each. Adding a method = one file + its search space YAML."""
+"""UDA re-ID methods: one file each. Adding a method = one file + its search space YAML.
 
-from reid_ray.methods.base import Domains, EpochContext, Method
-from reid_ray.methods.baseline import Baseline
-from reid_ray.methods.ecn import ECN
-from reid_ray.methods.mar import MAR
-from reid_ray.methods.mmt import MMT
-from reid_ray.methods.san import SAN
+Each file registers its class with `@register_method`; `METHODS` is the plain dict they fill. A
+method outside this package (a user's own file) registers the same way: import its module before
+resolving the config (`reid_ray.train.main` and the Ray workers import `Method.__module__`), or name
+it in `REID_RAY_METHODS=package.module[,other.module]` so the CLIs import it first.
+"""
 
-METHODS: dict[str, type[Method]] = {
-    "baseline": Baseline,
-    "ecn": ECN,
-    "mmt": MMT,
-    "mar": MAR,
-    "san": SAN,
-}
+import importlib
+import os
 
-__all__ = ["METHODS", "Method", "Domains", "EpochContext"]
+from reid_ray.methods import baseline, ecn, mar, mmt, san  # noqa: F401  (each registers itself)
+from reid_ray.methods.base import (
+    METHODS,
+    Domains,
+    EpochContext,
+    Method,
+    gather_batch,
+    method_class,
+    register_method,
+    unwrap,
+)
+
+for _module in filter(None, (m.strip() for m in os.environ.get("REID_RAY_METHODS", "").split(","))):
+    importlib.import_module(_module)
+
+__all__ = ["METHODS", "Method", "Domains", "EpochContext", "method_class", "register_method", "unwrap", "gather_batch"]

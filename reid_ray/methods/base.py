@@ -1,4 +1,4 @@
-"""The small interface every method implements (see ../shared/DESIGN.md).
+"""The small interface every method implements (see docs/architecture.md), and the registry.
 
 A method receives its config, the two domains and a device; builds its models;
 does what it does when an epoch starts; and turns a batch into named losses:
@@ -9,29 +9,68 @@ does what it does when an epoch starts; and turns a batch into named losses:
         method.on_epoch_start(ctx)
         for batch in method.train_loader:
             losses = method.train_step(batch, ctx)   # {"loss": total, "ce": ..., "triplet": ...}
-            ...backward, optimizer step (done by the driver loop)...
+            ...backward, optimizer step (engine.train_epoch)...
+            method.after_step(ctx)
     model = method.eval_model()               # the network to evaluate, unwrapped
+
+Everything that makes a method itself is declared in its own file: its typed `Params`, how many
+source models it starts from, its clustering spec, its paper settings per real benchmark
+(`presets`, `published`) and its overrides on the embedded benchmark. Shared code never names a
+method. A new method is one file:
+
+    @register_method
+    class Mine(Method):
+        name = "mine"
+        Params = MineParams          # a @dataclass with the paper's names, one comment each
+        def setup(self, wrap=...): ...
+        def train_step(self, batch, ctx): ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from reid_ray.config import TrainConfig
-from reid_ray.data.readers import ReIDDataset
+from reid_ray import ReidRayError
+from reid_ray.config import NoParams
+from reid_ray.data.domains import Domains
+
+if TYPE_CHECKING:
+    from reid_ray.clustering.client import ClusterSpec
+    from reid_ray.config import TrainConfig
+
+METHODS: dict[str, type[Method]] = {}
 
 
-@dataclass
-class Domains:
-    source: ReIDDataset
-    target: ReIDDataset
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to `METHODS` under its `name` (timm's `@register_model`)."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__qualname__} needs a `name`")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method called `name`, or a clear error listing the valid ones."""
+    if name not in METHODS:
+        raise ReidRayError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def check_source_models(cfg: TrainConfig) -> None:
+    """More `init` checkpoints than the method starts from is a user error (checked before Ray starts)."""
+    n = method_class(cfg.method).source_models(cfg.params)
+    if len(cfg.init) > n:
+        count = {0: "no source model", 1: "one source model", 2: "two source models"}.get(n, f"{n} source models")
+        raise ReidRayError(f"--init: {cfg.method} starts from {count}, got {len(cfg.init)} checkpoints; "
+                           f"pass {n or 'none'}")
 
 
 @dataclass
@@ -44,25 +83,29 @@ class EpochContext:
 
 class Method:
     name: ClassVar[str]
-    needs_source_init: ClassVar[bool] = False   # starts from a source-trained baseline (--init)
-    uses_clustering: ClassVar[bool] = False     # asks `self.clusterer` for pseudo-labels
+    Params: ClassVar[type] = NoParams           # the method's own hyperparameters (a dataclass, papers' names)
+    needs_source_init: ClassVar[bool] = False   # starts from source-trained baselines (`init`)
+    uses_clustering: ClassVar[bool] = False     # asks `self.clusterer` for pseudo-labels (see `cluster_spec`)
     adapts: ClassVar[bool] = True               # trains on the target; False: source only (target = direct transfer)
-    # the method's own hyperparameters, with the papers' names; documented in the subclass
-    default_params: ClassVar[dict[str, Any]] = {}
-    # config fields the method's paper trains with on every dataset (e.g. MMT's constant lr), before the presets
+    # config fields the method's paper trains with on every dataset (e.g. a constant lr), before the presets
     config_defaults: ClassVar[dict[str, Any]] = {}
     # what changes on the embedded synthetic benchmark (small, CPU-sized), on top of config.SYNTHETIC_DEFAULTS
     synthetic_overrides: ClassVar[dict[str, Any]] = {}
+    # ... and in a sweep on it (after config.SYNTHETIC_SWEEP), where minutes count most
+    sweep_overrides: ClassVar[dict[str, Any]] = {}
+    # per real-benchmark preset (presets.py names them): the paper's settings, and its published figures
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    published: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, cfg: TrainConfig, domains: Domains, device: torch.device, rank: int = 0,
                  world_size: int = 1):
         self.cfg, self.domains, self.device = cfg, domains, device
         self.rank, self.world_size = rank, world_size
-        self.p = {**self.default_params, **cfg.params}
+        self.p = cfg.params
         self.models: dict[str, nn.Module] = {}
         self.train_loader = None
-        self.clusterer = None        # set by the driver loop for methods that use clustering
-        self.init_states: list = []  # source-trained weights, for methods that start from them (MMT: one per net)
+        self.clusterer = None        # set by the worker loop for methods that use clustering
+        self.init_states: list = []  # source-trained weights, one per source model (`source_models`)
 
     @property
     def init_state(self) -> dict | None:
@@ -70,13 +113,34 @@ class Method:
         return self.init_states[0] if self.init_states else None
 
     @classmethod
-    def source_models(cls, params: dict) -> int:
-        """How many source-trained models the method starts from (`needs_source_init` methods)."""
-        return 1
+    def source_models(cls, params) -> int:
+        """How many source-trained models the method starts from (0 unless `needs_source_init`)."""
+        return 1 if cls.needs_source_init else 0
+
+    @classmethod
+    def cluster_spec(cls, cfg: TrainConfig) -> ClusterSpec | None:
+        """What the pseudo-label refresh computes (methods with `uses_clustering`)."""
+        return None
+
+    @staticmethod
+    def source_weights(path: str | Path) -> dict[str, torch.Tensor]:
+        """The network weights of a source-trained checkpoint (a baseline's or SAN's checkpoint.pt)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return state["method"]["models"]["net"]
+        except (KeyError, TypeError, RuntimeError, OSError, EOFError) as e:
+            raise ReidRayError(f"--init {path}: not a source model checkpoint (a checkpoint.pt written by "
+                               f"reid-ray train --method baseline): {type(e).__name__}") from None
 
     def setup(self, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         """Build models (then wrapped for DDP), the optimizer, scheduler and train loader."""
         raise NotImplementedError
+
+    def build_optimizer(self, params) -> None:
+        """`self.optimizer` over `params` and `self.scheduler`, from `cfg.optim` (BoT's warmup + steps)."""
+        o = self.cfg.optim
+        self.optimizer = build_optimizer(params, o)
+        self.scheduler = warmup_step_scheduler(self.optimizer, o.warmup_epochs, o.warmup_factor, o.milestones, o.gamma)
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if self.train_loader is not None:
@@ -85,12 +149,19 @@ class Method:
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def after_step(self, ctx: EpochContext) -> None:
+        """After each optimizer step (e.g. mean-teacher updates)."""
+
     def eval_model(self) -> nn.Module:
         raise NotImplementedError
 
     def eval_models(self) -> dict[str, nn.Module]:
-        """Every network worth evaluating; the run reports the best (MMT: both mean nets)."""
+        """Every network worth evaluating; the run reports the best (e.g. both mean nets)."""
         return {"net": self.eval_model()}
+
+    def eval_artifacts(self, out_dir: str | Path) -> list[Path]:
+        """Files to log beside an evaluation (e.g. reconstructions); none by default."""
+        return []
 
     def iterations(self) -> int | None:
         """Iterations per epoch (None: one pass of the train loader)."""
@@ -130,7 +201,6 @@ def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
     if optim_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, momentum=0.9)
-    from reid_ray import ReidRayError
     raise ReidRayError(f"unknown optimizer {optim_cfg.optimizer!r}; valid: adam, sgd")
 
 

@@ -10,29 +10,29 @@ Evaluated on the source test split (supervised) and the target (direct transfer)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from reid_ray.data.loader import build_train_loader, relabel
 from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
-from reid_ray.methods.base import (
-    EpochContext,
-    Method,
-    build_optimizer,
-    gather_batch,
-    warmup_step_scheduler,
-)
+from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
 from reid_ray.models.reid_net import build_reid_net
 
 
+@dataclass
+class BaselineParams:
+    epsilon: float = 0.1          # label smoothing ε
+    margin: float = 0.3           # triplet margin m
+    soft_margin: bool = False     # softplus instead of the hinge
+    triplet_weight: float = 1.0   # weight of the triplet term
+
+
+@register_method
 class Baseline(Method):
     name = "baseline"
+    Params = BaselineParams
     adapts = False
-    default_params = {
-        "epsilon": 0.1,           # label smoothing ε
-        "margin": 0.3,            # triplet margin m
-        "soft_margin": False,     # softplus instead of the hinge
-        "triplet_weight": 1.0,    # weight of the triplet term
-    }
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg = self.cfg
@@ -41,13 +41,11 @@ class Baseline(Method):
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         net = build_reid_net(cfg.model, self.num_classes, self.device)
         self.models = {"net": wrap(net)}
-        self.optimizer = build_optimizer(net.parameters(), cfg.optim)
-        o = cfg.optim
-        self.scheduler = warmup_step_scheduler(self.optimizer, o.warmup_epochs, o.warmup_factor, o.milestones, o.gamma)
+        self.build_optimizer(net.parameters())
         self.train_loader = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader,
                                                rank=self.rank, world_size=self.world_size, seed=cfg.seed)
-        self.ce = CrossEntropyLabelSmooth(self.p["epsilon"])
-        self.triplet = TripletLoss(self.p["margin"], self.p["soft_margin"])
+        self.ce = CrossEntropyLabelSmooth(self.p.epsilon)
+        self.triplet = TripletLoss(self.p.margin, self.p.soft_margin)
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         img, y = batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device)
@@ -56,8 +54,7 @@ class Baseline(Method):
         feats, labels = gather_batch(out["feat"], y)
         tri = self.triplet(feats, labels)
         acc = (out["logits"].argmax(1) == y).float().mean()
-        return {"loss": ce + self.p["triplet_weight"] * tri, "ce": ce, "triplet": tri, "acc": acc}
+        return {"loss": ce + self.p.triplet_weight * tri, "ce": ce, "triplet": tri, "acc": acc}
 
     def eval_model(self):
-        from reid_ray.methods.base import unwrap
         return unwrap(self.models["net"])

@@ -17,11 +17,12 @@ the agents. The memory, MDL's threshold and CML's centres are initialised from o
 target set before the first epoch (the authors fill the memory lazily and skip MDL in epoch 1).
 With `target_bn`, the source forward leaves BatchNorm running statistics alone, so the evaluated
 network normalises with target statistics (the authors' two forwards mix both domains' statistics).
-On the synthetic default (3 seeds, bench_uda) this alone, applied to the baseline (AdaBN), gives
-58.6 target mAP against 23.2 for direct transfer; MAR reaches 66.8 (its source mAP drops to ~75).
+Its figures on the embedded benchmark, against AdaBN (which that alone gives): bench/RESULTS.md.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,29 +40,40 @@ from reid_ray.losses.mar import (
     joint_embedding_loss,
     soft_multilabels,
 )
-from reid_ray.methods.base import EpochContext, Method, build_optimizer, gather_batch, unwrap, warmup_step_scheduler
+from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
 from reid_ray.models.adabn import frozen_bn_stats
 from reid_ray.models.reid_net import build_reid_net
 
+_PAPER = "Yu et al., Soft Multilabel Learning (MAR), CVPR 2019"
+# the paper: mining ratio 0.5%, agent scale 30, λ1 = 2e-4 (CML), λ2 = 50 (AL + β·RJ), margin 1
+_RECIPE = {"params.mining_ratio": 0.005, "params.scale": 30.0, "params.lamb_1": 2e-4, "params.lamb_2": 50.0,
+           "params.beta": 0.2, "params.margin": 1.0}
 
+
+@dataclass
+class MARParams:
+    mining_ratio: float = 0.005   # fraction of a batch's pairs mined by MDL (the most similar ones)
+    scale: float = 30.0           # scale of the agent similarities in the multilabels and AL
+    lamb_1: float = 2e-4          # λ1: weight of CML
+    lamb_2: float = 50.0          # λ2: weight of the source terms AL + β·RJ
+    beta: float = 0.2             # β: weight of RJ inside them
+    margin: float = 1.0           # m: RJ's margin on squared distances to agents
+    target_bn: bool = True        # BN running statistics from target batches only (see the docstring)
+
+
+@register_method
 class MAR(Method):
     name = "mar"
+    Params = MARParams
     needs_source_init = True
-    default_params = {
-        "mining_ratio": 0.005,    # fraction of a batch's pairs mined by MDL (the most similar ones)
-        "scale": 30.0,            # scale of the agent similarities in the multilabels and AL
-        "lamb_1": 2e-4,           # λ1: weight of CML
-        "lamb_2": 50.0,           # λ2: weight of the source terms AL + β·RJ
-        "beta": 0.2,              # β: weight of RJ inside them
-        "margin": 1.0,            # m: RJ's margin on squared distances to agents
-        "target_bn": True,        # BN running statistics from target batches only (see the docstring)
-    }
     # ~23 iterations an epoch (one pass of the 1.5k target images); no warmup from a trained model, lr
     # ×0.1 for the last 2 epochs (target mAP moves ±5 between epochs at a constant lr). 150 agents instead
     # of 4,101: CML is ~30× smaller, hence a larger λ1; 150 target ids in batches of 64 give ~1/150 true
     # pairs, hence a larger mining ratio than the paper's 0.005 at 368
     synthetic_overrides = {"epochs": 5, "eval_every": 2, "optim.warmup_epochs": 0, "optim.milestones": (3,),
                            "params.mining_ratio": 0.02, "params.lamb_1": 5e-3}
+    presets = {name: dict(_RECIPE) for name in ("duke2market", "market2duke", "market2msmt", "msmt2market")}
+    published = {"msmt2market": {"mAP": 40.0, "R1": 67.7, "paper": _PAPER}}
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p
@@ -74,9 +86,7 @@ class MAR(Method):
         with torch.no_grad():  # the agents: the source classifier's weights, normalised
             net.classifier.weight.copy_(F.normalize(net.classifier.weight, dim=1))
         self.models = {"net": wrap(net)}
-        self.optimizer = build_optimizer(net.parameters(), cfg.optim)
-        o = cfg.optim
-        self.scheduler = warmup_step_scheduler(self.optimizer, o.warmup_epochs, o.warmup_factor, o.milestones, o.gamma)
+        self.build_optimizer(net.parameters())
         target = self.domains.target.train
         batch = cfg.loader.num_identities * cfg.loader.num_instances
         source_loader = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader,
@@ -88,7 +98,7 @@ class MAR(Method):
         self.extract_loader = build_test_loader(target, cfg.transform, cfg.loader, rank=self.rank,
                                                 world_size=self.world_size)
         self.memory = MultilabelMemory(target.num_rows, self.num_agents).to(self.device)
-        self.mdl = MultilabelDiscriminativeLoss(p["mining_ratio"]).to(self.device)
+        self.mdl = MultilabelDiscriminativeLoss(p.mining_ratio).to(self.device)
         self.cml = CrossViewMultilabelLoss(self.num_agents, momentum=batch / 10_000).to(self.device)
         self.initialised = False
 
@@ -103,7 +113,7 @@ class MAR(Method):
             shards = [None] * self.world_size
             dist.all_gather_object(shards, (feats, cams))
             feats, cams = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
-        log_ml = soft_multilabels(feats.to(self.device), self.agents(), self.p["scale"])
+        log_ml = soft_multilabels(feats.to(self.device), self.agents(), self.p.scale)
         self.memory.labels.copy_(log_ml.exp())
         self.mdl.init_threshold(self.memory.labels)
         self.cml.init_centers(log_ml, cams.to(self.device))
@@ -118,13 +128,13 @@ class MAR(Method):
         dev, p, net = self.device, self.p, self.models["net"]
         img, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev)
         t_img = batch["t_img"].to(dev, non_blocking=True)
-        with frozen_bn_stats(net, p["target_bn"]):
+        with frozen_bn_stats(net, p.target_bn):
             f_s = F.normalize(net(img)["bn_feat"], dim=1)
         f_t = F.normalize(net(t_img)["bn_feat"], dim=1)
         agents = self.agents()
-        al = agent_loss(f_s, agents, y, p["scale"])
-        rj = joint_embedding_loss(f_s, y, f_t, agents, p["margin"])
-        log_ml = soft_multilabels(f_t, agents.detach(), p["scale"])
+        al = agent_loss(f_s, agents, y, p.scale)
+        rj = joint_embedding_loss(f_s, y, f_t, agents, p.margin)
+        log_ml = soft_multilabels(f_t, agents.detach(), p.scale)
         self.memory.update(batch["t_index"], log_ml.exp())
         # MDL and CML need the global batch: all pairs, all images of a camera (true pids: logging only)
         both, ids = gather_batch(torch.cat([f_t, log_ml], 1),
@@ -132,7 +142,7 @@ class MAR(Method):
         f_all, log_ml_all = both[:, :f_t.shape[1]], both[:, f_t.shape[1]:]
         mdl, stats = self.mdl(f_all, self.memory.labels[ids[:, 0]], pids=ids[:, 2])
         cml = self.cml(log_ml_all, ids[:, 1])
-        loss = mdl + p["lamb_1"] * cml + p["lamb_2"] * (al + p["beta"] * rj)
+        loss = mdl + p.lamb_1 * cml + p.lamb_2 * (al + p.beta * rj)
         acc = ((f_s @ agents.T).argmax(1) == y).float().mean()
         return {"loss": loss, "mdl": mdl.detach(), "cml": cml.detach(), "al": al.detach(), "rj": rj.detach(),
                 "acc": acc, **stats}

@@ -2,8 +2,11 @@
 networks teach each other on k-means pseudo-labels of the target domain.
 
 Per refresh (every `refresh_every` epochs): target features of the two mean nets are
-averaged and clustered into `num_clusters` (MMT-500/700) by the clustering client; both
-classifiers are reset to the L2-normalised centroids. Per step, for net k and the other
+averaged and clustered by the clustering client: k-means into `num_clusters` (MMT-500/700), or
+DBSCAN on the k-reciprocal Jaccard distance (`cluster_algorithm="dbscan"`, as MMT's journal version and
+OpenUnReID: the number of clusters is found, outliers sit the epoch out). Both classifiers are
+reset to the L2-normalised centroids; with DBSCAN they hold `ceil(N / min_samples)` rows (the most
+clusters DBSCAN can find) and only the first k, the clusters of this refresh, are used. Per step, for net k and the other
 mean net E[θ_k']  (Eq. 9):
     L(θ_k) = (1 - soft_ce_weight)·L_id(θ_k) + soft_ce_weight·L_sid(θ_k | E[θ_k'])
            + (1 - soft_tri_weight)·L_tri(θ_k) + soft_tri_weight·L_stri(θ_k | E[θ_k'])
@@ -23,24 +26,20 @@ Evaluation: both mean nets; the better one is reported.
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from reid_ray import ReidRayError
+from reid_ray.clustering.client import ClusterSpec
 from reid_ray.data.loader import ImageDataset, build_test_loader, build_train_loader
 from reid_ray.data.transforms import train_transform
 from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
-from reid_ray.methods.base import (
-    EpochContext,
-    Method,
-    build_optimizer,
-    gather_batch,
-    unwrap,
-    warmup_step_scheduler,
-)
+from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
 from reid_ray.models.adabn import adapt_bn
 from reid_ray.models.reid_net import build_reid_net
 
@@ -63,40 +62,78 @@ def sync_buffers(model: torch.nn.Module) -> None:
                 b /= dist.get_world_size()
 
 
+_PAPER = "Ge et al., Mutual Mean-Teaching, ICLR 2020 (ResNet-50)"
+# the paper: Adam 3.5e-4, 40 epochs × 400 iterations, α = 0.999, λ_id = 0.5, λ_tri = 0.8
+_RECIPE = {"epochs": 40, "params.iters": 400, "params.alpha": 0.999, "params.soft_ce_weight": 0.5,
+           "params.soft_tri_weight": 0.8}
+
+
+@dataclass
+class MMTParams:
+    num_clusters: int = 500       # k of k-means (MMT-500); the synthetic default sets ~0.7× the true ids
+    cluster_algorithm: str = "kmeans"  # kmeans | dbscan (on the k-reciprocal Jaccard distance; finds k itself)
+    eps: float = 0.6              # DBSCAN radius on the Jaccard distance (SpCL's / OpenUnReID's 0.6)
+    min_samples: int = 4          # DBSCAN: images for a core point
+    k1: int = 30                  # DBSCAN: k of the k-reciprocal sets behind the Jaccard distance
+    k2: int = 6                   # DBSCAN: neighbours of the local query expansion
+    alpha: float = 0.999          # mean-net EMA decay
+    soft_ce_weight: float = 0.5   # λ_id
+    soft_tri_weight: float = 0.8  # λ_tri
+    iters: int = 400              # iterations per epoch (at most one pass of the P×K sampler)
+    epsilon: float = 0.1          # label smoothing of L_id
+    refresh_every: int = 1        # epochs between pseudo-label refreshes
+    two_sources: bool = True      # net 2 starts from a second source model (seed + 1), as in the paper;
+                                  # False: both nets from the same one
+    reset_optimizer: bool = True  # fresh Adam moments after every refresh (the authors build a new optimiser
+                                  # each epoch: the classifier rows are new clusters, old moments point elsewhere)
+    adabn_init: bool = True       # re-estimate the mean nets' BN statistics on the target before the first
+                                  # clustering (AdaBN), so the first pseudo-labels see target-normalised features
+
+
+@register_method
 class MMT(Method):
     name = "mmt"
+    Params = MMTParams
     needs_source_init = True
     uses_clustering = True
-    default_params = {
-        "num_clusters": 500,      # k of k-means (MMT-500); the synthetic default sets ~0.7× the true ids
-        "alpha": 0.999,           # mean-net EMA decay
-        "soft_ce_weight": 0.5,    # λ_id
-        "soft_tri_weight": 0.8,   # λ_tri
-        "iters": 400,             # iterations per epoch (at most one pass of the P×K sampler)
-        "epsilon": 0.1,           # label smoothing of L_id
-        "refresh_every": 1,       # epochs between pseudo-label refreshes
-        "two_sources": True,      # net 2 starts from a second source model (seed + 1), as in the paper;
-                                  # False: both nets from the same one
-        "init2": "",              # that second model's checkpoint.pt (default: pretrained with seed + 1, cached)
-        "reset_optimizer": True,  # fresh Adam moments after every refresh (the authors build a new optimiser
-                                  # each epoch: the classifier rows are new clusters, old moments point elsewhere)
-        "adabn_init": True,       # re-estimate the mean nets' BN statistics on the target before the first
-                                  # clustering (AdaBN), so the first pseudo-labels see target-normalised features
-    }
 
     # 150 true target ids: k ≈ 0.7× (SYNTHETIC_NOTES: 0.5-1.0× works); ~20 iterations an epoch, so the
     # paper's α = 0.999 would barely move the mean nets in a short run
     synthetic_overrides = {"params.num_clusters": 100, "params.alpha": 0.99, "epochs": 10, "eval_every": 2}
+    # a sweep on the embedded benchmark starts both nets from one source model: a second costs another
+    # pretraining (~2.5 min on 2 cores) that the demo cannot afford (bench_uda measures MMT with two)
+    sweep_overrides = {"params.two_sources": False}
     # the paper (and its code): Adam at a constant 3.5e-4, no warmup
     config_defaults = {"optim.warmup_epochs": 0, "optim.milestones": (), "epochs": 40}
+    # the paper's k: 500 clusters for a Market target, 700 for Duke, 1500 for MSMT17 (MMT-500/700/1500)
+    presets = {"duke2market": {**_RECIPE, "params.num_clusters": 500},
+               "market2duke": {**_RECIPE, "params.num_clusters": 700},
+               "market2msmt": {**_RECIPE, "params.num_clusters": 1500},
+               "msmt2market": {**_RECIPE, "params.num_clusters": 500}}
+    published = {"duke2market": {"mAP": 71.2, "R1": 87.7, "paper": _PAPER + ", MMT-500"},
+                 "market2duke": {"mAP": 65.1, "R1": 78.0, "paper": _PAPER + ", MMT-700"},
+                 "market2msmt": {"mAP": 22.9, "R1": 49.2, "paper": _PAPER + ", MMT-1500"}}
 
     @classmethod
-    def source_models(cls, params: dict) -> int:
-        return 2 if {**cls.default_params, **params}["two_sources"] else 1
+    def source_models(cls, params: MMTParams) -> int:
+        return 2 if params.two_sources else 1
+
+    @classmethod
+    def cluster_spec(cls, cfg) -> ClusterSpec:
+        p = cfg.params
+        if p.cluster_algorithm not in ("kmeans", "dbscan"):
+            raise ReidRayError(f"params.cluster_algorithm={p.cluster_algorithm!r}; valid: kmeans, dbscan")
+        return ClusterSpec(algorithm=p.cluster_algorithm, num_clusters=p.num_clusters, eps=p.eps,
+                           min_samples=p.min_samples, k1=p.k1, k2=p.k2, seed=cfg.seed)
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p
-        k = int(p["num_clusters"])
+        target = self.domains.target.train
+        # classifier rows: k for k-means; for DBSCAN the most clusters it can find (each ≥ min_samples)
+        k = p.num_clusters if p.cluster_algorithm == "kmeans" else math.ceil(target.num_rows / p.min_samples)
+        if p.cluster_algorithm == "kmeans" and target.num_rows < k:
+            raise ReidRayError(f"num_clusters={k} exceeds the {target.num_rows} target training images")
+        self.k = k  # clusters of the current refresh (the classifier's first k rows)
         nets = []
         for i in range(2):
             torch.manual_seed(cfg.seed + i)
@@ -108,26 +145,20 @@ class MMT(Method):
             nets.append(net.to(self.device))
         self.emas = [copy.deepcopy(n).requires_grad_(False) for n in nets]
         self.models = {"net1": wrap(nets[0]), "net2": wrap(nets[1])}
-        params = [q for n in nets for q in n.parameters() if q.requires_grad]
-        self.optimizer = build_optimizer(params, cfg.optim)
-        o = cfg.optim
-        self.scheduler = warmup_step_scheduler(self.optimizer, o.warmup_epochs, o.warmup_factor, o.milestones, o.gamma)
-        target = self.domains.target.train
+        self.build_optimizer([q for n in nets for q in n.parameters() if q.requires_grad])
         self.dataset = ImageDataset(target, train_transform(cfg.transform), in_memory=cfg.loader.in_memory, views=2)
         self.extract_loader = build_test_loader(target, cfg.transform, cfg.loader, rank=self.rank,
                                                 world_size=self.world_size)
-        self.ce = CrossEntropyLabelSmooth(p["epsilon"])
+        self.ce = CrossEntropyLabelSmooth(p.epsilon)
         self.soft_ce = SoftCrossEntropy()
         self.triplet = SoftmaxTripletLoss()
         self.last_stats: dict[str, float] = {}
-        if target.num_rows < k:
-            raise ReidRayError(f"num_clusters={k} exceeds the {target.num_rows} target training images")
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if self.clusterer is None:
             raise ReidRayError("MMT needs a clusterer (the PseudoLabeler actor or --clustering local)")
-        if ctx.epoch % int(self.p["refresh_every"]) == 0 or self.train_loader is None:
-            if ctx.epoch == 0 and self.train_loader is None and self.p["adabn_init"]:
+        if ctx.epoch % self.p.refresh_every == 0 or self.train_loader is None:
+            if ctx.epoch == 0 and self.train_loader is None and self.p.adabn_init:
                 for ema in self.emas:
                     adapt_bn(ema, self.extract_loader, self.device)
             feats = 0
@@ -136,28 +167,36 @@ class MMT(Method):
                 f, _, _ = extract_features(ema, self.extract_loader, device=self.device)
                 feats = feats + f
             res = self.clusterer.refresh((feats / 2).numpy(), ctx.epoch)
-            cent = torch.from_numpy(res.centroids).to(self.device)
+            cent = torch.tensor(res.centroids, device=self.device)  # a copy: Ray's arrays are read-only
+            rows = unwrap(self.models["net1"]).classifier.weight.shape[0]
+            if not 0 < len(cent) <= rows:
+                raise ReidRayError(f"the refresh found {len(cent)} clusters (the classifier has {rows} rows); "
+                                   "for DBSCAN, raise params.eps or lower params.min_samples")
+            self.k = len(cent)
             for net in (*self.models.values(), *self.emas):
-                unwrap(net).classifier.weight.data.copy_(cent)
+                w = unwrap(net).classifier.weight.data
+                w.zero_()
+                w[:self.k].copy_(cent)
             self.train_loader = build_train_loader(
                 self.domains.target.train, res.labels, self.cfg.transform, self.cfg.loader, rank=self.rank,
                 world_size=self.world_size, seed=self.cfg.seed, dataset=self.dataset)
             self.last_stats = {f"pseudo_{k}": v for k, v in res.stats.items()}
-            if self.p["reset_optimizer"]:
+            self.last_stats.update(pseudo_clusters=float(self.k), pseudo_outliers=float((res.labels < 0).sum()))
+            if self.p.reset_optimizer:
                 self.optimizer.state.clear()
         self.train_loader.sampler.set_epoch(ctx.epoch)
 
     def iterations(self) -> int:
-        return int(self.p["iters"])
+        return self.p.iters
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev = self.device
         views = [batch["img"].to(dev, non_blocking=True), batch["img2"].to(dev, non_blocking=True)]
         y = batch["label"].to(dev)
-        outs = [self.models[f"net{i + 1}"](views[i]) for i in range(2)]
+        outs = [self._used(self.models[f"net{i + 1}"](views[i])) for i in range(2)]
         with torch.no_grad():
-            refs = [self.emas[i](views[i]) for i in range(2)]
-        w_ce, w_tri = self.p["soft_ce_weight"], self.p["soft_tri_weight"]
+            refs = [self._used(self.emas[i](views[i])) for i in range(2)]
+        w_ce, w_tri = self.p.soft_ce_weight, self.p.soft_tri_weight
         total, parts = 0.0, {"ce": 0.0, "triplet": 0.0, "soft_ce": 0.0, "soft_triplet": 0.0}
         for i in range(2):
             other = refs[1 - i]
@@ -173,9 +212,13 @@ class MMT(Method):
         acc = (outs[0]["logits"].argmax(1) == y).float().mean()
         return {"loss": total, **parts, "acc": acc}
 
+    def _used(self, out: dict) -> dict:
+        """The logits of this refresh's k clusters (DBSCAN leaves the classifier's later rows unused)."""
+        return {**out, "logits": out["logits"][:, :self.k]}
+
     def after_step(self, ctx: EpochContext) -> None:
         for i in range(2):
-            ema_update(self.emas[i], unwrap(self.models[f"net{i + 1}"]), self.p["alpha"], ctx.iteration)
+            ema_update(self.emas[i], unwrap(self.models[f"net{i + 1}"]), self.p.alpha, ctx.iteration)
 
     def epoch_metrics(self) -> dict[str, float]:
         return self.last_stats
@@ -196,10 +239,3 @@ class MMT(Method):
         for e, s in zip(self.emas, state["emas"]):
             e.load_state_dict(s)
 
-
-def source_init_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The network weights of a baseline checkpoint (train.py's checkpoint.pt)."""
-    try:
-        return checkpoint["method"]["models"]["net"]
-    except (KeyError, TypeError):
-        raise ReidRayError("--init must be a baseline checkpoint (checkpoint.pt written by reid-ray train)") from None

@@ -15,6 +15,7 @@ alone, with the baseline's keys, so `--init` from a SAN checkpoint starts MMT/EC
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +26,31 @@ from reid_ray.data.texture import TextureDataset, texture_folder, texture_paths
 from reid_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, test_transform, train_transform
 from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
 from reid_ray.losses.san import DecoderTripletLoss, reconstruction_loss
-from reid_ray.methods.base import EpochContext, Method, build_optimizer, gather_batch, unwrap, warmup_step_scheduler
+from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
 from reid_ray.models.reid_net import build_reid_net
 from reid_ray.models.san_decoder import build_san_model
 from reid_ray.models.sync_bn import convert_sync_bn
 
 
+@dataclass
+class SANParams:
+    epsilon: float = 0.1          # label smoothing ε of L_ID
+    margin: float = 0.3           # triplet margin of L_tri (encoder)
+    soft_margin: bool = False     # softplus instead of the hinge
+    triplet_weight: float = 1.0   # weight of L_tri
+    rec_weight: float = 1.0       # λ_rec: weight of the L1 texture reconstruction
+    tr_weight: float = 1.0        # λ_tr: weight of the decoder's triplet ReID constraints (0: SAN w/o TR)
+    tr_margin: float = 0.3        # margin of L_TR
+    texture_dir: str = "texture"  # folder of pseudo ground-truth textures beside the split folders
+    texture_height: int = 256     # decoded texture size (the paper: 256×256)
+    texture_width: int = 256
+
+
+@register_method
 class SAN(Method):
     name = "san"
+    Params = SANParams
     adapts = False
-    default_params = {
-        "epsilon": 0.1,           # label smoothing ε of L_ID
-        "margin": 0.3,            # triplet margin of L_tri (encoder)
-        "soft_margin": False,
-        "triplet_weight": 1.0,    # weight of L_tri
-        "rec_weight": 1.0,        # λ_rec: weight of the L1 texture reconstruction
-        "tr_weight": 1.0,         # λ_tr: weight of the decoder's triplet ReID constraints (0: SAN w/o TR)
-        "tr_margin": 0.3,         # margin of L_TR
-        "texture_dir": "texture",  # folder of pseudo ground-truth textures beside the split folders
-        "texture_height": 256,    # decoded texture size (the paper: 256×256)
-        "texture_width": 256,
-    }
     # the synthetic textures are 64×64 (front | back); 32×32 keeps the decoder cheap on CPU
     synthetic_overrides = {"params.texture_height": 32, "params.texture_width": 32}
 
@@ -54,8 +59,8 @@ class SAN(Method):
         source = self.domains.source
         labels, _ = relabel(source.train["pid"].to_numpy())
         self.num_classes = int(labels.max()) + 1
-        self.size = (int(p["texture_height"]), int(p["texture_width"]))
-        folder = texture_folder(source, p["texture_dir"])
+        self.size = (p.texture_height, p.texture_width)
+        folder = texture_folder(source, p.texture_dir)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         net = build_reid_net(cfg.model, self.num_classes, self.device)
         model = build_san_model(net, self.size)
@@ -63,17 +68,15 @@ class SAN(Method):
             model.decoder = convert_sync_bn(model.decoder, self.device)
         self.dec_dims = model.decoder.block_dims
         self.models = {"san": wrap(model.to(self.device))}
-        self.optimizer = build_optimizer(model.parameters(), cfg.optim)
-        o = cfg.optim
-        self.scheduler = warmup_step_scheduler(self.optimizer, o.warmup_epochs, o.warmup_factor, o.milestones, o.gamma)
+        self.build_optimizer(model.parameters())
         images = ImageDataset(source.train, train_transform(cfg.transform), labels, in_memory=cfg.loader.in_memory)
         self.textures = texture_paths(source.train, folder)
         dataset = TextureDataset(images, self.textures, self.size)
         self.train_loader = build_train_loader(source.train, labels, cfg.transform, cfg.loader, rank=self.rank,
                                                world_size=self.world_size, seed=cfg.seed, dataset=dataset)
-        self.ce = CrossEntropyLabelSmooth(p["epsilon"])
-        self.triplet = TripletLoss(p["margin"], p["soft_margin"])
-        self.tr = DecoderTripletLoss(p["tr_margin"])
+        self.ce = CrossEntropyLabelSmooth(p.epsilon)
+        self.triplet = TripletLoss(p.margin, p.soft_margin)
+        self.tr = DecoderTripletLoss(p.tr_margin)
         self.epoch = 0
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
@@ -90,7 +93,7 @@ class SAN(Method):
         rec = reconstruction_loss(out["texture"], batch["texture"].to(dev, non_blocking=True))
         dec, _ = gather_batch(torch.cat(out["dec_feats"], 1), y)  # one all-gather for all blocks
         tr = self.tr(dec.split(self.dec_dims, 1), labels)
-        loss = ce + p["triplet_weight"] * tri + p["rec_weight"] * rec + p["tr_weight"] * tr
+        loss = ce + p.triplet_weight * tri + p.rec_weight * rec + p.tr_weight * tr
         acc = (out["logits"].argmax(1) == y).float().mean()
         return {"loss": loss, "ce": ce, "triplet": tri, "rec": rec, "tr": tr, "acc": acc}
 

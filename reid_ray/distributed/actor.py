@@ -1,8 +1,8 @@
 """The pseudo-label actor: one `PseudoLabeler` per training run (so one per Tune trial).
 
-The driver creates it with its own resources (a GPU fraction when the cluster has
-GPUs, a CPU share otherwise; faiss threads set to match, as Ray actors start with
-OMP_NUM_THREADS=1) and passes its handle to the Ray Train workers. At a refresh
+The driver creates it with the share `distributed/resources.py` plans (a GPU fraction
+where one fits, a CPU share otherwise; faiss threads set to match, as Ray actors start
+with OMP_NUM_THREADS=1) and passes its handle to the Ray Train workers. At a refresh
 every worker `ray.put`s the features of its shard and hands the reference to the
 actor (the arrays never go through the driver); after a barrier, every worker
 asks for the result of that epoch: the first request clusters, the others get
@@ -51,28 +51,14 @@ class _PseudoLabeler:
             self.shards = {e: s for e, s in self.shards.items() if e > epoch}
         return self.results[epoch]
 
-    def ping(self) -> str:
-        return "ok"
-
 
 PseudoLabeler = ray.remote(max_restarts=3, max_task_retries=3)(_PseudoLabeler)
 
 
-def actor_options(cluster: dict) -> tuple[dict, int]:
-    """Resources for the actor and its faiss threads, derived from the cluster."""
-    if cluster.get("GPU", 0) >= 1:
-        return {"num_gpus": 0.25, "num_cpus": 1}, 4
-    # on a small CPU box the workers take ~90%: the actor needs little while they train
-    cpus = float(cluster.get("CPU", 1))
-    share = 0.1 if cpus <= 4 else 1.0
-    return {"num_cpus": share}, max(1, int(cpus // 2))
-
-
-def create_pseudo_labeler(spec: ClusterSpec, truth=None, cameras=None, options: tuple[dict, int] | None = None):
-    """The run's actor; `options` = (Ray resources, faiss threads), by default derived from the cluster
-    (a Tune trial passes its own share, see tune.plan_resources)."""
-    resources, threads = options or actor_options(ray.cluster_resources())
-    return PseudoLabeler.options(**resources).remote(spec, threads, truth, cameras)
+def create_pseudo_labeler(spec: ClusterSpec, truth=None, cameras=None, resources: dict | None = None,
+                          threads: int = 1):
+    """The run's actor, with `resources` (Ray options) and `threads` (faiss) from the run's ResourcePlan."""
+    return PseudoLabeler.options(**(resources or {"num_cpus": 0.1})).remote(spec, threads, truth, cameras)
 
 
 class ActorClusterer:

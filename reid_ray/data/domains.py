@@ -1,0 +1,45 @@
+"""The two domains of a run: read once per process, the synthetic benchmark written first if asked for.
+
+    domains = ensure_data(cfg)        # driver: checks real datasets, writes synth-a/synth-b if missing
+    domains = load_domains("synth-a", "synth-b", "/abs/data")   # anywhere after: cached per process
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from reid_ray.data.readers import ReIDDataset, read_dataset
+from reid_ray.data.synthetic import DOMAINS as SYNTH_DOMAINS
+from reid_ray.data.synthetic import SynthConfig, generate_synthetic
+
+
+@dataclass
+class Domains:
+    source: ReIDDataset
+    target: ReIDDataset
+
+
+_LOADED: dict[tuple[str, str, str], Domains] = {}
+
+
+def load_domains(source: str, target: str, root: str | Path) -> Domains:
+    """Both domains under `root`, read (from their Parquet manifests) once per process."""
+    key = (source, target, str(Path(root).expanduser().resolve()))
+    if key not in _LOADED:
+        _LOADED[key] = Domains(read_dataset(source, key[2]), read_dataset(target, key[2]))
+    return _LOADED[key]
+
+
+def ensure_data(cfg) -> Domains:
+    """Check the real datasets of `cfg`, then write the synthetic domains it names if missing, then read
+    both. A missing real dataset fails before anything is written. Sets `cfg.data_root` absolute."""
+    root = Path(cfg.data_root).expanduser().resolve()
+    for name in {cfg.source, cfg.target} - set(SYNTH_DOMAINS):
+        read_dataset(name, root)  # a clear DatasetError (missing folder, layout) before any synthetic write
+    missing = tuple(d for d in SYNTH_DOMAINS if d in (cfg.source, cfg.target) and not (root / d).exists())
+    if missing:
+        print(f"writing the synthetic benchmark ({', '.join(missing)}) to {root} ...", flush=True)
+        generate_synthetic(root, SynthConfig(domains=missing), progress=True)
+    cfg.data_root = str(root)
+    return load_domains(cfg.source, cfg.target, root)

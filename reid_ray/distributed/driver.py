@@ -1,0 +1,161 @@
+"""The Ray Train driver: one run of one method under `TorchTrainer` (DDP over N workers, checkpoints,
+resume), with its pseudo-label actor and its source models.
+
+    out = run_training(resolve_config(method))     # what `python -m reid_ray.train --method <method>` does
+    out["metrics"]["target_mAP"], out["checkpoint"], out["mlflow_run_id"]
+
+Rank 0 of the worker group writes the run's MLflow run (distributed/worker.py); this side reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from reid_ray import ReidRayError, tracking, write_text_atomic
+from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
+from reid_ray.data.domains import ensure_data
+from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
+from reid_ray.distributed.runtime import gpus_requested, init_ray
+from reid_ray.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
+from reid_ray.methods import method_class
+from reid_ray.methods.base import check_source_models
+
+
+def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: ResourcePlan | None = None,
+                 tags: dict | None = None, run_key: str | None = None) -> dict:
+    """Train under Ray Train; returns the final metrics plus run/checkpoint locations.
+
+    `plan` (a Tune trial's share, distributed/sweep.py) fixes the worker and actor resources; without
+    it they are planned from the whole cluster. `tags` go on the MLflow run; `run_key` names it for
+    rank 0 to find again (a trial's stable key; by default a new one per call)."""
+    domains = ensure_data(cfg)
+    init_ray()
+    if plan is not None:
+        return _fit(cfg, domains, plan, callbacks, tags, run_key)
+    method_cls = method_class(cfg.method)
+    uses_actor = method_cls.uses_clustering and cfg.clustering == "actor"
+    forced = cfg.use_gpu.lower() in ("true", "1", "yes")
+    want_gpu = forced or (cfg.use_gpu.lower() == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    with gpus_requested(cfg.workers if forced else 0, cfg.gpu_wait_s) as cluster:  # held for the whole run
+        plan = plan_resources(cluster, cfg.workers, 1.0 if want_gpu else 0.0, uses_actor, max_concurrent=1,
+                              cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers")
+        return _fit(cfg, domains, plan, callbacks, tags, run_key)
+
+
+def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key) -> dict:
+    method_cls = method_class(cfg.method)
+    name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = dataclasses.replace(cfg, name=name, init=source_inits(cfg))
+    output = Path(cfg.output).expanduser().resolve()
+    uri = tracking.resolve_uri(cfg.mlflow_uri)
+    experiment = cfg.experiment or f"{cfg.source}->{cfg.target}"
+    run_key = run_key or uuid.uuid4().hex
+    labeler = None
+    if method_cls.uses_clustering and cfg.clustering == "actor":
+        from reid_ray.distributed.actor import create_pseudo_labeler
+        t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
+        labeler = create_pseudo_labeler(method_cls.cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
+                                        plan.actor, plan.actor_threads)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        # the config becomes a dict here, once, and a TrainConfig again in each worker
+        train_loop_config={"cfg": to_dict(cfg), "method_module": method_cls.__module__, "threads": plan.threads,
+                           "run_dir": str(output / name), "pseudo_labeler": labeler,
+                           "mlflow": {"uri": uri, "experiment": experiment, "run_key": run_key,
+                                      "tags": {"method": cfg.method, "source": cfg.source, "target": cfg.target,
+                                               "source_to_target": f"{cfg.source}->{cfg.target}", **(tags or {})}}},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker=plan.worker),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(output), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines off the console (its per-report dump is silenced in worker.py)
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        if labeler is not None:
+            ray.kill(labeler)  # the actor dies with its run
+    runs = tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key)
+    return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": runs[0].info.run_id if runs else None,
+            "wall_time": time.perf_counter() - t0, "domains": domains, "config": cfg}
+
+
+# --------------------------------------------------------------------------- source models
+
+PRETRAIN_IGNORED = ("method", "name", "experiment", "output", "resume", "mlflow_uri", "workers", "init",
+                    "clustering", "params", "max_failures", "eval_every", "eval_source", "gpu_wait_s")
+
+
+def source_inits(cfg: TrainConfig) -> list[str]:
+    """The source-trained checkpoints the method starts from, one per `Method.source_models`: the given
+    `init` paths, the missing ones pretrained (and cached) as baselines with seeds seed + i. Absolute
+    paths (Ray Train workers do not run in the driver's directory); empty for methods that need none."""
+    method_cls = method_class(cfg.method)
+    n = method_cls.source_models(cfg.params)
+    check_source_models(cfg)
+    if not n:
+        return []
+    given = list(cfg.init) + [""] * (n - len(cfg.init))
+    if cfg.init and len(cfg.init) < n:
+        print(f"{cfg.method}: --init gives {len(cfg.init)} of its {n} source models; the others are pretrained with seeds "
+              f"{', '.join(str(cfg.seed + i) for i in range(len(cfg.init), n))} (pass --init with {n} checkpoints)",
+              flush=True)
+    inits = [path or source_pretraining(dataclasses.replace(cfg, seed=cfg.seed + i)) for i, path in enumerate(given)]
+    for path in inits:
+        if not Path(path).is_file():
+            raise ReidRayError(f"--init {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
+    return [str(Path(path).expanduser().resolve()) for path in inits]
+
+
+def source_pretraining(cfg: TrainConfig) -> str:
+    """The baseline checkpoint a method starts from: trained once per config, then cached.
+
+    The cache key is everything that shapes the source model (data, model, transforms,
+    loader, the baseline's optimiser, pretraining epochs, seed), so a sweep over the method's own
+    parameters (lr included) pays it once.
+    """
+    base = resolve_config("baseline", cfg.source, cfg.target)
+    # the source model shares the method's data, model, transforms and loader, but trains with the
+    # baseline's own schedule (BoT: warmup, step decay), never the method's fine-tuning lr
+    d = {**to_dict(cfg), "optim": to_dict(base)["optim"], "epochs": cfg.pretrain_epochs or base.epochs}
+    for k in PRETRAIN_IGNORED:
+        d.pop(k, None)
+    key = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cached = Path(cfg.output).expanduser().resolve() / "pretrain" / f"baseline-{key}.pt"
+    if cached.is_file():
+        print(f"source model: cached {cached}", flush=True)
+        return str(cached)
+    print(f"source model: training the baseline on {cfg.source} first (cached as {cached})", flush=True)
+    pre = from_dict({**to_dict(cfg), "method": "baseline", "params": to_dict(base)["params"], "name": f"pretrain-{key}",
+                     "optim": to_dict(base)["optim"], "epochs": d["epochs"], "eval_every": d["epochs"],
+                     "resume": "", "init": []})
+    out = run_training(pre)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))}
+    write_text_atomic(cached.with_suffix(".json"), json.dumps(metrics, indent=1))
+    tmp = cached.with_suffix(".tmp")
+    shutil.copyfile(Path(out["checkpoint"]) / CHECKPOINT_FILE, tmp)
+    os.replace(tmp, cached)  # last: a cached .pt always has its metrics beside it
+    return str(cached)
+
+
+def pretraining_metrics(init: str) -> dict:
+    """The last-epoch metrics of a cached source pretraining (source mAP, direct-transfer target mAP)."""
+    sidecar = Path(init).with_suffix(".json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}

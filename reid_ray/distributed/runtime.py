@@ -1,0 +1,59 @@
+"""Joining or starting Ray, and asking the autoscaler for GPUs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+
+import ray
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (a job, a running cluster), or start a local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # resources belong to the cluster: passing any raises (PLATFORM_NOTES.md)
+        return
+    # OpenMP threads that spin while they wait make every parallel region crawl as soon as another
+    # process wants the core (Ray's daemons, the actor, a second worker): several times slower epochs on
+    # 2 cores (bench/RESULTS.md, bench_omp_wait). Passive waiting costs nothing when the core is free.
+    # Ray Train's placement-group cleaner (which frees the workers of a trial that Tune stops) finds
+    # the cluster through the state API: with a second local Ray on the machine, "auto" is ambiguous
+    # and the cleaner fails, so the next trial waits forever. Name this instance's API server for it.
+    port = _free_port()
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    ray.init(log_to_driver=True, dashboard_port=port, runtime_env={"env_vars": env})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gpus_requested(needed: float, timeout_s: float):
+    """Ask Ray's autoscaler for `needed` GPUs (a cluster may start with none), wait up to `timeout_s`
+    for them, and withdraw the request on exit, so that idle GPU nodes can scale down again (Ray keeps a
+    `request_resources` until the next call). Yields the cluster's resources."""
+    from ray.autoscaler.sdk import request_resources
+
+    cluster = ray.cluster_resources()
+    if cluster.get("GPU", 0) >= needed or timeout_s <= 0:
+        yield cluster
+        return
+    print(f"waiting up to {timeout_s:.0f} s for the autoscaler to add {needed:g} GPUs "
+          f"(the cluster has {cluster.get('GPU', 0):g}) ...", flush=True)
+    request_resources(bundles=[{"GPU": 1}] * math.ceil(needed))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and ray.cluster_resources().get("GPU", 0) < needed:
+            time.sleep(10)
+        yield ray.cluster_resources()
+    finally:
+        request_resources(bundles=[])

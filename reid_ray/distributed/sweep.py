@@ -1,0 +1,136 @@
+"""The Tune sweep: Optuna (TPE) proposes, ASHA stops, each trial fits its own TorchTrainer.
+
+Each Tune trial is a function (`run_trial`) that applies its sample to the resolved base config (the
+last layer of config.resolve_config), and runs `driver.run_training` with `TuneReportCallback`, so
+rank 0's reports reach Tune (the Ray Train V2 pattern, PLATFORM_NOTES.md). The run's actor lives in
+the trial's placement group. The source models are trained once, before the trials. The sweep
+driver writes only the sweep's MLflow parent run; each trial's run is written by its rank 0, and
+found here by its `trial_id` tag.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from reid_ray import tracking
+from reid_ray.config import TrainConfig, apply_overrides, flatten
+from reid_ray.data.domains import ensure_data
+from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits
+from reid_ray.distributed.resources import ACTOR_GPU, ResourcePlan, cpus_per_gpu, plan_resources
+from reid_ray.distributed.runtime import gpus_requested, init_ray
+from reid_ray.methods import method_class
+from reid_ray.report import SweepOutcome, TrialRow, finalize_sweep
+from reid_ray.search_space import SearchSpace, load_search_space
+from reid_ray.sweep_config import METRIC, Sweep, sweep_dir
+
+
+def tune_domains(space: SearchSpace) -> dict:
+    make = {"uniform": lambda p: tune.uniform(p.low, p.high), "loguniform": lambda p: tune.loguniform(p.low, p.high),
+            "int": lambda p: tune.randint(p.low, p.high + 1), "choice": lambda p: tune.choice(p.values)}
+    return {name: make[p.distribution](p) for name, p in space.params.items()}
+
+
+def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str) -> None:
+    """One Tune trial: the base config + this trial's sample (layer 8), trained under Ray Train."""
+    trial_id = tune.get_context().get_trial_id()
+    cfg = apply_overrides(copy.deepcopy(base), dict(sample))
+    # a deterministic name and run key: a trial restarted by `--resume` finds its checkpoints and MLflow run
+    cfg.name = f"{sweep_name}-{trial_id}"
+    run_training(cfg, callbacks=[TuneReportCallback()], plan=plan, run_key=cfg.name,
+                 tags={"mlflow.parentRunId": parent_run_id, "sweep": sweep_name, "trial_id": trial_id})
+
+
+def run_sweep(sweep: Sweep) -> SweepOutcome:
+    """Pretrain once, run (or resume) the Tuner, summarise; returns the outcome."""
+    base = sweep.base
+    space = load_search_space(sweep.space_path, base) if Path(sweep.space_path).is_file() else None
+    ensure_data(base)
+    init_ray()
+    if sweep.gpus_per_worker is None:  # pass it explicitly on a cluster that scales GPUs from zero
+        sweep.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    base.use_gpu = "true" if sweep.gpus_per_worker > 0 else "false"
+    method_cls = method_class(base.method)
+    base.init = source_inits(base)  # pretrained (or checked) once here, not by every trial
+    uses_actor = method_cls.uses_clustering and base.clustering == "actor"
+    gpus = 0.0
+    if sweep.gpus_per_worker > 0:  # an autoscaling cluster may start with no GPU node
+        trials = min(sweep.num_samples, sweep.max_concurrent or sweep.num_samples)
+        gpus = trials * (base.workers * sweep.gpus_per_worker + ACTOR_GPU * uses_actor)
+    with gpus_requested(gpus, base.gpu_wait_s) as cluster:
+        plan = plan_resources(cluster, base.workers, sweep.gpus_per_worker, uses_actor, sweep.max_concurrent,
+                              cpus_per_gpu(ray.nodes()))
+        return _tune(sweep, base, space, plan)
+
+
+def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: ResourcePlan) -> SweepOutcome:
+    uri = base.mlflow_uri = tracking.resolve_uri(base.mlflow_uri)
+    experiment = base.experiment or f"{base.source}->{base.target}"
+    folder = sweep_dir(base.output, sweep.name)
+    if not sweep.parent_run_id:
+        params = {"sweep.num_samples": sweep.num_samples, "sweep.scheduler": sweep.scheduler,
+                  "sweep.search_space": sweep.space_path, **flatten(base)}
+        sweep.parent_run_id = tracking.start_run(
+            uri, experiment, f"sweep-{sweep.name}", params,
+            {"method": base.method, "source_to_target": f"{base.source}->{base.target}", "sweep": sweep.name,
+             "sweep_parent": "true"}, dataclasses.asdict(base))
+        tracking.log_text(uri, sweep.parent_run_id, sweep.space_text, "search_space.yaml")
+    sweep.direct_transfer = pretraining_metrics(base.init[0]) if base.init else {}
+    sweep.save(folder)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, plan=plan, sweep_name=sweep.name, parent_run_id=sweep.parent_run_id),
+        tune.PlacementGroupFactory(plan.trial))
+    print(f"sweep {sweep.name}: {sweep.num_samples} trials, {plan.concurrent} at a time, "
+          f"{base.workers} workers each ({plan.worker}), actor {plan.actor or 'none'}", flush=True)
+    if tune.Tuner.can_restore(str(folder)) and sweep.resumed:
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=tune_domains(space), tune_config=_tune_config(sweep, base, plan),
+                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder.parent), verbose=1))
+    status = "FAILED"
+    try:
+        grid = tuner.fit()
+        rows = [_row(res, base.epochs, uri, experiment) for res in grid]
+        out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri,
+                                          errors=grid.num_errors, trials=len(grid)))
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, sweep.parent_run_id, status)
+    return out
+
+
+def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
+    m = dict(res.metrics or {})
+    done = int(m.get("epoch", 0))
+    trial_id = m.get("trial_id", "?")
+    runs = tracking.find_runs(uri, experiment, "trial_id", trial_id) if trial_id != "?" else []
+    return TrialRow(trial=trial_id, config=dict(res.config or {}),
+                    status="error" if res.error else ("completed" if done >= epochs else "stopped by ASHA"),
+                    epoch=done, target_mAP=m.get(METRIC, math.nan), target_R1=m.get("target_R1", math.nan),
+                    source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None)
+
+
+def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan) -> tune.TuneConfig:
+    search = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    if sweep.scheduler == "asha":
+        # rungs must fall on evaluated epochs: the grace period is a multiple of eval_every. A trial that
+        # reaches max_t ends by itself (stop_last_trials=False): a trial Tune stops is killed, and its
+        # Ray Train worker group is freed only later by Train's placement-group cleaner
+        grace = max(sweep.grace_period or base.eval_every, 1)
+        grace = math.ceil(grace / base.eval_every) * base.eval_every
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=min(grace, base.epochs),
+                                  reduction_factor=sweep.reduction_factor, stop_last_trials=False)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
+                           num_samples=sweep.num_samples, max_concurrent_trials=plan.concurrent)

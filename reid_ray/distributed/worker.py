@@ -1,0 +1,167 @@
+"""The Ray Train worker loop: one flat function per worker (the shape of Ray's torch examples).
+
+A plain torch loop over `engine.train_epoch` and `engine.evaluate_method`; each Ray-specific
+line is numbered:
+
+    [1] ray.train.get_context()         rank and world size of this worker
+    [2] ray.train.torch.prepare_model   DDP-wraps the method's networks (the method's own loaders
+                                        shard by rank, so prepare_data_loader is not used)
+    [3] ray.train.get_checkpoint()      the last reported checkpoint, when Ray restarts the group
+    [4] ray.train.report(metrics, checkpoint)   every epoch; rank 0's metrics reach Tune
+
+Rank 0 evaluates every `eval_every` epochs and is the only writer of the run's MLflow run,
+status included: it opens the run (found again by its key after a restart), marks it
+"stopped at epoch e" while each report is in flight (a run that Tune stops there keeps that
+status), RUNNING again when the next epoch starts, and FINISHED (or FAILED) at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from reid_ray import tracking
+from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
+from reid_ray.data.domains import load_domains
+from reid_ray.engine import evaluate_method, train_epoch
+from reid_ray.methods import EpochContext, method_class
+from reid_ray.sweep_config import METRIC
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _quiet_ray_train() -> None:
+    # Ray Train logs every report and checkpoint at INFO; our per-epoch line says the same, shorter
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray Train v2 reports each rank's full metrics dict at INFO through a logger named by its file
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _load_state(cfg: TrainConfig) -> dict | None:
+    ckpt = ray.train.get_checkpoint()  # [3] set when Ray restarts a failed worker group
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if cfg.resume:
+        path = Path(cfg.resume)
+        return torch.load(path / CHECKPOINT_FILE if path.is_dir() else path, map_location="cpu", weights_only=True)
+    return None
+
+
+def _clusterer(method, cfg: TrainConfig, handle):
+    if handle is not None:
+        from reid_ray.distributed.actor import ActorClusterer
+        return ActorClusterer(handle)
+    from reid_ray.clustering.client import LocalClusterer
+    t = method.domains.target.train
+    return LocalClusterer(type(method).cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build the method, train, evaluate and checkpoint on rank 0."""
+    _quiet_ray_train()
+    importlib.import_module(config["method_module"])  # a method registered outside reid_ray.methods
+    cfg = from_dict(config["cfg"])
+    tctx = ray.train.get_context()  # [1]
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+    domains = load_domains(cfg.source, cfg.target, cfg.data_root)
+    method_cls = method_class(cfg.method)
+    method = method_cls(cfg, domains, device, rank, world)
+    method.init_states = [method_cls.source_weights(p) for p in cfg.init]
+    if method.uses_clustering:
+        method.clusterer = _clusterer(method, cfg, config["pseudo_labeler"])
+    method.setup(wrap=ray.train.torch.prepare_model)  # [2]
+    if device.type == "cuda":
+        for m in method.models.values():
+            m.to(memory_format=torch.channels_last)
+    ectx = EpochContext(epoch=0, rank=rank, world_size=world)
+    start, best = 0, {"target_mAP": -1.0}
+    last_target = 0.0  # the latest target mAP, carried between evaluations (Tune's ranking metric)
+    state = _load_state(cfg)
+    if state is not None:
+        method.load_state_dict(state["method"])
+        start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
+        last_target = state.get("last_target", 0.0)
+        torch.set_rng_state(state["rng"]["torch"])
+    ml = config["mlflow"]
+    uri, run_id = ml["uri"], None
+    if rank == 0:
+        run_id = tracking.open_run(uri, ml["experiment"], ml["run_key"], cfg.name, flatten(cfg), ml["tags"],
+                                   config["cfg"])
+    try:
+        _epochs(method, cfg, ectx, start, best, last_target, uri, run_id, Path(config["run_dir"]))
+    except BaseException:
+        if run_id:
+            tracking.set_status(uri, run_id, "FAILED", "failed")
+        raise
+    if run_id:
+        tracking.set_status(uri, run_id, "FINISHED", "completed")
+
+
+def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
+            uri: str, run_id: str | None, run_dir: Path) -> None:
+    domains, rank, curves = method.domains, ectx.rank, {}
+    for epoch in range(start, cfg.epochs):
+        ectx.epoch = epoch
+        if run_id and epoch > start:
+            tracking.set_status(uri, run_id, "RUNNING", "running")
+        metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
+        last = epoch + 1 == cfg.epochs
+        if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
+            for name, ds in (("source", domains.source), ("target", domains.target)):
+                if name == "source" and not (cfg.eval_source or last):
+                    continue
+                res, curves[name] = evaluate_method(method, ds, cfg, name)
+                metrics.update(res)
+            last_target = float(metrics["target_mAP"])
+            for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}") if run_id else ():
+                tracking.log_artifact(uri, run_id, path, f"epoch{epoch + 1}")
+        if rank == 0:
+            _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        if run_id:
+            tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
+            if not last:  # what the run says if it is stopped during this report (see the module docstring)
+                tracking.set_status(uri, run_id, "KILLED", f"stopped at epoch {epoch + 1} of {cfg.epochs}")
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
+                         "last_target": last_target, "rng": {"torch": torch.get_rng_state()},
+                         "config": to_dict(cfg)}
+                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                if metrics.get("target_mAP", -1) > best["target_mAP"]:
+                    best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    torch.save({**state, "best": best}, run_dir / "best.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target},
+                             checkpoint=checkpoint)  # [4]
+    if run_id:
+        if curves:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tracking.cmc_plot(curves, run_dir / "cmc.png")
+            tracking.log_artifact(uri, run_id, run_dir / "cmc.png")
+        if (run_dir / "best.pt").exists():
+            tracking.log_artifact(uri, run_id, run_dir / "best.pt", "checkpoints")
+
+
+def _say(line: str) -> None:
+    """One progress line on the worker's own stdout (streamed to the driver by Ray). Ray Train patches
+    `print` in its workers to also log at INFO to the console, so a plain print shows up twice."""
+    out = sys.__stdout__ or sys.stdout
+    out.write(line + "\n")
+    out.flush()

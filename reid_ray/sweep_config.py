@@ -1,0 +1,60 @@
+"""A sweep's settings, typed, and where they live on disk (Ray-free; the sweep itself is distributed/sweep.py).
+
+    sweep = Sweep(name="mmt-1", method="mmt", base=resolve_config("mmt", sweep=True), ...)
+    sweep.save(sweep_dir("outputs", sweep.name))    # reid_ray_sweep.json: what `--resume` reads back
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reid_ray import ReidRayError, write_text_atomic
+from reid_ray.config import TrainConfig, from_dict, to_dict
+
+METRIC = "target_mAP_last"   # what Tune ranks trials on: the latest target mAP, reported every epoch
+SWEEP_FILE = "reid_ray_sweep.json"
+
+
+@dataclass
+class Sweep:
+    name: str
+    method: str
+    base: TrainConfig                  # every trial's config before its sample (config.resolve_config)
+    space_path: str
+    space_text: str
+    num_samples: int
+    seed: int = 0                      # seeds the TPE sampler
+    scheduler: str = "asha"            # asha | none
+    grace_period: int | None = None    # ASHA: epochs before a trial can stop (default: eval_every)
+    reduction_factor: float = 2.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (decided once Ray runs)
+    max_concurrent: int | None = None
+    parent_run_id: str = ""            # the sweep's MLflow parent run (the sweep driver writes it)
+    direct_transfer: dict = field(default_factory=dict)  # the source model's metrics
+    resumed: bool = False
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        d = {**dataclasses.asdict(self), "base": to_dict(self.base)}
+        write_text_atomic(folder / SWEEP_FILE, json.dumps(d, indent=1, default=str))
+
+    @classmethod
+    def load(cls, folder: Path) -> Sweep:
+        d = json.loads((folder / SWEEP_FILE).read_text())
+        return cls(**{**d, "base": from_dict(d["base"])})
+
+
+def sweep_dir(output: str, name: str) -> Path:
+    return Path(output).expanduser().resolve() / "tune" / name
+
+
+def latest_sweep(output: str, method: str) -> str:
+    root = Path(output).expanduser().resolve() / "tune"
+    found = sorted((p for p in root.glob(f"{method}-*") if (p / SWEEP_FILE).is_file()), key=os.path.getmtime)
+    if not found:
+        raise ReidRayError(f"--resume: no earlier {method} sweep under {root}; pass --name of the sweep to resume")
+    return found[-1].name

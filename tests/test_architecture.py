@@ -1,0 +1,111 @@
+"""The layering promised in docs/architecture.md, checked on the source tree."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from reid_ray import ReidRayError
+from reid_ray.config import load_config_file, resolve_config
+
+PACKAGE = Path(__file__).resolve().parent.parent / "reid_ray"
+RAY_LAYER = PACKAGE / "distributed"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_ray_layer_imports_ray():
+    offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m == "ray" or m.startswith("ray."))
+                 for p in PACKAGE.rglob("*.py") if RAY_LAYER not in p.parents}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert any("ray" in imported_modules(p) or any(m.startswith("ray.") for m in imported_modules(p))
+               for p in RAY_LAYER.rglob("*.py"))  # the check can fail: the layer does import Ray
+    assert "ray" not in imported_modules(RAY_LAYER / "resources.py")  # the planner is pure arithmetic
+
+
+def test_shared_code_names_no_method():
+    pattern = re.compile(r"\b(mmt|ecn|mar|san|init2|two_sources|num_clusters)\b", re.IGNORECASE)
+    files = [*RAY_LAYER.rglob("*.py"), PACKAGE / "config.py", PACKAGE / "presets.py"]
+    hits = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["params.num_cluster=10"], r"unknown parameter 'params.num_cluster' of method 'mmt'; valid names: .*params.num_clusters"),
+    (["params.num_clusters=many"], r"params.num_clusters='many': expected int"),
+    ({"params.num_clusters": 1.5}, r"params.num_clusters=1.5: expected int"),
+    ({"params.two_sources": "maybe"}, r"params.two_sources='maybe': expected bool"),
+    ({"params.alpha": [0.9]}, r"params.alpha=\[0.9\]: expected float"),
+])
+def test_method_parameters_are_typed(sets, message):
+    with pytest.raises(ReidRayError, match=message):
+        resolve_config("mmt", sets=sets)
+
+
+def test_a_typo_in_a_config_file_is_an_error(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("method: ecn\nparams:\n  knn: 6\n")
+    method, source, target, file = load_config_file(path)
+    with pytest.raises(ReidRayError, match=r"'params.knn' of method 'ecn'; valid names: .*params.knn_k"):
+        resolve_config(method, source, target, file=file)
+
+
+def test_a_typo_in_a_flag_exits_2_before_ray(capsys):
+    from reid_ray.train import main
+
+    assert main(["--method", "mmt", "--set", "params.num_cluster=10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "valid names" in err and "params.num_clusters" in err
+
+
+def test_one_precedence_list():
+    # defaults < synthetic < the method's < preset < config file < flags < --set
+    assert resolve_config("mmt").epochs == 10                                   # the method's synthetic override
+    assert resolve_config("mmt", preset="duke2market").epochs == 40             # its paper recipe on the preset
+    assert resolve_config("mmt", preset="duke2market", file={"epochs": 7}).epochs == 7
+    assert resolve_config("mmt", preset="duke2market", file={"epochs": 7}, flags={"epochs": 5}).epochs == 5
+    assert resolve_config("mmt", file={"epochs": 7}, flags={"epochs": 5}, sets=["epochs=3"]).epochs == 3
+    sweep = resolve_config("mmt", sweep=True)
+    assert sweep.epochs == 3 and sweep.params.two_sources is False           # the sweep layer of the demo
+    assert resolve_config("mmt", preset="duke2market", sweep=True).params.two_sources is True
+
+
+def test_dbscan_pseudo_labels_are_selectable_for_mmt(tiny_synth):
+    import numpy as np
+    import torch
+
+    from reid_ray.clustering.client import LocalClusterer
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.engine import train_epoch
+    from reid_ray.methods import METHODS, Domains, EpochContext
+
+    cfg = resolve_config("mmt", sets=["num_identities=4", "cluster_algorithm=dbscan", "eps=0.5", "min_samples=2", "k1=10",
+                                 "iters=2"],
+                         flags=dict(data_root=str(tiny_synth)))
+    spec = METHODS["mmt"].cluster_spec(cfg)
+    assert (spec.algorithm, spec.eps, spec.min_samples, spec.k1) == ("dbscan", 0.5, 2, 10)
+    domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
+    method = METHODS["mmt"](cfg, domains, torch.device("cpu"))
+    method.clusterer = LocalClusterer(spec, domains.target.train["pid"].to_numpy())
+    method.setup()
+    n = domains.target.train.num_rows
+    assert method.models["net1"].classifier.weight.shape[0] == -(-n // 2)  # room for the most DBSCAN can find
+    method.on_epoch_start(EpochContext(0))
+    k, w = method.k, method.models["net1"].classifier.weight
+    assert 0 < k < n and torch.allclose(w[:k].norm(dim=1), torch.ones(k), atol=1e-5) and not w[k:].any()
+    out = train_epoch(method, EpochContext(0))
+    assert out["pseudo_clusters"] == k and out["pseudo_outliers"] >= 0 and np.isfinite(out["loss"])
+    assert not method.models["net1"].classifier.weight[k:].any()  # rows past this refresh's k stay unused
+    with pytest.raises(ReidRayError, match="valid: kmeans, dbscan"):
+        METHODS["mmt"].cluster_spec(resolve_config("mmt", sets=["cluster_algorithm=spectral"]))
