@@ -20,8 +20,8 @@ from pathlib import Path
 from reid_ray import write_text_atomic
 from reid_ray.config import resolve_config
 from reid_ray.distributed.driver import run_training
-from reid_ray.distributed.worker import CHECKPOINT_FILE
 from reid_ray.methods import METHODS
+from reid_ray.methods.base import CHECKPOINT_FILE
 
 
 def adabn_target_map(init: str, cfg) -> dict:

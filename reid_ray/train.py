@@ -21,7 +21,7 @@ from pathlib import Path
 from reid_ray import ReidRayError
 from reid_ray.config import TrainConfig, load_config_file, resolve_config
 from reid_ray.methods import METHODS, method_class
-from reid_ray.methods.base import check_source_models
+from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models, load_checkpoint
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -41,8 +41,14 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """What can be checked before Ray starts."""
     check_source_models(cfg)
-    if cfg.resume and not Path(cfg.resume).exists():
-        raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not path.exists():
+            raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
+        state = load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path, mmap=True)
+        if state.get("config", {}).get("method") not in (None, cfg.method):
+            raise ReidRayError(f"--resume {cfg.resume}: a checkpoint of method {state['config']['method']!r}, "
+                               f"not {cfg.method!r}; pass --method {state['config']['method']}")
 
 
 def print_summary(cfg: TrainConfig, out: dict) -> None:

@@ -109,3 +109,29 @@ def test_dbscan_pseudo_labels_are_selectable_for_mmt(tiny_synth):
     assert not method.models["net1"].classifier.weight[k:].any()  # rows past this refresh's k stay unused
     with pytest.raises(ReidRayError, match="valid: kmeans, dbscan"):
         METHODS["mmt"].cluster_spec(resolve_config("mmt", sets=["cluster_algorithm=spectral"]))
+
+
+class _Payload:
+    """Stands for an object a malicious checkpoint would unpickle (and run code in)."""
+
+
+@pytest.mark.parametrize("content, message", [
+    ("unsafe", "refused by the safe checkpoint loader"),
+    ("text", "not a checkpoint torch can read"),
+    ("other-method", "a checkpoint of method 'mmt', not 'baseline'; pass --method mmt"),
+])
+def test_resume_checkpoints_load_safely_and_are_checked_before_ray(tmp_path, capsys, content, message):
+    import torch
+
+    from reid_ray.train import main
+
+    path = tmp_path / "checkpoint.pt"
+    if content == "unsafe":
+        torch.save({"method": _Payload()}, path)
+    elif content == "text":
+        path.write_text("not a checkpoint")
+    else:
+        torch.save({"method": {}, "config": {"method": "mmt"}}, path)
+    assert main(["--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

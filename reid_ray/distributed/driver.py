@@ -27,9 +27,9 @@ from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
 from reid_ray.distributed.runtime import gpus_requested, init_ray
-from reid_ray.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
+from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
-from reid_ray.methods.base import check_source_models
+from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models
 
 
 def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: ResourcePlan | None = None,

@@ -32,9 +32,8 @@ from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.engine import evaluate_method, train_epoch
 from reid_ray.methods import EpochContext, method_class
+from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint
 from reid_ray.sweep_config import METRIC
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def _quiet_ray_train() -> None:
@@ -52,10 +51,10 @@ def _load_state(cfg: TrainConfig) -> dict | None:
     ckpt = ray.train.get_checkpoint()  # [3] set when Ray restarts a failed worker group
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    if cfg.resume:
+            return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    if cfg.resume:  # checked by the driver before Ray started (train.check_config)
         path = Path(cfg.resume)
-        return torch.load(path / CHECKPOINT_FILE if path.is_dir() else path, map_location="cpu", weights_only=True)
+        return load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
     return None
 
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from reid_ray.config import TrainConfig
 
 METHODS: dict[str, type[Method]] = {}
+CHECKPOINT_FILE = "checkpoint.pt"   # what each reported checkpoint directory holds
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -125,12 +126,12 @@ class Method:
     @staticmethod
     def source_weights(path: str | Path) -> dict[str, torch.Tensor]:
         """The network weights of a source-trained checkpoint (a baseline's or SAN's checkpoint.pt)."""
+        state = load_checkpoint(path, "--init")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             return state["method"]["models"]["net"]
-        except (KeyError, TypeError, RuntimeError, OSError, EOFError) as e:
+        except (KeyError, TypeError):
             raise ReidRayError(f"--init {path}: not a source model checkpoint (a checkpoint.pt written by "
-                               f"reid-ray train --method baseline): {type(e).__name__}") from None
+                               "reid-ray train --method baseline)") from None
 
     def setup(self, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         """Build models (then wrapped for DDP), the optimizer, scheduler and train loader."""
@@ -181,6 +182,23 @@ class Method:
             unwrap(m).load_state_dict(state["models"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def load_checkpoint(path: str | Path, flag: str = "--resume", mmap: bool = False) -> dict:
+    """A reid-ray checkpoint, read with the safe loader (`torch.load(weights_only=True)`: tensors and plain
+    types only, so a shared file cannot run code); a clear error for anything else."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise ReidRayError(f"{flag} {path}: refused by the safe checkpoint loader (it holds more than tensors and "
+                           f"plain values: {str(e).splitlines()[0][:120]}); only checkpoints written by reid-ray load") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ReidRayError(f"{flag} {path}: not a checkpoint torch can read ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "method" not in state:
+        raise ReidRayError(f"{flag} {path}: not a reid-ray checkpoint (expected a checkpoint.pt written by reid-ray train)")
+    return state
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -40,8 +40,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from reid_ray.data.camstyle import CamStyleDataset
 from reid_ray.data.loader import build_test_loader, build_train_loader, relabel
@@ -51,51 +49,9 @@ from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.ecn import ExemplarMemory, invariance_loss
 from reid_ray.methods.base import EpochContext, Method, register_method, unwrap
-from reid_ray.models.adabn import adapt_bn, frozen_bn_stats
-from reid_ray.models.reid_net import ReIDNet, build_reid_net
-from reid_ray.models.sync_bn import convert_sync_bn
-
-
-class ECNNet(nn.Module):
-    """ReIDNet + ECN's target embedding. Training: (source outputs, target embeddings); eval: f_i."""
-
-    def __init__(self, net: ReIDNet, features: int, dropout: float, sync_bn: bool, device: torch.device,
-                 target_bn: bool = True):
-        super().__init__()
-        self.net, self.target_bn = net, target_bn
-        self.embed = nn.Linear(net.feat_dim, features)
-        nn.init.kaiming_normal_(self.embed.weight, mode="fan_out")
-        nn.init.zeros_(self.embed.bias)
-        self.embed_bn = nn.BatchNorm1d(features)
-        self.drop = nn.Dropout(dropout)
-        if sync_bn:
-            self.embed_bn = convert_sync_bn(self.embed_bn, device)
-        self.to(device)
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None):
-        if not self.training:
-            return self.net(x)
-        # source and target pass separately through BN, as the authors' two calls; with target_bn the
-        # running statistics follow the target only
-        with frozen_bn_stats(self.net, self.target_bn):
-            src = self.net(x)
-        return src, self.drop(self.embedding(self.net(target)["feat"]))
-
-    def embedding(self, feat: torch.Tensor) -> torch.Tensor:
-        """The authors' `tgt_feat` before dropout: L2-normalised BN(FC(pooled feature))."""
-        return F.normalize(self.embed_bn(self.embed(feat)), dim=1)
-
-
-class TargetEmbedding(nn.Module):
-    """Eval-mode view of an ECNNet that returns the target embedding (what the memory holds)."""
-
-    def __init__(self, model: ECNNet):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.embedding(self.model.net.backbone(x).mean((2, 3)))
-
+from reid_ray.models.adabn import adapt_bn
+from reid_ray.models.ecn_net import ECNNet, TargetEmbedding
+from reid_ray.models.reid_net import build_reid_net
 
 _PAPER = "Zhong et al., Invariance Matters (ECN), CVPR 2019"
 # the paper: β = 0.05 (temperature), λ = 0.3 (source vs invariance), k = 6 neighbours, target batch 128,

@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from reid_ray import ReidRayError
 from reid_ray.clustering.client import ClusterSpec
@@ -41,26 +40,8 @@ from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
 from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
 from reid_ray.models.adabn import adapt_bn
+from reid_ray.models.mean_net import ema_update, sync_buffers
 from reid_ray.models.reid_net import build_reid_net
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, alpha: float, step: int) -> None:
-    """Mean-teacher update of the parameters (MMT Eq. 5, with its warm start)."""
-    a = min(1 - 1 / (step + 1), alpha)
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(a).add_(p.detach(), alpha=1 - a)
-
-
-@torch.no_grad()
-def sync_buffers(model: torch.nn.Module) -> None:
-    """Average BN running statistics over ranks (mean nets update them locally)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for b in model.buffers():
-            if b.is_floating_point():
-                dist.all_reduce(b)
-                b /= dist.get_world_size()
-
 
 _PAPER = "Ge et al., Mutual Mean-Teaching, ICLR 2020 (ResNet-50)"
 # the paper: Adam 3.5e-4, 40 epochs × 400 iterations, α = 0.999, λ_id = 0.5, λ_tri = 0.8
