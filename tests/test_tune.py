@@ -135,6 +135,10 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(children) == 2
     assert {r.data.tags["status"] for r in children} <= {"completed", "stopped by ASHA"}
+    # no trial's run is left RUNNING: completed ones by their rank 0, ASHA-stopped ones by the sweep's callback
+    assert {(r.data.tags["status"], r.info.status) for r in children} <= {("completed", "FINISHED"),
+                                                                         ("stopped by ASHA", "KILLED")}
+    assert all(r.info.run_id in (folder / "summary.md").read_text() for r in children)  # found by trial_id
     for r in children:  # trials evaluate the target every epoch, the source only at their last one
         if r.data.tags["status"] == "completed":
             hist = {k: [m.step for m in client.get_metric_history(r.info.run_id, k)] for k in ("source_mAP", "target_mAP")}

@@ -4,8 +4,10 @@ Each Tune trial is a function (`run_trial`) that applies its sample to the resol
 last layer of config.resolve_config), and runs `driver.run_training` with `TuneReportCallback`, so
 rank 0's reports reach Tune (the Ray Train V2 pattern, PLATFORM_NOTES.md). The run's actor lives in
 the trial's placement group. The source models are trained once, before the trials. The sweep
-driver writes only the sweep's MLflow parent run; each trial's run is written by its rank 0, and
-found here by its `trial_id` tag.
+driver writes the sweep's MLflow parent run; each trial's run is written by its rank 0 and found
+here by its `trial_id` tag. A trial that ASHA stops is killed with its workers mid-epoch, before
+its rank 0 can end its run: `CloseStoppedRuns` (a Tune callback) ends that run as KILLED, tag
+`status=stopped by ASHA`, the one write to a trial's run that is not its rank 0's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ def tune_domains(space: SearchSpace) -> dict:
     make = {"uniform": lambda p: tune.uniform(p.low, p.high), "loguniform": lambda p: tune.loguniform(p.low, p.high),
             "int": lambda p: tune.randint(p.low, p.high + 1), "choice": lambda p: tune.choice(p.values)}
     return {name: make[p.distribution](p) for name, p in space.params.items()}
+
+
+class CloseStoppedRuns(tune.Callback):
+    """Ends the MLflow run of a trial that Tune stopped or lost, which its killed rank 0 left RUNNING."""
+
+    def __init__(self, uri: str, experiment: str, epochs: int):
+        self.uri, self.experiment, self.epochs = uri, experiment, epochs
+
+    def _close(self, trial, status: str, note: str) -> None:
+        for run in tracking.find_runs(self.uri, self.experiment, "trial_id", trial.trial_id):
+            if run.info.status == "RUNNING":
+                tracking.set_status(self.uri, run.info.run_id, status, note)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if int((trial.last_result or {}).get("epoch", 0)) < self.epochs:
+            self._close(trial, "KILLED", "stopped by ASHA")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED", "error")
 
 
 def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str) -> None:
@@ -96,7 +117,8 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=tune_domains(space), tune_config=_tune_config(sweep, base, plan),
-                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder.parent), verbose=1))
+                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder.parent), verbose=1,
+                                                     callbacks=[CloseStoppedRuns(uri, experiment, base.epochs)]))
     status = "FAILED"
     try:
         grid = tuner.fit()

@@ -9,10 +9,10 @@ line is numbered:
     [3] ray.train.get_checkpoint()      the last reported checkpoint, when Ray restarts the group
     [4] ray.train.report(metrics, checkpoint)   every epoch; rank 0's metrics reach Tune
 
-Rank 0 evaluates every `eval_every` epochs and is the only writer of the run's MLflow run,
-status included: it opens the run (found again by its key after a restart), marks it
-"stopped at epoch e" while each report is in flight (a run that Tune stops there keeps that
-status), RUNNING again when the next epoch starts, and FINISHED (or FAILED) at the end.
+Rank 0 evaluates every `eval_every` epochs and writes the run's MLflow run, status included:
+it opens the run (found again by its key after a restart: RUNNING again), logs every epoch, and
+ends it FINISHED (tag `status=completed`) or FAILED. The one exception is a trial that Tune stops
+(ASHA): its workers are killed with it, so the sweep's callback closes that run (distributed/sweep.py).
 """
 
 from __future__ import annotations
@@ -115,8 +115,6 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
     domains, rank, curves = method.domains, ectx.rank, {}
     for epoch in range(start, cfg.epochs):
         ectx.epoch = epoch
-        if run_id and epoch > start:
-            tracking.set_status(uri, run_id, "RUNNING", "running")
         metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
         last = epoch + 1 == cfg.epochs
         if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
@@ -133,8 +131,6 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if run_id:
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
-            if not last:  # what the run says if it is stopped during this report (see the module docstring)
-                tracking.set_status(uri, run_id, "KILLED", f"stopped at epoch {epoch + 1} of {cfg.epochs}")
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
