@@ -28,7 +28,8 @@ from reid_ray.clustering.metrics import cluster_quality
 class ClusterSpec:
     """What to compute at a refresh (the method's hyperparameters)."""
 
-    algorithm: str = "kmeans"          # kmeans | dbscan (on the k-reciprocal Jaccard distance)
+    algorithm: str = "kmeans"          # kmeans | dbscan (on the k-reciprocal Jaccard distance) | self_paced
+                                       # (DBSCAN at eps and eps ± eps_gap, clustering/self_paced.py)
     num_clusters: int = 500
     seed: int = 0
     niter: int = 300
@@ -36,6 +37,7 @@ class ClusterSpec:
     max_points_per_centroid: int = 256
     early_stop: bool = True
     eps: float = 0.6                   # DBSCAN radius on the Jaccard distance (SpCL's default)
+    eps_gap: float = 0.02              # self_paced: the tight and loose radii are eps ∓ eps_gap
     min_samples: int = 4
     k1: int = 30
     k2: int = 6
@@ -52,9 +54,12 @@ def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: n
         from reid_ray.clustering.dbscan import dbscan_labels
         res = dbscan_labels(features, spec.eps, spec.min_samples, spec.k1, spec.k2)
         res.centroids = cluster_means(features, res.labels)
+    elif spec.algorithm == "self_paced":
+        from reid_ray.clustering.self_paced import self_paced_dbscan
+        res = self_paced_dbscan(features, spec.eps, spec.eps_gap, spec.min_samples, spec.k1, spec.k2)
     else:
         from reid_ray import ReidRayError
-        raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans, dbscan")
+        raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans, dbscan, self_paced")
     res.stats["cluster_time"] = time.perf_counter() - t
     if truth is not None:
         res.stats.update(cluster_quality(res.labels, truth, cameras))

@@ -30,6 +30,7 @@ class ClusterResult:
     labels: np.ndarray                 # (N,) int64; -1 = outlier (DBSCAN only)
     centroids: np.ndarray | None       # (C, D) float32, L2-normalised; None for DBSCAN
     stats: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # more labellings (self-paced: tight, loose)
 
 
 def _as_float32(x) -> np.ndarray:
