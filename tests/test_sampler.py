@@ -57,3 +57,55 @@ def test_augmentation_seeds_do_not_depend_on_the_worker_count():
 def test_p_must_divide_over_workers():
     with pytest.raises(ReidRayError, match="multiple of the worker count"):
         PKSampler(LABELS, 4, 5, num_replicas=2)
+
+
+def _cross_camera_data():
+    # labels: a cluster over cameras 0/1/2, a one-camera cluster, two un-clustered instances (their own labels)
+    labels = [0, 0, 0, 0, 0, 1, 1, 1, 2, 3]
+    cams = [0, 0, 1, 2, 1, 3, 3, 3, 0, 1]
+    return labels, cams
+
+
+def test_cross_camera_sampler_is_deterministic_and_visits_every_label_once():
+    from reid_ray.data.sampler import CrossCameraSampler
+
+    labels, cams = _cross_camera_data()
+    s = CrossCameraSampler(labels, cams, num_instances=4, batch_size=2, seed=3)
+    stream = s.stream()
+    assert stream == CrossCameraSampler(labels, cams, num_instances=4, batch_size=2, seed=3).stream()
+    # groups of K for the clusters, one image for each un-clustered instance: 4 + 4 + 1 + 1
+    assert len(stream) == 10 and sorted({labels[i] for i in stream}) == [0, 1, 2, 3]
+    assert stream.count(8) == 1 and stream.count(9) == 1
+    s.set_epoch(1)
+    again = CrossCameraSampler(labels, cams, num_instances=4, batch_size=2, seed=3)
+    again.set_epoch(1)
+    assert s.stream() == again.stream()  # each pass is a function of (seed, epoch)
+    passes = {tuple(CrossCameraSampler(labels, cams, 4, 2, seed=3).stream())}
+    for e in range(1, 5):
+        again.set_epoch(e)
+        passes.add(tuple(again.stream()))
+    assert len(passes) > 1  # and the passes differ
+
+
+def test_cross_camera_sampler_prefers_other_cameras():
+    from reid_ray.data.sampler import CrossCameraSampler
+
+    labels, cams = _cross_camera_data()
+    for seed in range(20):
+        stream = CrossCameraSampler(labels, cams, num_instances=4, batch_size=2, seed=seed).stream()
+        for g in range(len(stream)):
+            if labels[stream[g]] == 0 and (g == 0 or labels[stream[g - 1]] != 0):  # the cluster's anchor
+                anchor, rest = stream[g], stream[g + 1:g + 4]
+                assert all(cams[i] != cams[anchor] for i in rest), (seed, anchor, rest)
+        one_cam = [i for i in stream if labels[i] == 1]
+        assert len(one_cam) == 4 and set(one_cam) <= {5, 6, 7}  # no other camera: its own camera's images
+
+
+def test_cross_camera_sampler_ranks_partition_every_global_batch():
+    from reid_ray.data.sampler import CrossCameraSampler
+
+    labels, cams = _cross_camera_data()
+    one = list(CrossCameraSampler(labels, cams, 4, batch_size=4, seed=1))
+    ranks = [list(CrossCameraSampler(labels, cams, 4, batch_size=4, num_replicas=2, rank=r, seed=1)) for r in (0, 1)]
+    merged = [x for b in range(len(one) // 4) for r in (0, 1) for x in ranks[r][2 * b:2 * b + 2]]
+    assert merged == one and len(one) == 8  # 10 images cut into batches of 4: the partial one is dropped

@@ -75,3 +75,16 @@ def test_toy_method_trains_through_the_cli(ray_local, tiny_synth, tmp_path, caps
     assert run.info.run_name == "toy-run" and run.info.status == "FINISHED"
     assert run.data.params["params.temperature"] == "0.2" and run.data.tags["status"] == "completed"
     assert 0 <= run.data.metrics["target_mAP"] <= 100 and "ce" in run.data.metrics
+
+
+def test_the_cli_finds_a_method_named_in_reid_ray_methods():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "REID_RAY_METHODS": "tests.test_toy_method"}
+    out = subprocess.run([sys.executable, "-m", "reid_ray.train", "--method", "toy", "--set", "params.temperature=x"],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    # resolved as the toy method's typed parameter (an unknown method would say "valid: ..." instead)
+    assert out.returncode == 2 and "params.temperature='x': expected float" in out.stderr, out.stderr

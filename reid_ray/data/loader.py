@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from reid_ray.data.sampler import PKSampler
+from reid_ray import ReidRayError
+from reid_ray.data.sampler import CrossCameraSampler, PKSampler
 from reid_ray.data.transforms import TransformConfig, test_transform, train_transform
 
 
@@ -70,14 +71,22 @@ class LoaderConfig:
 
 def build_train_loader(table: pa.Table, labels: np.ndarray, tcfg: TransformConfig, lcfg: LoaderConfig, *,
                        rank: int = 0, world_size: int = 1, seed: int = 0, views: int = 1,
-                       dataset: ImageDataset | None = None) -> DataLoader:
-    """P×K loader for one rank; call `loader.sampler.set_epoch(e)` every epoch.
+                       dataset: ImageDataset | None = None, sampler: str = "pk") -> DataLoader:
+    """Identity-sampled loader for one rank; call `loader.sampler.set_epoch(e)` every epoch.
 
-    Pass `dataset` to reuse decoded images when only the labels change (pseudo-labels).
+    `sampler`: "pk" (P identities × K images per batch, PKSampler) or "cross_camera" (every label once per
+    pass, K images from other cameras where it has some: CrossCameraSampler, the authors' sampler for
+    pseudo-labels). Pass `dataset` to reuse decoded images when only the labels change (pseudo-labels).
     """
     ds = dataset or ImageDataset(table, train_transform(tcfg), labels, in_memory=lcfg.in_memory, views=views)
     ds.labels = np.asarray(labels)
-    sampler = PKSampler(labels, lcfg.num_instances, lcfg.num_identities, world_size, rank, seed)
+    if sampler == "cross_camera":
+        sampler = CrossCameraSampler(labels, table["camid"].to_numpy(), lcfg.num_instances,
+                                     lcfg.num_identities * lcfg.num_instances, world_size, rank, seed)
+    elif sampler == "pk":
+        sampler = PKSampler(labels, lcfg.num_instances, lcfg.num_identities, world_size, rank, seed)
+    else:
+        raise ReidRayError(f"unknown sampler {sampler!r}; valid: pk, cross_camera")
     per_rank = lcfg.num_identities // world_size * lcfg.num_instances
     return DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=lcfg.num_workers,
                       persistent_workers=lcfg.num_workers > 0)

@@ -76,3 +76,60 @@ class PKSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.global_batches()) * (self.p // self.num_replicas) * self.k
+
+
+class CrossCameraSampler(Sampler[int]):
+    """Pseudo-label sampling as the authors' `RandomMultipleGallerySampler` (MMT, SpCL), DDP-aware.
+
+    One pass visits every label once, in a random order: an anchor image at random, then K - 1 more of
+    the same label from other cameras when it has some (else from its own camera), drawn without
+    replacement when there are enough; a label of one image (an un-clustered instance) gives just that
+    image. The groups are concatenated and cut into global batches of `batch_size` (the last, partial one
+    dropped); rank r takes its contiguous share of each, so 1 or N workers see the same global batches.
+    Yields (index, augmentation seed), the seed fixed by the place in the pass. Negative labels are skipped.
+    """
+
+    def __init__(self, labels: Sequence[int], camids: Sequence[int], num_instances: int = 4, batch_size: int = 64,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if batch_size % num_replicas:
+            raise ReidRayError(f"batch size {batch_size} must divide evenly over {num_replicas} workers")
+        self.k, self.batch = num_instances, batch_size
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.camids = np.asarray(camids)
+        self.by_label: dict[int, list[int]] = defaultdict(list)
+        for i, lab in enumerate(labels):
+            if lab >= 0:
+                self.by_label[int(lab)].append(i)
+        self.labels_sorted = sorted(self.by_label)
+        if sum(min(len(v), self.k) for v in self.by_label.values()) < batch_size:
+            raise ReidRayError(f"pseudo-label sampling: fewer images than one batch of {batch_size}; lower the batch size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def stream(self) -> list[int]:
+        """This pass's indices, group after group."""
+        rng = np.random.default_rng([self.seed, self.epoch, 11])
+        out: list[int] = []
+        for lab in rng.permutation(self.labels_sorted):
+            members = np.asarray(self.by_label[int(lab)])
+            anchor = int(rng.choice(members))
+            out.append(anchor)
+            others = members[members != anchor]
+            if not len(others):
+                continue
+            other_cams = others[self.camids[others] != self.camids[anchor]]
+            pool = other_cams if len(other_cams) else others
+            out.extend(int(i) for i in rng.choice(pool, size=self.k - 1, replace=len(pool) < self.k - 1))
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        stream, share = self.stream(), self.batch // self.num_replicas
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + 11
+        for b in range(len(stream) // self.batch):
+            lo = b * self.batch + self.rank * share
+            for pos in range(lo, lo + share):
+                yield stream[pos], (base + pos) % 2**63
+
+    def __len__(self) -> int:
+        return len(self.stream()) // self.batch * (self.batch // self.num_replicas)
