@@ -15,18 +15,19 @@ it is among them, only k − 1 other slots get 1/k), the own slot is then set to
 vector is not renormalised (it sums to 1 + (k − 1)/k or 2).
 
 The authors' `ExemplarMemory` is a legacy (non-static) autograd Function that updates K inside
-`backward`, one sample at a time. Here it is a static Function (vectorised update, also in
-`backward`, after K has served the gradient) and a small Module that, under DDP, all-gathers the
-rows to write and their indices in `forward`, so every rank applies the same update and the
-memories stay identical (collectives never run inside `backward`).
+`backward`, one sample at a time. Here K·f is `losses/memory.MemoryProduct` (a static Function:
+vectorised update, also in `backward`, after K has served the gradient) inside a small Module that,
+under DDP, all-gathers the rows to write and their indices in `forward`, so every rank applies the
+same update and the memories stay identical (collectives never run inside `backward`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from reid_ray.losses.memory import MemoryProduct, all_gather_rows
 
 
 @torch.no_grad()
@@ -34,35 +35,6 @@ def update_memory(memory: torch.Tensor, feats: torch.Tensor, indices: torch.Tens
     """Eq. 2 in place: memory (N, d); feats (B, d); indices (B,) distinct int64; 0 ≤ alpha ≤ 1."""
     new = alpha * memory[indices] + (1 - alpha) * feats.to(memory.dtype)
     memory[indices] = F.normalize(new, dim=1)
-
-
-class ExemplarMemoryFn(torch.autograd.Function):
-    """inputs (B, d) -> inputs · Kᵀ (B, N); backward: dL/df = dL/dS · K, then K is updated (Eq. 2)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, inputs, memory, write_feats, write_indices, alpha):
-        # K is kept by reference, not saved: it is written (in place) only in backward, after use
-        ctx.memory, ctx.alpha = memory, alpha
-        ctx.save_for_backward(write_feats, write_indices)
-        return inputs.mm(memory.t())
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_outputs):
-        write_feats, write_indices = ctx.saved_tensors
-        grad_inputs = grad_outputs.mm(ctx.memory) if ctx.needs_input_grad[0] else None
-        update_memory(ctx.memory, write_feats, write_indices, ctx.alpha)
-        return grad_inputs, None, None, None, None
-
-
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows of every DDP rank, in rank order (no gradient; equal row counts on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
 
 
 class ExemplarMemory(nn.Module):
@@ -80,7 +52,7 @@ class ExemplarMemory(nn.Module):
         rows = inputs if write is None else inputs[write]
         idx = indices if write is None else indices[write]
         feats, idx = all_gather_rows(rows.detach()), all_gather_rows(idx)
-        return ExemplarMemoryFn.apply(inputs, self.memory, feats, idx, float(alpha))
+        return MemoryProduct.apply(inputs, self.memory, feats, idx, float(alpha), update_memory)
 
 
 def neighbourhood_targets(sims: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:

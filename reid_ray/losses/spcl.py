@@ -16,9 +16,9 @@ centroid for a source image, the image's own instance row for a target image) is
     r ← m·r + (1 − m)·f,   r ← r / ‖r‖₂          (m = momentum, 0.2 in the paper)
 
 one sample after another, in the global batch's order, as the authors' loop does (a source class
-appears K times in a P×K batch). As ECN's memory (losses/ecn.py), it is a static autograd Function
-that updates in `backward`, after the gradient has used the old rows; under DDP the module all-gathers
-the rows to write and their indices in `forward`, so every rank applies the same update. The authors'
+appears K times in a P×K batch). As ECN's memory, the product is `losses/memory.MemoryProduct`, which
+updates in `backward`, after the gradient has used the old rows; under DDP the module all-gathers the rows
+to write and their indices in `forward`, so every rank applies the same update. The authors'
 masked softmax (exp without the max shift, +1e-6) is computed here as a stable log-softmax.
 """
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reid_ray.losses.ecn import all_gather_rows
+from reid_ray.losses.memory import MemoryProduct, all_gather_rows
 
 
 @torch.no_grad()
@@ -49,25 +49,6 @@ def momentum_update(memory: torch.Tensor, feats: torch.Tensor, indices: torch.Te
         rows = indices[sel]
         new = momentum * memory[rows] + (1 - momentum) * feats[sel].to(memory.dtype)
         memory[rows] = F.normalize(new, dim=1)
-
-
-class HybridMemoryFn(torch.autograd.Function):
-    """inputs (B, d) -> inputs · memoryᵀ (B, M); backward: dL/df = dL/dS · memory, then the rows are updated."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, inputs, memory, write_feats, write_indices, momentum):
-        ctx.memory, ctx.momentum = memory, momentum  # by reference: written in place, only in backward
-        ctx.save_for_backward(write_feats, write_indices)
-        return inputs.mm(memory.t())
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_outputs):
-        write_feats, write_indices = ctx.saved_tensors
-        grad_inputs = grad_outputs.mm(ctx.memory) if ctx.needs_input_grad[0] else None
-        momentum_update(ctx.memory, write_feats, write_indices, ctx.momentum)
-        return grad_inputs, None, None, None, None
 
 
 def unified_contrastive_loss(logits: torch.Tensor, row_labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -91,5 +72,6 @@ class HybridMemory(nn.Module):
     def forward(self, inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Per-sample losses (B,) of unit features `inputs` (B, d) whose own rows are `rows` (B,)."""
         write_feats, write_rows = all_gather_rows(inputs.detach()), all_gather_rows(rows)
-        logits = HybridMemoryFn.apply(inputs, self.features, write_feats, write_rows, self.momentum) / self.temp
+        scores = MemoryProduct.apply(inputs, self.features, write_feats, write_rows, self.momentum, momentum_update)
+        logits = scores / self.temp
         return unified_contrastive_loss(logits, self.labels, self.labels[rows])
