@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import numbers
 import typing
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     apply_overrides(cfg, file or {})                                      # 5
     apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6
     apply_overrides(cfg, sets or [])                                      # 7
-    check_choices(cfg)
+    check_choices(cfg, cls.choices)
     return cfg
 
 
@@ -151,10 +152,11 @@ _CHOICES = {"clustering": ("actor", "local"), "use_gpu": ("auto", "true", "false
             "optim.optimizer": ("adam", "sgd")}
 
 
-def check_choices(cfg: TrainConfig) -> None:
-    """Fields that take one of a few words: a one-line error naming the valid ones."""
+def check_choices(cfg: TrainConfig, method_choices: dict | None = None) -> None:
+    """Fields that take one of a few words (the shared ones, and `Method.choices`): a one-line error naming
+    the valid ones."""
     flat = flatten(cfg)
-    for key, valid in _CHOICES.items():
+    for key, valid in {**_CHOICES, **(method_choices or {})}.items():
         if str(flat[key]).lower() not in valid:
             raise ReidRayError(f"{key}={flat[key]!r}; valid: {', '.join(v for v in valid if v not in ('1', '0', 'yes', 'no'))}")
 
@@ -239,7 +241,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 return typ(value)
             except ValueError:
                 raise bad from None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (typ is int and value != int(value)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                typ is int and not (math.isfinite(value) and value == int(value))):
             raise bad  # ints widen to float; a float is an int only when it is whole (YAML's 4.0)
         return typ(value)
     if typ is str:

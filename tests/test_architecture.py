@@ -47,6 +47,8 @@ def test_shared_code_names_no_method():
     ({"params.num_clusters": 1.5}, r"params.num_clusters=1.5: expected int"),
     ({"params.two_sources": "maybe"}, r"params.two_sources='maybe': expected bool"),
     ({"params.alpha": [0.9]}, r"params.alpha=\[0.9\]: expected float"),
+    ({"epochs": float("nan")}, r"epochs=nan: expected int"),
+    (["params.cluster_algorithm=spectral"], r"params.cluster_algorithm='spectral'; valid: kmeans, dbscan"),
 ])
 def test_method_parameters_are_typed(sets, message):
     with pytest.raises(ReidRayError, match=message):
@@ -135,3 +137,28 @@ def test_resume_checkpoints_load_safely_and_are_checked_before_ray(tmp_path, cap
     assert main(["--resume", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_method_declares_its_choices_and_they_are_checked_before_ray():
+    with pytest.raises(ReidRayError, match=r"params.target_sampler='pkk'; valid: cross_camera, pk"):
+        resolve_config("spcl", sets=["target_sampler=pkk"])
+
+
+@pytest.mark.parametrize("epoch, expected", [(1, ("KILLED", "stopped by ASHA")), (2, ("FINISHED", "completed"))])
+def test_a_trial_that_tune_stops_gets_its_run_closed(tmp_path, epoch, expected):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from reid_ray import tracking
+    from reid_ray.distributed.sweep import CloseStoppedRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.open_run(uri, "exp", "key", "trial-run", {}, {"trial_id": "t1"}, {})
+    other = tracking.open_run(uri, "exp", "key2", "other", {}, {"trial_id": "t2"}, {})
+    # ASHA stops t1 after `epoch` of 2 epochs (at the last one too: a rung can fall on max_t)
+    CloseStoppedRuns(uri, "exp", epochs=2).on_trial_complete(0, [], SimpleNamespace(trial_id="t1",
+                                                                                   last_result={"epoch": epoch}))
+    run = MlflowClient(uri).get_run(run_id)
+    assert (run.info.status, run.data.tags["status"]) == expected
+    assert MlflowClient(uri).get_run(other).info.status == "RUNNING"  # only that trial's run

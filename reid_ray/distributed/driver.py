@@ -49,12 +49,16 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     want_gpu = forced or (cfg.use_gpu.lower() == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     with gpus_requested(cfg.workers if forced else 0, cfg.gpu_wait_s) as cluster:  # held for the whole run
         plan = plan_resources(cluster, cfg.workers, 1.0 if want_gpu else 0.0, uses_actor, max_concurrent=1,
-                              cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers")
+                              cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers",
+                              cpu_flag="--set use_gpu=false")
         return _fit(cfg, domains, plan, callbacks, tags, run_key)
 
 
 def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key) -> dict:
     method_cls = method_class(cfg.method)
+    if method_cls.__module__ == "__main__":
+        raise ReidRayError(f"method {cfg.method!r} is defined in the script being run, which Ray workers cannot "
+                           "import; put it in a module and name it in REID_RAY_METHODS=package.module")
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, name=name, init=source_inits(cfg))
     output = Path(cfg.output).expanduser().resolve()
@@ -87,6 +91,12 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
+    except Exception:
+        # a rank 0 that was killed (not one that raised: it ends its own run) left its run RUNNING
+        for run in tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key):
+            if run.info.status == "RUNNING":
+                tracking.set_status(uri, run.info.run_id, "FAILED", "failed")
+        raise
     finally:
         if labeler is not None:
             ray.kill(labeler)  # the actor dies with its run

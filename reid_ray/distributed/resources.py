@@ -48,11 +48,11 @@ def cpus_per_gpu(nodes: list[dict]) -> float:
 
 def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_actor: bool,
                    max_concurrent: int | None = None, cpu_per_gpu: float = math.inf,
-                   workers_flag: str = "--workers-per-trial") -> ResourcePlan:
+                   workers_flag: str = "--workers-per-trial", cpu_flag: str = "--gpus-per-worker 0") -> ResourcePlan:
     """The plan for runs of `workers` Ray Train workers each (see the module docstring).
 
     `max_concurrent=1` plans a single run (`train`); `workers_flag` is the flag a user changes to fix a
-    plan that does not fit (`--workers` for train)."""
+    plan that does not fit (`--workers` for train), `cpu_flag` the one that trains on CPUs instead."""
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if workers < 1:
         raise ReidRayError(f"{workers} workers requested; pass {workers_flag} 1 or more")
@@ -62,7 +62,7 @@ def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_act
         if gpus < gpus_per_worker * workers:
             raise ReidRayError(f"{workers} GPU workers × {gpus_per_worker:g} GPU requested but the cluster has "
                                f"{gpus:g} GPUs; pass {workers_flag} {max(1, int(gpus // gpus_per_worker))}, "
-                               "--gpus-per-worker 0 for CPU training, or add GPU nodes")
+                               f"{cpu_flag} for CPU training, or add GPU nodes")
         actor_gpu = ACTOR_GPU if uses_actor and workers * gpus_per_worker + ACTOR_GPU <= gpus + 1e-9 else 0.0
         fit = int(gpus / (workers * gpus_per_worker + actor_gpu) + 1e-9)
     else:

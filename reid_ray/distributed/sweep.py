@@ -54,8 +54,11 @@ class CloseStoppedRuns(tune.Callback):
                 tracking.set_status(self.uri, run.info.run_id, status, note)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        # ASHA can also stop a trial at its last epoch (a rung on max_t), before rank 0 has ended its run
         if int((trial.last_result or {}).get("epoch", 0)) < self.epochs:
             self._close(trial, "KILLED", "stopped by ASHA")
+        else:
+            self._close(trial, "FINISHED", "completed")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close(trial, "FAILED", "error")
@@ -145,9 +148,9 @@ def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
 def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan) -> tune.TuneConfig:
     search = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed))
     if sweep.scheduler == "asha":
-        # rungs must fall on evaluated epochs: the grace period is a multiple of eval_every. A trial that
-        # reaches max_t ends by itself (stop_last_trials=False): a trial Tune stops is killed, and its
-        # Ray Train worker group is freed only later by Train's placement-group cleaner
+        # rungs must fall on evaluated epochs: the grace period is a multiple of eval_every. A trial Tune
+        # stops is killed (at any rung, max_t's included), and its Ray Train worker group is freed only later
+        # by Train's placement-group cleaner; CloseStoppedRuns ends its MLflow run
         grace = max(sweep.grace_period or base.eval_every, 1)
         grace = math.ceil(grace / base.eval_every) * base.eval_every
         scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=min(grace, base.epochs),

@@ -134,14 +134,16 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
+                improved = metrics.get("target_mAP", -1) > best["target_mAP"]
+                if improved:
+                    best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
                 state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
                          "last_target": last_target, "rng": {"torch": torch.get_rng_state()},
                          "config": to_dict(cfg)}
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-                if metrics.get("target_mAP", -1) > best["target_mAP"]:
-                    best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
+                if improved:
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    torch.save({**state, "best": best}, run_dir / "best.pt")
+                    torch.save(state, run_dir / "best.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target},
                              checkpoint=checkpoint)  # [4]

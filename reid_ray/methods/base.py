@@ -97,6 +97,8 @@ class Method:
     # per real-benchmark preset (presets.py names them): the paper's settings, and its published figures
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     published: ClassVar[dict[str, dict[str, Any]]] = {}
+    # parameters that take one of a few words, checked when the config is resolved (before Ray starts)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, cfg: TrainConfig, domains: Domains, device: torch.device, rank: int = 0,
                  world_size: int = 1):

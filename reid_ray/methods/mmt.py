@@ -77,6 +77,7 @@ class MMT(Method):
     Params = MMTParams
     needs_source_init = True
     uses_clustering = True
+    choices = {"params.cluster_algorithm": ("kmeans", "dbscan")}
 
     # 150 true target ids: k ≈ 0.7× (SYNTHETIC_NOTES: 0.5-1.0× works); ~20 iterations an epoch, so the
     # paper's α = 0.999 would barely move the mean nets in a short run

@@ -77,6 +77,7 @@ class SpCL(Method):
     Params = SpCLParams
     needs_source_init = True
     uses_clustering = True
+    choices = {"params.target_sampler": ("cross_camera", "pk")}
     config_defaults = {"epochs": 50, "optim.warmup_epochs": 0, "optim.milestones": (20,)}
     # ~1.5k target images of ~10 per identity, from the source model: 10 epochs × 30 iterations at a constant
     # lr of 1e-4, the Jaccard distance's k1 scaled to the identities' size (k1 = 30 / eps = 0.6 merge people
@@ -161,8 +162,8 @@ class SpCL(Method):
                            "pseudo_unclustered": float((kept < 0).sum()), "pseudo_indep_threshold": self.thresholds[0],
                            "pseudo_comp_threshold": self.thresholds[1]}
 
-    def iterations(self) -> int:
-        return self.p.iters
+    def iterations(self) -> int | None:
+        return self.p.iters or None  # 0: one pass of the target (PairedLoader's default)
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev, net = self.device, self.models["net"]
