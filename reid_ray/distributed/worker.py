@@ -11,8 +11,9 @@ line is numbered:
 
 Rank 0 evaluates every `eval_every` epochs and writes the run's MLflow run, status included:
 it opens the run (found again by its key after a restart: RUNNING again), logs every epoch, and
-ends it FINISHED (tag `status=completed`) or FAILED. The one exception is a trial that Tune stops
-(ASHA): its workers are killed with it, so the sweep's callback closes that run (distributed/sweep.py).
+ends it FINISHED (tag `status=completed`) or FAILED. Two exceptions, where rank 0 is killed before it
+can: a trial that Tune stops (ASHA; the sweep's callback closes its run, distributed/sweep.py), and a
+run whose killed workers used up `max_failures` (the driver marks it FAILED, distributed/driver.py).
 """
 
 from __future__ import annotations
