@@ -128,9 +128,9 @@ def train(args: argparse.Namespace) -> int:
 def load_generator(path: str, device: torch.device) -> tuple[SANModel, dict]:
     if not Path(path).is_file():
         raise ReidRayError(f"--checkpoint {path}: no such file; train one with `reid-ray san-pg train`")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # not a torch file at all: pickle, zip and EOF errors alike
+    try:  # the safe loader: tensors and plain values only, so a shared file cannot run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, or one holding objects the safe loader refuses
         state = None
     if not isinstance(state, dict) or "san_pg" not in state:
         raise ReidRayError(f"--checkpoint {path} is not a SAN-PG checkpoint (written by `reid-ray san-pg train`)")

@@ -20,15 +20,21 @@ class Domains:
     target: ReIDDataset
 
 
-_LOADED: dict[tuple[str, str, str], Domains] = {}
+_LOADED: dict[tuple[str, str], ReIDDataset] = {}
+
+
+def _load(name: str, root: Path) -> ReIDDataset:
+    """One dataset under `root`, read (from its Parquet manifest) once per process."""
+    key = (name, str(root))
+    if key not in _LOADED:
+        _LOADED[key] = read_dataset(name, root)
+    return _LOADED[key]
 
 
 def load_domains(source: str, target: str, root: str | Path) -> Domains:
-    """Both domains under `root`, read (from their Parquet manifests) once per process."""
-    key = (source, target, str(Path(root).expanduser().resolve()))
-    if key not in _LOADED:
-        _LOADED[key] = Domains(read_dataset(source, key[2]), read_dataset(target, key[2]))
-    return _LOADED[key]
+    """Both domains under `root`, each read once per process."""
+    root = Path(root).expanduser().resolve()
+    return Domains(_load(source, root), _load(target, root))
 
 
 def ensure_data(cfg) -> Domains:
@@ -36,7 +42,7 @@ def ensure_data(cfg) -> Domains:
     both. A missing real dataset fails before anything is written. Sets `cfg.data_root` absolute."""
     root = Path(cfg.data_root).expanduser().resolve()
     for name in {cfg.source, cfg.target} - set(SYNTH_DOMAINS):
-        read_dataset(name, root)  # a clear DatasetError (missing folder, layout) before any synthetic write
+        _load(name, root)  # a clear DatasetError (missing folder, layout) before any synthetic write
     missing = tuple(d for d in SYNTH_DOMAINS if d in (cfg.source, cfg.target) and not (root / d).exists())
     if missing:
         print(f"writing the synthetic benchmark ({', '.join(missing)}) to {root} ...", flush=True)

@@ -23,6 +23,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reid_ray import ReidRayError
+from reid_ray.data.sampler import rank_share
 
 
 class ShuffleSampler(Sampler):
@@ -42,12 +43,8 @@ class ShuffleSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         perm = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-        share = self.batch // self.num_replicas
         base = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + 7) % 2**62
-        for b in range(self.n // self.batch):
-            lo = b * self.batch + self.rank * share
-            for pos in range(lo, lo + share):
-                yield int(perm[pos]), (base + pos) % 2**63
+        return rank_share(perm, self.batch, self.num_replicas, self.rank, base)
 
     def __len__(self) -> int:
         return self.n // self.batch * (self.batch // self.num_replicas)
@@ -63,7 +60,7 @@ def build_shuffle_loader(dataset: Dataset, global_batch: int, *, rank: int = 0, 
 
 class _BothSamplers:
     def __init__(self, *samplers):
-        self.samplers = samplers
+        self.samplers, self.epoch = samplers, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -77,7 +74,6 @@ class PairedLoader:
     def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_", iters: int | None = None):
         self.source, self.target, self.prefix, self.iters = source, target, prefix, iters
         self.sampler = _BothSamplers(source.sampler, target.sampler)
-        self.sampler.epoch = 0
         self._cycles = 0
 
     def __len__(self) -> int:

@@ -17,6 +17,25 @@ from torch.utils.data import Sampler
 from reid_ray import ReidRayError
 
 
+def group_by_label(labels: Sequence[int]) -> dict[int, list[int]]:
+    """Dataset indices per label; negative labels (un-clustered outliers) are left out."""
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for i, lab in enumerate(labels):
+        if lab >= 0:
+            by_label[int(lab)].append(i)
+    return by_label
+
+
+def rank_share(stream: Sequence[int], batch: int, num_replicas: int, rank: int, base: int) -> Iterator[tuple[int, int]]:
+    """(index, augmentation seed) of rank r's contiguous share of every full global batch of `stream`; the
+    seed is fixed by the place in the stream, so 1 or N workers see the same batches and augmentations."""
+    share = batch // num_replicas
+    for b in range(len(stream) // batch):
+        lo = b * batch + rank * share
+        for pos in range(lo, lo + share):
+            yield int(stream[pos]), (base + pos) % 2**63
+
+
 class PKSampler(Sampler[int]):
     """Yields (index, augmentation seed) for one rank; batch with `batch_size=P*K/num_replicas`.
 
@@ -33,10 +52,7 @@ class PKSampler(Sampler[int]):
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.k, self.p = num_instances, num_identities
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
-        self.by_label: dict[int, list[int]] = defaultdict(list)
-        for i, lab in enumerate(labels):
-            if lab >= 0:  # negative labels (un-clustered outliers) are never sampled
-                self.by_label[int(lab)].append(i)
+        self.by_label = group_by_label(labels)  # un-clustered outliers (negative labels) are never sampled
         if len(self.by_label) < self.p:
             raise ReidRayError(f"P×K sampling needs at least P={self.p} identities, the data has "
                                f"{len(self.by_label)}; lower num_identities")
@@ -96,10 +112,7 @@ class CrossCameraSampler(Sampler[int]):
         self.k, self.batch = num_instances, batch_size
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         self.camids = np.asarray(camids)
-        self.by_label: dict[int, list[int]] = defaultdict(list)
-        for i, lab in enumerate(labels):
-            if lab >= 0:
-                self.by_label[int(lab)].append(i)
+        self.by_label = group_by_label(labels)
         self.labels_sorted = sorted(self.by_label)
         if sum(min(len(v), self.k) for v in self.by_label.values()) < batch_size:
             raise ReidRayError(f"pseudo-label sampling: fewer images than one batch of {batch_size}; lower the batch size")
@@ -124,12 +137,8 @@ class CrossCameraSampler(Sampler[int]):
         return out
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        stream, share = self.stream(), self.batch // self.num_replicas
         base = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + 11
-        for b in range(len(stream) // self.batch):
-            lo = b * self.batch + self.rank * share
-            for pos in range(lo, lo + share):
-                yield stream[pos], (base + pos) % 2**63
+        return rank_share(self.stream(), self.batch, self.num_replicas, self.rank, base)
 
     def __len__(self) -> int:
         return len(self.stream()) // self.batch * (self.batch // self.num_replicas)
