@@ -52,6 +52,8 @@ class OptimConfig:
     warmup_factor: float = 0.1
     milestones: tuple[int, ...] = (40, 70)
     gamma: float = 0.1
+    base_lr_mult: float = 1.0          # lr multiplier of the backbone (the ImageNet layers; ECN's 0.01 vs 0.1)
+    bn_weight_decay: bool = True       # False: no weight decay on BatchNorm weights and biases (MAR)
 
 
 @dataclass
@@ -145,6 +147,8 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6
     apply_overrides(cfg, sets or [])                                      # 7
     check_choices(cfg, cls.choices)
+    from reid_ray.models.sync_bn import check_samples_per_bn
+    check_samples_per_bn(cfg.model.samples_per_bn, cfg.loader.num_identities * cfg.loader.num_instances, cfg.workers)
     return cfg
 
 

@@ -13,14 +13,15 @@ import numpy as np
 import torch
 
 from reid_ray.config import TrainConfig
-from reid_ray.data.loader import build_test_loader
+from reid_ray.data.loader import build_test_loader, epoch_batches
 from reid_ray.data.readers import ReIDDataset
 from reid_ray.evaluation import evaluate_rank, extract_features, pairwise_distance
 from reid_ray.methods.base import EpochContext, Method
 
 
 def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[str, float]:
-    """One pass over the method's train loader; returns mean losses, lr, images/s, epoch time
+    """One epoch: `method.iterations()` steps (the loader restarted as often as needed), or one pass of the
+    method's train loader when that is None; returns mean losses, lr, images/s, epoch time
     (of the training iterations) and `refresh_time` (what the method did when the epoch started)."""
     t_start = time.perf_counter()
     method.on_epoch_start(ctx)
@@ -30,10 +31,7 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sums: dict[str, float] = {}
     n_img, steps, t0 = 0, 0, time.perf_counter()
-    max_iters = method.iterations()
-    for batch in method.train_loader:
-        if max_iters is not None and steps >= max_iters:
-            break
+    for batch in epoch_batches(method.train_loader, method.iterations()):
         if device.type == "cuda":  # channels_last inputs for the channels_last models (distributed/worker.py)
             batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():

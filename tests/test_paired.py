@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from reid_ray import ReidRayError
+from reid_ray.data.loader import epoch_batches
 from reid_ray.data.paired import PairedLoader, ShuffleSampler, build_shuffle_loader
 
 
@@ -53,3 +54,43 @@ def test_paired_loader_zips_and_restarts_the_shorter_source():
     assert sorted(first_pass) == list(range(8))
     assert torch.cat([b["index"] for b in batches[2:4]]).tolist() != first_pass  # reshuffled source pass
     assert isinstance(source, DataLoader)
+
+
+def _indices(batches):
+    return [b["index"].tolist() for b in batches]
+
+
+def test_iters_restart_the_loader_with_a_new_seed_each_pass():
+    loader = build_shuffle_loader(Indexed(12), 4, seed=5)   # 3 batches a pass
+    loader.sampler.set_epoch(2)
+    batches = list(epoch_batches(loader, 8))
+    assert len(batches) == 8
+    passes = [sorted(sum(_indices(batches[i:i + 3]), [])) for i in (0, 3)]
+    assert passes == [list(range(12))] * 2                     # each pass a whole permutation...
+    assert _indices(batches[:3]) != _indices(batches[3:6])      # ... drawn anew
+    loader.sampler.set_epoch(2)
+    assert _indices(epoch_batches(loader, 8)) == _indices(batches)  # a function of (seed, epoch): resumable
+    loader.sampler.set_epoch(3)
+    assert _indices(epoch_batches(loader, 8)) != _indices(batches)
+    loader.sampler.set_epoch(2)
+    assert _indices(epoch_batches(loader, None)) == _indices(batches[:3])  # no iters: one pass
+
+
+def test_iters_give_the_same_global_batches_on_two_ranks():
+    def run(world):
+        out = []
+        for r in range(world):
+            loader = build_shuffle_loader(Indexed(12), 4, rank=r, world_size=world, seed=5)
+            loader.sampler.set_epoch(1)
+            out.append(_indices(epoch_batches(loader, 7)))
+        return [sum((out[r][b] for r in range(world)), []) for b in range(7)]
+    assert run(2) == run(1)
+
+
+def test_paired_loader_source_passes_depend_on_the_epoch_only():
+    def epoch(e):
+        source = build_shuffle_loader(Indexed(8), 4, seed=1)
+        loader = PairedLoader(source, build_shuffle_loader(Indexed(24), 4, seed=2))
+        loader.sampler.set_epoch(e)
+        return [b["index"].tolist() for b in loader]
+    assert epoch(3) == epoch(3)  # not a count carried over from earlier epochs: a resumed run sees the same

@@ -68,6 +68,16 @@ def test_msmt17_lists_train_plus_val(tmp_path, version):
     assert ds.gallery["camid"].to_pylist() == [14]
 
 
+def test_msmt17_all_trains_on_all_four_lists_with_test_ids_relabelled(tmp_path):
+    root = msmt_tree(tmp_path)
+    ds = read_dataset("msmt17-all", root, use_cache=False)
+    assert ds.train.num_rows == 5  # train + val + query + gallery
+    # the test lists number their people from 0 again: shifted past the training ids (0, 1)
+    assert sorted(ds.train["pid"].to_pylist()) == [0, 0, 1, 2, 2]
+    assert ds.query["pid"].to_pylist() == [2] and ds.gallery["pid"].to_pylist() == [2]
+    assert read_dataset("msmt17", root, use_cache=False).train.num_rows == 3  # the plain one is unchanged
+
+
 def test_msmt17_bad_list_line_names_file_and_line(tmp_path):
     msmt_tree(tmp_path)
     (tmp_path / "MSMT17_V1" / "list_query.txt").write_text("garbage\n")

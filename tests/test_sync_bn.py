@@ -1,4 +1,5 @@
-"""GlobalBatchNorm on two gloo processes equals BatchNorm on the whole batch in one."""
+"""GlobalBatchNorm on two gloo processes equals BatchNorm on the whole batch in one; with
+`samples_per_bn`, every group of consecutive images is normalised on its own, on 1 or 4 processes."""
 
 import os
 
@@ -50,6 +51,86 @@ def test_conversion_keeps_parameters_and_frozen_bias():
     x = torch.randn(6, 4)
     conv.train()
     torch.testing.assert_close(conv(x), nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
+
+
+def _grouped_reference(x, w, c, n):
+    """Per-group BatchNorm by hand: each run of n images with its own biased statistics."""
+    xr = x.clone().requires_grad_(True)
+    groups = xr.view(len(x) // n, n, *x.shape[1:])
+    mean = groups.mean((1, 3, 4), keepdim=True)
+    var = groups.var((1, 3, 4), unbiased=False, keepdim=True)
+    y = ((groups - mean) / torch.sqrt(var + 1e-5)).view_as(x) * w.view(1, -1, 1, 1)
+    (y * c).sum().backward()
+    m = n * x.shape[2] * x.shape[3]
+    running_mean = 0.1 * mean.detach().flatten(1).mean(0)
+    running_var = 0.9 + 0.1 * (var.detach().flatten(1) * m / (m - 1)).mean(0)
+    return y.detach(), xr.grad, running_mean, running_var
+
+
+def test_groups_in_one_process():
+    torch.manual_seed(1)
+    x, w, c = torch.randn(8, 3, 4, 2), torch.rand(3) + 0.5, torch.randn(8, 3, 4, 2)
+    bn = convert_sync_bn(nn.BatchNorm2d(3), torch.device("cpu"), samples_per_bn=2)
+    bn.weight.data.copy_(w)
+    xr = x.clone().requires_grad_(True)
+    y = bn(xr)
+    (y * c).sum().backward()
+    ref = _grouped_reference(x, w, c, 2)
+    torch.testing.assert_close(y.detach(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xr.grad, ref[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bn.running_mean, ref[2], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref[3], atol=1e-5, rtol=1e-5)
+
+
+def test_partial_last_batch_is_its_own_group():
+    bn = convert_sync_bn(nn.BatchNorm1d(4), torch.device("cpu"), samples_per_bn=4)
+    x = torch.randn(10, 4)
+    y = bn(x)  # groups of 4, 4, then the 2 left over
+    torch.testing.assert_close(y[8:], nn.functional.batch_norm(x[8:], None, None, bn.weight, bn.bias, True))
+    torch.testing.assert_close(y[:4], nn.functional.batch_norm(x[:4], None, None, bn.weight, bn.bias, True))
+    assert torch.isfinite(bn(torch.randn(9, 4))).all()  # a single image left over: the running statistics
+
+
+def _group_worker(rank, world, port, x, w, c, n, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    bn = convert_sync_bn(nn.BatchNorm2d(3), torch.device("cpu"), samples_per_bn=n)
+    bn.weight.data.copy_(w)
+    xs = x.chunk(world)[rank].clone().requires_grad_(True)
+    y = bn(xs)
+    (y * c.chunk(world)[rank]).sum().backward()
+    out[rank] = (y.detach(), xs.grad, bn.running_mean.clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n", [2, 4])  # each rank holds 2 images: 2, a group per rank; 4, a group over 2 ranks
+def test_groups_over_four_ranks_match_one_process(n):
+    torch.manual_seed(2)
+    x, w, c = torch.randn(8, 3, 2, 2), torch.rand(3) + 0.5, torch.randn(8, 3, 2, 2)
+    ref = _grouped_reference(x, w, c, n)
+    out = mp.Manager().dict()
+    mp.spawn(_group_worker, args=(4, 29521 + n, x, w, c, n, out), nprocs=4, join=True)
+    torch.testing.assert_close(torch.cat([out[r][0] for r in range(4)]), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([out[r][1] for r in range(4)]), ref[1], atol=1e-4, rtol=1e-4)
+    if n == 4:  # one rank's running statistics are its own group's (shared with its neighbour)
+        torch.testing.assert_close(out[0][2], out[1][2])
+        assert not torch.allclose(out[0][2], out[2][2])
+
+
+def test_samples_per_bn_checked_before_ray():
+    from reid_ray import ReidRayError
+    from reid_ray.config import resolve_config
+    from reid_ray.models.sync_bn import check_samples_per_bn
+
+    check_samples_per_bn(16, 64, 1)
+    check_samples_per_bn(16, 64, 4)
+    check_samples_per_bn(32, 64, 4)   # two ranks per group
+    for n, workers in ((24, 2), (12, 4), (-1, 1), (48, 4)):
+        with pytest.raises(ReidRayError, match="samples_per_bn"):
+            check_samples_per_bn(n, 64, workers)
+    assert resolve_config("mmt", sets=["model.samples_per_bn=16"]).model.samples_per_bn == 16
+    with pytest.raises(ReidRayError, match="samples_per_bn=24"):
+        resolve_config("mmt", sets=["model.samples_per_bn=24"])
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class Toy(Method):
         torch.manual_seed(self.cfg.seed)
         net = build_reid_net(self.cfg.model, int(labels.max()) + 1, self.device)
         self.models = {"net": wrap(net)}
-        self.build_optimizer(net.parameters())
+        self.build_optimizer(net)
         self.train_loader = build_train_loader(self.domains.source.train, labels, self.cfg.transform, self.cfg.loader,
                                                rank=self.rank, world_size=self.world_size, seed=self.cfg.seed)
 

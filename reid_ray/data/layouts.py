@@ -56,6 +56,8 @@ class ListLayout:
     query_list: str = "list_query.txt"
     gallery_list: str = "list_gallery.txt"
     num_cameras: int | None = 15
+    all_in_train: bool = False  # msmt17-all: query and gallery join the training split, their pids shifted
+                                # past the training ones (MSMT17 numbers its test ids from 0 again)
 
 
 Layout = FolderLayout | ListLayout
@@ -70,6 +72,12 @@ LAYOUTS: dict[str, tuple[Layout, ...]] = {
     "msmt17": (
         ListLayout("MSMT17_V1", train_dir="train", test_dir="test"),
         ListLayout("MSMT17_V2", train_dir="mask_train_v2", test_dir="mask_test_v2"),
+    ),
+    # all four MSMT17 lists as one training split of 4,101 identities (MAR's reference agents); its
+    # query/gallery are MSMT17's, seen in training: a source dataset only, not for evaluation
+    "msmt17-all": (
+        ListLayout("MSMT17_V1", train_dir="train", test_dir="test", all_in_train=True),
+        ListLayout("MSMT17_V2", train_dir="mask_train_v2", test_dir="mask_test_v2", all_in_train=True),
     ),
     # CUHK03-NP (Zhong et al.'s new protocol); "labeled" boxes by default.
     "cuhk03np": (FolderLayout("cuhk03-np/labeled", num_cameras=2),),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,28 @@ def build_train_loader(table: pa.Table, labels: np.ndarray, tcfg: TransformConfi
     per_rank = lcfg.num_identities // world_size * lcfg.num_instances
     return DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=lcfg.num_workers,
                       persistent_workers=lcfg.num_workers > 0)
+
+
+def epoch_batches(loader, iters: int | None) -> Iterator:
+    """One epoch's batches: one pass of `loader`, or exactly `iters` batches, restarting it as often as that
+    takes (the authors' `IterLoader`). Pass c > 0 sets the sampler's epoch to `e + 1_000_003·c`, e being the
+    epoch the method set, so every pass draws anew and the whole epoch stays a function of (seed, epoch):
+    deterministic, resumable, and independent of the worker count."""
+    if not iters:
+        yield from loader
+        return
+    start, done = loader.sampler.epoch, 0
+    for cycle in range(iters + 1):  # a pass yields ≥ 1 batch, so this many always suffice
+        if cycle:
+            loader.sampler.set_epoch(start + 1_000_003 * cycle)
+        before = done
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == iters:
+                return
+        if done == before:
+            raise ReidRayError("the train loader yields no batch: too few images for one batch")
 
 
 def build_test_loader(table: pa.Table, tcfg: TransformConfig, lcfg: LoaderConfig, *, rank: int = 0,

@@ -74,7 +74,6 @@ class PairedLoader:
     def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_", iters: int | None = None):
         self.source, self.target, self.prefix, self.iters = source, target, prefix, iters
         self.sampler = _BothSamplers(source.sampler, target.sampler)
-        self._cycles = 0
 
     def __len__(self) -> int:
         return self.iters or len(self.target)
@@ -93,13 +92,13 @@ class PairedLoader:
                     return
 
     def __iter__(self) -> Iterator[dict]:
-        src = iter(self.source)
+        src, start, cycles = iter(self.source), self.source.sampler.epoch, 0
         for tb in self._targets():
             try:
                 sb = next(src)
-            except StopIteration:  # a new pass of the source: reshuffle it
-                self._cycles += 1
-                self.source.sampler.set_epoch(self.source.sampler.epoch + 1_000 * self._cycles)
+            except StopIteration:  # a new pass of the source, its order a function of (epoch, pass): resumable
+                cycles += 1
+                self.source.sampler.set_epoch(start + 1_000 * cycles)
                 src = iter(self.source)
                 sb = next(src)
             yield {**sb, **{self.prefix + k: v for k, v in tb.items()}}

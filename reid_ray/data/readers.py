@@ -224,6 +224,10 @@ def _scan_lists(layout: ListLayout, top: Path, domain: str) -> list[pa.Table]:
             if not os.path.exists(p):
                 raise DatasetError(f"{domain}: {split} list names {p}, which does not exist; "
                                    f"the image folders under {top} look incomplete")
+    if layout.all_in_train:  # test ids after the training ones, then every image in the training split
+        offset = max(train[1]) + 1
+        query, gallery = [(q[0], [pid + offset for pid in q[1]], q[2]) for q in (query, gallery)]
+        train = tuple(a + b + c for a, b, c in zip(train, query, gallery))
     return [_table(*parts, split, domain) for split, parts in zip(SPLITS, (train, query, gallery))]
 
 

@@ -139,10 +139,12 @@ class Method:
         """Build models (then wrapped for DDP), the optimizer, scheduler and train loader."""
         raise NotImplementedError
 
-    def build_optimizer(self, params) -> None:
-        """`self.optimizer` over `params` and `self.scheduler`, from `cfg.optim` (BoT's warmup + steps)."""
+    def build_optimizer(self, *modules: nn.Module) -> None:
+        """`self.optimizer` over the trainable parameters of `modules` and `self.scheduler`, from `cfg.optim`
+        (BoT's warmup + steps; the backbone's lr × `base_lr_mult`; BatchNorm without weight decay unless
+        `bn_weight_decay`)."""
         o = self.cfg.optim
-        self.optimizer = build_optimizer(params, o)
+        self.optimizer = build_optimizer(param_groups(modules, o), o)
         self.scheduler = warmup_step_scheduler(self.optimizer, o.warmup_epochs, o.warmup_factor, o.milestones, o.gamma)
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
@@ -214,6 +216,25 @@ def warmup_step_scheduler(optimizer, warmup_epochs: int, warmup_factor: float, m
             return warmup_factor + (1 - warmup_factor) * epoch / warmup_epochs
         return gamma ** int(np.searchsorted(sorted(milestones), epoch, side="right"))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(modules, optim_cfg) -> list[dict]:
+    """Parameter groups by role: backbone (`*backbone.*`, lr × base_lr_mult) or new layers, and BatchNorm
+    (no weight decay when `bn_weight_decay` is off) or the rest; highest lr first (`param_groups[0]`'s lr is
+    the one logged)."""
+    o = optim_cfg
+    groups: dict[tuple[float, float], list] = {}  # (lr, weight decay) -> parameters, in module order
+    for module in modules:
+        norms = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                 for p in m.parameters(recurse=False)}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                base = name.startswith("backbone.") or ".backbone." in name
+                key = (o.lr * (o.base_lr_mult if base else 1.0),
+                       0.0 if id(p) in norms and not o.bn_weight_decay else o.weight_decay)
+                groups.setdefault(key, []).append(p)
+    # one group when all agree (the default): the same optimiser state layout as a plain parameter list
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items(), reverse=True)]
 
 
 def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:

@@ -41,7 +41,7 @@ class Baseline(Method):
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         net = build_reid_net(cfg.model, self.num_classes, self.device)
         self.models = {"net": wrap(net)}
-        self.build_optimizer(net.parameters())
+        self.build_optimizer(net)
         self.train_loader = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader,
                                                rank=self.rank, world_size=self.world_size, seed=cfg.seed)
         self.ce = CrossEntropyLabelSmooth(self.p.epsilon)

@@ -102,7 +102,7 @@ class ECN(Method):
             net.load_state_dict(self.init_state)
         model = ECNNet(net, p.features, p.dropout, cfg.model.sync_bn, self.device, p.target_bn)
         self.models = {"net": wrap(model)}
-        self.build_optimizer([q for q in model.parameters() if q.requires_grad])
+        self.build_optimizer(model)
         target = CamStyleDataset(self.domains.target.train, train_transform(cfg.transform),
                                  in_memory=cfg.loader.in_memory, warn=self.rank == 0)
         source = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader, rank=self.rank,

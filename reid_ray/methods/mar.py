@@ -86,7 +86,7 @@ class MAR(Method):
         with torch.no_grad():  # the agents: the source classifier's weights, normalised
             net.classifier.weight.copy_(F.normalize(net.classifier.weight, dim=1))
         self.models = {"net": wrap(net)}
-        self.build_optimizer(net.parameters())
+        self.build_optimizer(net)
         target = self.domains.target.train
         batch = cfg.loader.num_identities * cfg.loader.num_instances
         source_loader = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader,

@@ -68,7 +68,7 @@ class SAN(Method):
             model.decoder = convert_sync_bn(model.decoder, self.device)
         self.dec_dims = model.decoder.block_dims
         self.models = {"san": wrap(model.to(self.device))}
-        self.build_optimizer(model.parameters())
+        self.build_optimizer(model)
         images = ImageDataset(source.train, train_transform(cfg.transform), labels, in_memory=cfg.loader.in_memory)
         self.textures = texture_paths(source.train, folder)
         dataset = TextureDataset(images, self.textures, self.size)

@@ -110,7 +110,7 @@ class SpCL(Method):
             net.load_state_dict(self.init_state)
         net.classifier = nn.Identity()  # SpCL classifies against the memory: no classifier to train
         self.models = {"net": wrap(net)}
-        self.build_optimizer([q for q in net.parameters() if q.requires_grad])
+        self.build_optimizer(net)
         self.source_loader = build_train_loader(source, self.source_labels, cfg.transform, cfg.loader,
                                                 rank=self.rank, world_size=self.world_size, seed=cfg.seed)
         self.target_ds = ImageDataset(target, train_transform(cfg.transform), in_memory=cfg.loader.in_memory)

@@ -23,6 +23,8 @@ class ModelConfig:
     last_stride: int = 1
     sync_bn: bool = True           # BN over the global batch of all workers (SyncBatchNorm on GPU,
                                    # GlobalBatchNorm on CPU): results do not depend on the worker count
+    samples_per_bn: int = 0        # > 0: BN statistics over each run of this many consecutive images of the
+                                   # global batch (the authors' 16 per GPU); 0: over the whole global batch
 
 
 class ReIDNet(nn.Module):
@@ -48,6 +50,6 @@ class ReIDNet(nn.Module):
 def build_reid_net(cfg: ModelConfig, num_classes: int, device: torch.device | str = "cpu") -> ReIDNet:
     device = torch.device(device)
     net = ReIDNet(cfg, num_classes)
-    if cfg.sync_bn:
-        net = convert_sync_bn(net, device)
+    if cfg.sync_bn or cfg.samples_per_bn:
+        net = convert_sync_bn(net, device, cfg.samples_per_bn)
     return net.to(device)
