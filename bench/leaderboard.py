@@ -204,9 +204,9 @@ def main(argv=None) -> None:
     ap.add_argument("--table-only", action="store_true", help="no training: the table from the finished records")
     args = ap.parse_args(argv)
     board = Leaderboard(args.data_root, args.workers, args.tag)
-    rows = [r for r in ROWS if r.key in args.rows]
+    rows = [r for r in ROWS if r.key in args.rows]  # the table's order
     results: dict[str, list[dict]] = {}
-    for row in rows:  # a row's seeds together: an interrupted leaderboard has whole rows
+    for row in sorted(rows, key=lambda r: args.rows.index(r.key)):  # --rows' order; a row's seeds together
         for seed in args.seeds:
             if args.table_only and not (board.out / f"{row.key}-s{seed}.json").is_file():
                 continue
