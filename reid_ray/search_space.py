@@ -1,4 +1,5 @@
-"""Search spaces: `search_spaces/<method>.yaml`, read and checked without Ray.
+"""Search spaces: `search_spaces/<method>.yaml` (embedded benchmark) and `search_spaces/real/<method>.yaml`
+(real benchmarks, picked by `--preset` or a real dataset), read and checked without Ray.
 
     # MMT (Ge et al., ICLR 2020)
     params:
@@ -54,8 +55,11 @@ class SearchSpace:
     text: str
 
 
-def default_path(method: str) -> Path:
-    return SEARCH_SPACE_DIR / f"{method}.yaml"
+def default_path(method: str, real: bool = False) -> Path:
+    """`search_spaces/<method>.yaml` (the embedded benchmark's ranges), or `search_spaces/real/<method>.yaml`
+    (the real benchmarks' scale: a `--preset` or a real dataset) when that exists."""
+    path = SEARCH_SPACE_DIR / "real" / f"{method}.yaml"
+    return path if real and path.is_file() else SEARCH_SPACE_DIR / f"{method}.yaml"
 
 
 def load_search_space(path: str | Path, cfg: TrainConfig) -> SearchSpace:

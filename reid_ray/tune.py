@@ -38,7 +38,8 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
     if args.resume:
         raise ReidRayError(f"--resume: no sweep named {name!r} under {sweep_dir(output, '')}")
     cls = method_class(args.method)
-    space_path = args.search_space or default_path(args.method)
+    real = bool(args.preset) or not is_synthetic(args.source or "synth-a", args.target or "synth-b")
+    space_path = args.search_space or default_path(args.method, real)
     space = load_search_space(space_path, TrainConfig(method=cls.name, params=cls.Params()))
     # trials are ranked on the target: the source test set only at a trial's last epoch
     flags = dict(data_root=args.data_root, mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,
@@ -59,7 +60,8 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-ray tune", description=__doc__.split("\n")[0])
     p.add_argument("--method", default="mmt", help=f"one of: {', '.join(sorted(METHODS))}")
-    p.add_argument("--search-space", default=None, help="YAML search space (default: search_spaces/<method>.yaml)")
+    p.add_argument("--search-space", default=None, help="YAML search space (default: search_spaces/<method>.yaml; "
+                   "search_spaces/real/<method>.yaml with --preset or a real dataset)")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: 3 on the synthetic default, else 16)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha")

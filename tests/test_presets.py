@@ -31,7 +31,8 @@ def test_preset_builds_a_config(name, method):
     for key, value in overrides.items():
         assert same(flat[key], value), key
     assert (cfg.model.arch, cfg.transform.height, cfg.transform.width) == ("resnet50", 256, 128)
-    assert (cfg.loader.num_identities, cfg.loader.num_instances) == (16, 4)
+    # P × K = 16 × 4, or the paper's source batch (ECN 128, MAR 184 → 192)
+    assert cfg.loader.num_instances == 4 and cfg.loader.num_identities == {"ecn": 32, "mar": 48}.get(method, 16)
     params = {k.split(".", 1)[1] for k in overrides if k.startswith("params.")}
     unknown = params - set(flatten(METHODS[method].Params()))
     assert not unknown, f"not {method} params: {unknown}"
@@ -70,3 +71,44 @@ def test_long_names_and_baseline_gets_shared_settings_only():
 def test_unknown_preset_lists_valid_names():
     with pytest.raises(ReidRayError, match="duke2market.*market2duke"):
         resolve_preset("duke2cuhk")
+
+
+def test_papers_recipes_are_the_methods_real_data_defaults():
+    from reid_ray.config import resolve_config
+
+    ecn = resolve_config("ecn", preset="duke2market")
+    assert (ecn.optim.optimizer, ecn.optim.lr, ecn.optim.base_lr_mult, ecn.optim.milestones, ecn.epochs) == \
+        ("sgd", 0.1, 0.1, (40,), 60)
+    assert not ecn.params.source_init and ecn.model.pretrained == "imagenet"
+    mar = resolve_config("mar", preset="msmt2market")
+    assert mar.source == "msmt17-all" and mar.target == "market1501"  # the paper's 4,101 agents
+    assert (mar.optim.optimizer, mar.optim.lr, mar.optim.weight_decay, mar.optim.bn_weight_decay) == \
+        ("sgd", 2e-4, 2.5e-2, False)
+    assert (mar.epochs, mar.optim.milestones, mar.params.target_batch) == (20, (12, 17), 184)
+    assert resolve_config("mar", preset="market2duke").source == "market1501"
+    san = resolve_config("san", preset="market2duke")
+    assert san.params.texture_step and (san.params.texture_lr, san.params.texture_beta1) == (1e-5, 0.5)
+    for method in ("baseline", "mmt", "ecn", "mar", "spcl", "san"):
+        assert resolve_config(method, preset="duke2market").model.pretrained == "imagenet", method
+
+
+def test_parameter_groups_base_lr_and_no_weight_decay_on_batchnorm():
+    import torch
+
+    from reid_ray.config import OptimConfig
+    from reid_ray.methods.base import build_optimizer, param_groups
+    from reid_ray.models.reid_net import ModelConfig, build_reid_net
+
+    net = build_reid_net(ModelConfig(arch="small", sync_bn=False), 5)
+    assert len(param_groups([net], OptimConfig())) == 1  # the default: one group, a plain parameter list's layout
+    groups = param_groups([net], OptimConfig(lr=0.1, base_lr_mult=0.1, bn_weight_decay=False, weight_decay=5e-4))
+    by_id = {id(q): (g["lr"], g["weight_decay"]) for g in groups for q in g["params"]}
+    assert by_id[id(net.classifier.weight)] == (0.1, 5e-4)           # a new layer
+    assert by_id[id(net.bnneck.weight)] == (0.1, 0.0)                # new, BatchNorm
+    conv = next(q for n, q in net.backbone.named_parameters() if q.dim() == 4)
+    bn = next(m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert by_id[id(conv)] == (0.1 * 0.1, 5e-4) and by_id[id(bn.weight)] == (0.1 * 0.1, 0.0)
+    assert id(net.bnneck.bias) not in by_id                           # frozen: not trained
+    assert groups[0]["lr"] == 0.1                                     # the logged lr: the new layers'
+    opt = build_optimizer(groups, OptimConfig(optimizer="sgd"))
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == len(groups)

@@ -135,3 +135,26 @@ def test_samples_per_bn_checked_before_ray():
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def _gather_worker(rank, world, port, x, c, out):
+    from reid_ray.methods.base import gather_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    xs = x.chunk(world)[rank].clone().requires_grad_(True)
+    feats, labels = gather_batch(xs, torch.arange(len(xs)) + 10 * rank)
+    (feats * c).sum().backward()  # the same global loss on every rank
+    out[rank] = (feats.detach(), labels, xs.grad)
+    dist.destroy_process_group()
+
+
+def test_gather_batch_is_the_global_batch_with_gradients_summed_to_the_owner():
+    x, c = torch.randn(6, 3), torch.randn(6, 3)
+    out = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(2, 29531, x, c, out), nprocs=2, join=True)
+    torch.testing.assert_close(out[0][0], x)
+    assert out[1][1].tolist() == [0, 1, 2, 10, 11, 12]
+    # each rank's copy of the loss sends its gradient to the owner: 2 × the one-process gradient, which
+    # DDP's averaging turns back into it
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), 2 * c)

@@ -23,6 +23,21 @@ def write(tmp_path, text, name="space.yaml"):
 def test_shipped_search_spaces_are_valid(method):
     space = load_search_space(default_path(method), resolve_config(method))
     assert space.params and all(p.line > 0 for p in space.params.values())
+    real = default_path(method, real=True)
+    assert real.parent.name == "real" and real != default_path(method)
+    real_space = load_search_space(real, resolve_config(method, preset="duke2market"))
+    assert real_space.params and "edit" not in real_space.text.lower()
+
+
+def test_a_preset_sweep_reads_the_real_benchmarks_search_space(tmp_path):
+    from reid_ray.tune import build_parser, prepare_sweep
+
+    a = build_parser().parse_args(["--method", "mmt", "--preset", "duke2market", "--output", str(tmp_path)])
+    sweep = prepare_sweep(a)
+    assert sweep.space_path.endswith("real/mmt.yaml") and "low: 400, high: 900" in sweep.space_text
+    assert sweep.base.params.num_clusters == 500 and sweep.num_samples == 16
+    a = build_parser().parse_args(["--method", "mmt", "--output", str(tmp_path)])
+    assert prepare_sweep(a).space_path.endswith("search_spaces/mmt.yaml")  # the embedded benchmark's
 
 
 def test_search_space_reads_distributions_and_fixed(tmp_path):

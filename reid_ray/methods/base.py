@@ -249,14 +249,14 @@ def gather_batch(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """The global batch's features (with gradients) and labels, across DDP ranks.
 
     Mining triplets over the global batch makes the loss independent of how many
-    workers share it; `torch.distributed.nn.all_gather` sums the gradients of
+    workers share it; the differentiable all-gather sums the gradients of
     every rank's copy back to the owner, and DDP's averaging then yields exactly
     the single-process gradient.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return feats, labels
-    from torch.distributed.nn.functional import all_gather
-    all_feats = torch.cat(all_gather(feats))
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    all_feats = all_gather_tensor_autograd(feats, 0, dist.group.WORLD)
     all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(all_labels, labels)
     return all_feats, torch.cat(all_labels)

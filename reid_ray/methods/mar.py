@@ -46,8 +46,13 @@ from reid_ray.models.reid_net import build_reid_net
 
 _PAPER = "Yu et al., Soft Multilabel Learning (MAR), CVPR 2019"
 # the paper: mining ratio 0.5%, agent scale 30, λ1 = 2e-4 (CML), λ2 = 50 (AL + β·RJ), margin 1
+# and its schedule: SGD (momentum 0.9) at 2e-4, weight decay 2.5e-2 except on BatchNorm, 20 epochs, ×0.1 at
+# 12 and 17; 184 target images a batch beside the source batch (192 = 48 × 4 here: the authors' 184 source
+# images do not split into P identities × 4 over 4 or 8 workers)
 _RECIPE = {"params.mining_ratio": 0.005, "params.scale": 30.0, "params.lamb_1": 2e-4, "params.lamb_2": 50.0,
-           "params.beta": 0.2, "params.margin": 1.0}
+           "params.beta": 0.2, "params.margin": 1.0, "params.target_batch": 184, "loader.num_identities": 48,
+           "optim.optimizer": "sgd", "optim.lr": 2e-4, "optim.weight_decay": 2.5e-2, "optim.bn_weight_decay": False,
+           "optim.warmup_epochs": 0, "optim.milestones": (12, 17), "epochs": 20}
 
 
 @dataclass
@@ -59,6 +64,7 @@ class MARParams:
     beta: float = 0.2             # β: weight of RJ inside them
     margin: float = 1.0           # m: RJ's margin on squared distances to agents
     target_bn: bool = True        # BN running statistics from target batches only (see the docstring)
+    target_batch: int = 0         # target images per global batch; 0: as many as the source's P×K
 
 
 @register_method
@@ -72,7 +78,9 @@ class MAR(Method):
     # pairs, hence a larger mining ratio than the paper's 0.005 at 368
     synthetic_overrides = {"epochs": 5, "eval_every": 2, "optim.warmup_epochs": 0, "optim.milestones": (3,),
                            "params.mining_ratio": 0.02, "params.lamb_1": 5e-3}
-    presets = {name: dict(_RECIPE) for name in ("duke2market", "market2duke", "market2msmt", "msmt2market")}
+    # MSMT17 → Market: the paper's agents are all 4,101 MSMT17 identities (its four lists: `msmt17-all`)
+    presets = {**{name: dict(_RECIPE) for name in ("duke2market", "market2duke", "market2msmt")},
+               "msmt2market": {**_RECIPE, "source": "msmt17-all"}}
     published = {"msmt2market": {"mAP": 40.0, "R1": 67.7, "paper": _PAPER}}
 
     def setup(self, wrap=lambda m: m) -> None:
@@ -88,7 +96,7 @@ class MAR(Method):
         self.models = {"net": wrap(net)}
         self.build_optimizer(net)
         target = self.domains.target.train
-        batch = cfg.loader.num_identities * cfg.loader.num_instances
+        batch = p.target_batch or cfg.loader.num_identities * cfg.loader.num_instances  # target images a step
         source_loader = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader,
                                            rank=self.rank, world_size=self.world_size, seed=cfg.seed)
         tds = ImageDataset(target, train_transform(cfg.transform), in_memory=cfg.loader.in_memory)

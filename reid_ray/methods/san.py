@@ -9,7 +9,11 @@ benchmark). Per step (Sec. 3, Eq. 1-4):
 L_ID and L_tri are the baseline's (label-smoothed CE on BN(f_t), batch-hard triplet on f_t over
 the global batch); L_rec is the per-sample L1 to the texture, L_TR batch-hard triplets (tr_margin)
 on the decoder blocks' pooled features, mined over the global batch (losses/san.py).
-`tr_weight` 0 is the paper's "SAN w/o TR". The evaluated and checkpointed `net` is the encoder
+`tr_weight` 0 is the paper's "SAN w/o TR". As the authors, L_rec and L_TR take their own optimiser step
+(`texture_step`: Adam, lr 1e-5, β1 0.5, over encoder and decoder, ~35× below the ReID lr), after the ReID
+step on L_ID + L_tri; the texture gradients come from the same forward pass (`torch.autograd.grad`), are
+averaged over the ranks as DDP would, and are applied in `after_step`. `texture_step=false` sums all four
+losses into one step instead. The evaluated and checkpointed `net` is the encoder
 alone, with the baseline's keys, so `--init` from a SAN checkpoint starts MMT/ECN/MAR from it.
 """
 
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from reid_ray.data.loader import ImageDataset, build_train_loader, relabel
 from reid_ray.data.texture import TextureDataset, texture_folder, texture_paths
@@ -44,6 +49,10 @@ class SANParams:
     texture_dir: str = "texture"  # folder of pseudo ground-truth textures beside the split folders
     texture_height: int = 256     # decoded texture size (the paper: 256×256)
     texture_width: int = 256
+    texture_step: bool = True     # the reconstruction and TR losses take their own Adam step (the authors':
+                                  # lr texture_lr, β1 texture_beta1) over encoder + decoder; False: one step
+    texture_lr: float = 1e-5      # of the sum of all four losses with the ReID optimiser
+    texture_beta1: float = 0.5
 
 
 @register_method
@@ -68,7 +77,10 @@ class SAN(Method):
             model.decoder = convert_sync_bn(model.decoder, self.device)
         self.dec_dims = model.decoder.block_dims
         self.models = {"san": wrap(model.to(self.device))}
-        self.build_optimizer(model)
+        self.build_optimizer(model.net if p.texture_step else model)  # the decoder: the texture optimiser's
+        self.texture_params = [q for q in model.parameters() if q.requires_grad]
+        self.texture_optimizer = torch.optim.Adam(self.texture_params, lr=p.texture_lr, betas=(p.texture_beta1, 0.999))
+        self.texture_grads: tuple | None = None
         images = ImageDataset(source.train, train_transform(cfg.transform), labels, in_memory=cfg.loader.in_memory)
         self.textures = texture_paths(source.train, folder)
         dataset = TextureDataset(images, self.textures, self.size)
@@ -93,9 +105,31 @@ class SAN(Method):
         rec = reconstruction_loss(out["texture"], batch["texture"].to(dev, non_blocking=True))
         dec, _ = gather_batch(torch.cat(out["dec_feats"], 1), y)  # one all-gather for all blocks
         tr = self.tr(dec.split(self.dec_dims, 1), labels)
-        loss = ce + p.triplet_weight * tri + p.rec_weight * rec + p.tr_weight * tr
+        reid, texture = ce + p.triplet_weight * tri, p.rec_weight * rec + p.tr_weight * tr
+        if p.texture_step:  # the texture losses' gradients, for their own optimiser's step in after_step
+            self.texture_grads = torch.autograd.grad(texture, self.texture_params, retain_graph=True,
+                                                     allow_unused=True)
+            loss = reid + 0.0 * texture  # the decoder stays in DDP's graph (its gradients are zeros here)
+        else:
+            loss = reid + texture
         acc = (out["logits"].argmax(1) == y).float().mean()
         return {"loss": loss, "ce": ce, "triplet": tri, "rec": rec, "tr": tr, "acc": acc}
+
+    def after_step(self, ctx: EpochContext) -> None:
+        """The texture step (`texture_step`): the gradients of L_rec + L_TR, averaged over the ranks as DDP
+        would, applied by the texture optimiser after the ReID step."""
+        if self.texture_grads is None:
+            return
+        grads = [torch.zeros_like(q) if g is None else g for q, g in zip(self.texture_params, self.texture_grads)]
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            grads = list(flat.div_(self.world_size).split([g.numel() for g in grads]))
+        for q, g in zip(self.texture_params, grads):
+            q.grad = g.view_as(q)
+        self.texture_optimizer.step()
+        self.texture_optimizer.zero_grad(set_to_none=True)
+        self.texture_grads = None
 
     def eval_model(self):
         return unwrap(self.models["san"]).net
@@ -104,7 +138,8 @@ class SAN(Method):
     def state_dict(self) -> dict:
         model = unwrap(self.models["san"])
         return {"models": {"net": model.net.state_dict(), "decoder": model.decoder.state_dict()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "texture_optimizer": self.texture_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         model = unwrap(self.models["san"])
@@ -112,6 +147,8 @@ class SAN(Method):
         model.decoder.load_state_dict(state["models"]["decoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "texture_optimizer" in state:
+            self.texture_optimizer.load_state_dict(state["texture_optimizer"])
 
     @torch.no_grad()
     def eval_artifacts(self, run_dir: str | Path, n: int = 8) -> list[Path]:

@@ -4,7 +4,7 @@ torch's `SyncBatchNorm` runs on GPUs only; on CPU workers (gloo) each rank would
 normalise with the statistics of its own share of the batch, so 1 and N workers
 train different models at the same global batch. `GlobalBatchNorm` all-reduces
 the per-channel sum, sum of squares and count (with gradients, through
-`torch.distributed.nn.functional.all_reduce`), so every rank normalises with the
+torch's differentiable functional `all_reduce`), so every rank normalises with the
 global batch's statistics, as a single process would.
 
 `samples_per_bn` (> 0) normalises each run of that many consecutive images of the global batch on its
@@ -90,9 +90,9 @@ class GlobalBatchNorm(_BatchNorm):
         c = g.shape[2]
         count = torch.full((g.shape[0], 1), g.numel() / (g.shape[0] * c), dtype=g.dtype, device=g.device)
         stats = torch.cat([g.sum(dims), (g * g).sum(dims), count], dim=1)  # (G, 2C + 1)
-        if reduce:
-            from torch.distributed.nn.functional import all_reduce
-            stats = all_reduce(stats, group=group) if group is not None else all_reduce(stats)
+        if reduce:  # differentiable: the backward all-reduces the gradients of the sums
+            from torch.distributed._functional_collectives import all_reduce
+            stats = all_reduce(stats, "sum", group if group is not None else dist.group.WORLD)
         cnt = stats[:, -1:]
         mean = stats[:, :c] / cnt
         var = stats[:, c:2 * c] / cnt - mean * mean  # biased, as BatchNorm normalises with
