@@ -18,8 +18,12 @@ from pathlib import Path
 
 import reid_ray
 
-GPU_EXTRA_FIX = ("pip install 'reid-ray[gpu]' && pip uninstall -y faiss-cpu && "
-                 "pip install --force-reinstall --no-deps faiss-gpu-cu12")
+GPU_FAISS = "faiss-gpu-cu13-cuvs"   # the `gpu` extra: CUDA 13, as torch 2.14.1's wheels
+GPU_EXTRA_FIX = f"pip uninstall -y faiss-cpu && pip install -e '.[gpu]' (installs {GPU_FAISS})"
+# the oldest NVIDIA driver for each CUDA major (CUDA's minor-version compatibility)
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+FAISS_DISTS = ("faiss-cpu", "faiss-gpu-cu13-cuvs", "faiss-gpu-cu12-cuvs", "faiss-gpu-cu12", "faiss-gpu-cu11",
+               "faiss-gpu-cuvs", "faiss-gpu", "faiss-cuda")
 
 
 @dataclass
@@ -50,19 +54,109 @@ def check_torch(r: Report) -> int:
     return n
 
 
+def installed_faiss() -> list[str]:
+    """The faiss distributions pip has installed (two builds of one `faiss` module overwrite each other)."""
+    from importlib import metadata
+
+    found = []
+    for dist in FAISS_DISTS:
+        try:
+            metadata.version(dist)
+            found.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def cuda_major(name_or_version: str | None) -> int | None:
+    """12 from "12.8" or from "faiss-gpu-cu12"; None when it names no CUDA version."""
+    import re
+
+    if not name_or_version:
+        return None
+    m = re.search(r"cu(\d{2})", name_or_version) or re.match(r"(\d+)\.", name_or_version)
+    return int(m.group(1)) if m else None
+
+
+def cuda_runtime() -> str | None:
+    """The CUDA runtime torch's wheels brought (the nvidia-cuda-runtime package), if any."""
+    from importlib import metadata
+
+    for dist in ("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version (nvidia-smi), or None without one."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def cuda_stack_problems(torch_cuda: str | None, torch_gpus: int, driver: str | None, faiss_dists: list[str],
+                        faiss_gpus: int) -> list[tuple[str, str]]:
+    """What does not match in torch's CUDA build, the driver and the faiss build, each with its fix."""
+    problems = []
+    gpu_dists = [d for d in faiss_dists if d != "faiss-cpu"]
+    if "faiss-cpu" in faiss_dists and gpu_dists:
+        problems.append((f"two faiss builds installed (faiss-cpu and {gpu_dists[0]}): they share the `faiss` "
+                         "module, whichever was installed last wins",
+                         f"pip uninstall -y faiss-cpu {gpu_dists[0]} && pip install -e '.[gpu]'"))
+    torch_major = cuda_major(torch_cuda)
+    for dist in gpu_dists:
+        major = cuda_major(dist)
+        if torch_major and major and major != torch_major:
+            problems.append((f"{dist} is built for CUDA {major}, torch for CUDA {torch_major}: two CUDA "
+                             "runtimes in one process", f"pip uninstall -y {dist} && pip install -e '.[gpu]'"))
+    if torch_gpus and not faiss_gpus:
+        problems.append(("torch sees CUDA but faiss is the CPU build: k-means/kNN run on CPU", GPU_EXTRA_FIX))
+    if torch_gpus and driver and torch_major in MIN_DRIVER:
+        try:
+            too_old = int(driver.split(".")[0]) < MIN_DRIVER[torch_major]
+        except ValueError:
+            too_old = False
+        if too_old:
+            problems.append((f"NVIDIA driver {driver} is older than CUDA {torch_major} needs "
+                             f"(>= {MIN_DRIVER[torch_major]})",
+                             f"boot an image with driver >= {MIN_DRIVER[torch_major]} (docs/scale-out.md) or "
+                             "upgrade the driver"))
+    return problems
+
+
 def check_faiss(r: Report, torch_gpus: int) -> None:
     try:
         import faiss
     except ImportError:
         r.add("faiss", "version", "not installed")
-        r.problem("faiss is not installed (clustering needs it)", "pip install -e . (faiss-cpu) or " + GPU_EXTRA_FIX)
+        r.problem("faiss is not installed (clustering needs it)",
+                  "pip install -e '.[cpu]' (faiss-cpu) or, on CUDA machines, pip install -e '.[gpu]'")
         return
-    r.add("faiss", "version", getattr(faiss, "__version__", "?"))
+    dists = installed_faiss()
+    r.add("faiss", "version", getattr(faiss, "__version__", "?") + (f" ({', '.join(dists)})" if dists else ""))
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     r.add("faiss", "GPUs", str(gpus))
-    if torch_gpus and not gpus:
-        r.problem("torch sees CUDA but faiss is the CPU build: k-means/kNN run on CPU",
-                  GPU_EXTRA_FIX)
+    import torch
+
+    driver = nvidia_driver()
+    r.add("cuda", "NVIDIA driver", driver or "none found (nvidia-smi)")
+    r.add("cuda", "torch CUDA build", torch.version.cuda or "none (CPU-only build)")
+    r.add("cuda", "CUDA runtime (pip)", cuda_runtime() or "none")
+    if torch_gpus:
+        r.add("cuda", "bf16 autocast", "yes" if torch.cuda.is_bf16_supported() else "no (float16 + GradScaler)")
+    for problem, fix in cuda_stack_problems(torch.version.cuda, torch_gpus, driver, dists, gpus):
+        r.problem(problem, fix)
 
 
 def check_datasets(r: Report, root: str) -> None:

@@ -45,3 +45,28 @@ def test_local_mlflow_store_on_a_cluster_is_flagged(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert main(["--no-ray", "--data-root", str(tmp_path), "--mlflow-uri", "sqlite:///mlflow.db"]) == 0
     assert "shared MLflow server" in capsys.readouterr().out
+
+
+def test_cuda_stack_mismatches_are_problems_with_fixes():
+    from reid_ray.doctor import cuda_major, cuda_stack_problems
+
+    assert cuda_major("13.0") == 13 and cuda_major("faiss-gpu-cu12") == 12 and cuda_major("faiss-gpu") is None
+    ok = cuda_stack_problems("13.0", 1, "580.65.06", ["faiss-gpu-cu13-cuvs"], 1)
+    assert ok == []
+    assert cuda_stack_problems(None, 0, None, ["faiss-cpu"], 0) == []  # a CPU machine: nothing to fix
+    both = cuda_stack_problems("13.0", 1, "580.1", ["faiss-cpu", "faiss-gpu-cu13-cuvs"], 1)
+    assert len(both) == 1 and "two faiss builds" in both[0][0] and "uninstall" in both[0][1]
+    cu12 = cuda_stack_problems("13.0", 1, "580.1", ["faiss-gpu-cu12"], 1)
+    assert "CUDA 12, torch for CUDA 13" in cu12[0][0] and ".[gpu]" in cu12[0][1]
+    cpu_faiss = cuda_stack_problems("13.0", 2, "580.1", ["faiss-cpu"], 0)
+    assert "CPU build" in cpu_faiss[0][0]
+    old_driver = cuda_stack_problems("13.0", 1, "550.54.15", ["faiss-gpu-cu13-cuvs"], 1)
+    assert ">= 580" in old_driver[0][0] and "driver" in old_driver[0][1]
+
+
+def test_doctor_reports_the_cuda_stack_on_a_cpu_machine(tmp_path, capsys):
+    assert main(["--no-ray", "--data-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for item in ("NVIDIA driver", "torch CUDA build", "CUDA runtime (pip)"):
+        assert item in out, item
+    assert "faiss-cpu" in row(out, "faiss")

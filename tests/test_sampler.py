@@ -109,3 +109,29 @@ def test_cross_camera_sampler_ranks_partition_every_global_batch():
     ranks = [list(CrossCameraSampler(labels, cams, 4, batch_size=4, num_replicas=2, rank=r, seed=1)) for r in (0, 1)]
     merged = [x for b in range(len(one) // 4) for r in (0, 1) for x in ranks[r][2 * b:2 * b + 2]]
     assert merged == one and len(one) == 8  # 10 images cut into batches of 4: the partial one is dropped
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_augmented_batches_do_not_depend_on_the_loader_processes(tiny_synth, in_memory):
+    """Each sample's augmentation is seeded by its place in the global batch, so 0 or 2 loader processes
+    (decoding JPEGs with torchvision.io, transforms v2) give the same tensors."""
+    import torch
+
+    from reid_ray.data.loader import LoaderConfig, build_train_loader, loader_workers, relabel
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.data.transforms import TransformConfig
+
+    table = read_dataset("synth-a", tiny_synth).train
+    labels, _ = relabel(table["pid"].to_numpy())
+    tcfg = TransformConfig(height=32, width=16, pad=2)
+    out = []
+    for workers in (0, 2):
+        lcfg = LoaderConfig(num_identities=4, num_instances=2, num_workers=workers, in_memory=in_memory)
+        loader = build_train_loader(table, labels, tcfg, lcfg, seed=3)
+        loader.sampler.set_epoch(1)
+        out.append([(b["img"], b["index"]) for b in loader])
+    assert len(out[0]) == len(out[1]) > 0
+    for (a, ia), (b, ib) in zip(*out):
+        assert torch.equal(ia, ib) and torch.equal(a, b)
+    assert out[0][0][0].dtype == torch.float32 and out[0][0][0].shape[1:] == (3, 32, 16)
+    assert loader_workers(LoaderConfig(num_workers=-1, in_memory=True)) == 0  # auto: none for in-memory data

@@ -1,8 +1,10 @@
 import hashlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from reid_ray import ReidRayError
 from reid_ray.data.readers import read_dataset
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
 from tests.conftest import TINY
@@ -65,3 +67,34 @@ def test_domains_differ_in_camera_not_in_identity_cues(tiny_synth):
     ta = np.mean([np.asarray(Image.open(p)) for p in sorted((tiny_synth / "synth-a" / "texture").glob("*.png"))], 0)
     tb = np.mean([np.asarray(Image.open(p)) for p in sorted((tiny_synth / "synth-b" / "texture").glob("*.png"))], 0)
     assert abs(ta.mean() - tb.mean()) < 20
+
+
+def test_market_shaped_plan_has_markets_counts():
+    from reid_ray.data.synthetic import MARKET_SHAPE, market_plan
+
+    plan = market_plan(seed=0)
+    train = [c for _, f, c in plan if f == "bounding_box_train"]
+    query = [(p, c) for p, f, c in plan if f == "query"]
+    gallery = {p: c for p, f, c in plan if f == "bounding_box_test"}
+    assert len(train) == 751 and sum(map(len, train)) == MARKET_SHAPE["train_images"] == 12_936
+    assert len(query) == 750 and sum(len(c) for _, c in query) == 3_368
+    assert sum(map(len, gallery.values())) == 15_913
+    for pid, cams in query:  # one query per camera, each with a gallery match in its camera and another
+        assert len(set(cams)) == len(cams) >= 4 and set(gallery[pid]) == set(cams)
+    assert market_plan(seed=0) == plan and market_plan(seed=1) != plan
+
+
+def test_market_shaped_images_read_as_market1501(tmp_path):
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.data.synthetic import generate_market_shaped
+
+    top = generate_market_shaped(tmp_path, ids=3, workers=1)
+    assert top.name == "Market-1501-v15.09.15"
+    ds = read_dataset("market1501", tmp_path, use_cache=False)
+    st = ds.stats()
+    assert st["train"]["ids"] == 3 and st["query"]["ids"] == 3 == st["gallery"]["ids"]
+    from PIL import Image
+    with Image.open(ds.train["path"][0].as_py()) as im:
+        assert im.size == (128, 256) and im.format == "JPEG"
+    with pytest.raises(ReidRayError, match="exists"):
+        generate_market_shaped(tmp_path, ids=1, workers=1)

@@ -13,15 +13,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 
 from reid_ray import ReidRayError
 
+try:
+    import faiss
+except ImportError:  # neither extra installed: a clear error where clustering starts, not at import
+    faiss = None
+
+FAISS_MISSING = ("faiss is not installed: pip install -e '.[cpu]' (faiss-cpu) or, on CUDA machines, "
+                 "pip install -e '.[gpu]' (faiss-gpu for CUDA 13)")
+
+
+def require_faiss():
+    if faiss is None:
+        raise ReidRayError(FAISS_MISSING)
+    return faiss
+
 
 def faiss_gpus() -> int:
     """Number of GPUs faiss can use (0 with faiss-cpu)."""
-    get = getattr(faiss, "get_num_gpus", None)
+    get = getattr(faiss, "get_num_gpus", None) if faiss is not None else None
     return int(get()) if get is not None else 0
 
 
@@ -53,6 +66,7 @@ def kmeans_labels(features, num_clusters: int, *, niter: int = 300, seed: int = 
     if num_clusters < 1 or num_clusters > n:
         raise ReidRayError(f"k-means: num_clusters={num_clusters} but there are {n} samples; "
                            f"choose num_clusters between 1 and {n}")
+    require_faiss()
     gpu = faiss_gpus() > 0 if use_gpu is None else use_gpu
     km = faiss.Kmeans(d, num_clusters, niter=niter, seed=seed, nredo=nredo, gpu=gpu, verbose=False,
                       max_points_per_centroid=max_points_per_centroid,
@@ -81,6 +95,7 @@ def knn(features, k: int, *, use_gpu: bool | None = None) -> tuple[np.ndarray, n
     x = _as_float32(features)
     if not 1 <= k <= len(x):
         raise ReidRayError(f"kNN: k={k} but there are {len(x)} samples")
+    require_faiss()
     index = faiss.IndexFlatIP(x.shape[1])
     if (faiss_gpus() > 0 if use_gpu is None else use_gpu):
         index = faiss.index_cpu_to_all_gpus(index)

@@ -51,11 +51,14 @@ class ShuffleSampler(Sampler):
 
 
 def build_shuffle_loader(dataset: Dataset, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                         num_workers: int = 0) -> DataLoader:
-    """A loader over `dataset` (items indexed by (index, seed)) with this rank's share of each global batch."""
+                         lcfg=None) -> DataLoader:
+    """A loader over `dataset` (items indexed by (index, seed)) with this rank's share of each global batch;
+    `lcfg` (a LoaderConfig) sets its processes and pinning (none by default)."""
+    from reid_ray.data.loader import loader_kwargs
+
     sampler = ShuffleSampler(len(dataset), global_batch, world_size, rank, seed)
-    return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    kw = loader_kwargs(lcfg) if lcfg is not None else {}
+    return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, drop_last=True, **kw)
 
 
 class _BothSamplers:

@@ -211,42 +211,46 @@ def _smooth_noise(rng, shape, cells: tuple[int, int]) -> np.ndarray:
     return np.asarray(coarse.resize(shape[::-1], Image.BILINEAR), np.float32) / 127.5 - 1
 
 
-def render_background(rng, cam: dict, style: DomainStyle) -> np.ndarray:
+def render_background(rng, cam: dict, style: DomainStyle, canvas: tuple[int, int] = CANVAS) -> np.ndarray:
     """A fresh background per image, in the camera's colour and brightness range."""
-    h, w = CANVAS
+    h, w = canvas
+    k = h / CANVAS[0]  # lengths below are in units of the 128-row canvas
     hue = (cam["bg_hue"] + rng.normal(0, 0.04)) % 1
     value = np.clip(cam["bg_value"] + rng.normal(0, 0.04), *style.bg_value)
     base = _hsv_to_rgb(hue, np.clip(cam["bg_sat"] + rng.normal(0, 0.05), 0, 1), value)
     shade = 1 + 0.25 * _smooth_noise(rng, (h, w), (int(rng.integers(3, 7)), int(rng.integers(2, 5))))
     yy = np.arange(h, dtype=np.float32)[:, None]
-    floor_y = rng.uniform(80, 112)
+    floor_y = rng.uniform(80, 112) * k
     shade = shade * np.where(yy > floor_y, rng.uniform(0.75, 1.2), 1.0) * (1 + rng.uniform(-0.15, 0.15) * (yy / h - 0.5))
     bg = base[None, None, :] * shade[..., None]
     if rng.random() < 0.5:  # a pole, door or window edge
-        x0 = int(rng.integers(0, w - 6))
-        bg[:, x0:x0 + int(rng.integers(3, 10))] *= rng.uniform(0.6, 1.4)
+        x0 = int(rng.integers(0, w - int(6 * k)))
+        bg[:, x0:x0 + int(rng.integers(3, 10) * k)] *= rng.uniform(0.6, 1.4)
     return bg
 
 
 def compose(person: dict, cam: dict, style: DomainStyle, view: str, stride: float, mirror: bool,
-            jitter: tuple[float, float, float], rng: np.random.Generator) -> Image.Image:
-    """Render `person` as seen by camera `cam`; returns the final 64x32 RGB image."""
-    h, w = CANVAS
-    s = cam["scale"] * jitter[0]
-    oy = h - 3 - 124 * s + jitter[1]
-    ox = w / 2 - 32 * s + jitter[2]
+            jitter: tuple[float, float, float], rng: np.random.Generator, canvas: tuple[int, int] = CANVAS,
+            reduce: int = 2) -> Image.Image:
+    """Render `person` as seen by camera `cam` on a `canvas` (H, W), box-downsampled by `reduce`: the
+    embedded benchmark's 64x32 by default; (256, 128) with reduce 1 for Market-sized images."""
+    h, w = canvas
+    k = h / CANVAS[0]
+    s = cam["scale"] * jitter[0] * k
+    oy = h - 3 * k - 124 * s + jitter[1] * k
+    ox = w / 2 - 32 * s + jitter[2] * k
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cy, cxx = (yy - oy) / s, (xx - ox) / s
     if mirror:
         cxx = 64 - cxx
     rgb, alpha = render_person(person, cy, cxx, view, stride)
-    img = np.where(alpha[..., None], rgb, render_background(rng, cam, style))
+    img = np.where(alpha[..., None], rgb, render_background(rng, cam, style, canvas))
     gain = cam["gain"] * rng.uniform(0.95, 1.05)
     img = ((img - 0.5) * cam["contrast"] + 0.5) * gain * cam["cast"]
     pil = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
-    if cam["blur"] > 0.05:
-        pil = pil.filter(ImageFilter.GaussianBlur(radius=2 * cam["blur"]))  # 2x: drawn at twice the size
-    small = np.asarray(pil.reduce(2), np.float32)
+    if cam["blur"] > 0.05:  # sigma in pixels of a 32-wide image, scaled to the canvas
+        pil = pil.filter(ImageFilter.GaussianBlur(radius=cam["blur"] * w / 32))
+    small = np.asarray(pil.reduce(reduce) if reduce > 1 else pil, np.float32)
     small += rng.normal(0, cam["noise"] * 255, small.shape)
     return Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8))
 

@@ -174,3 +174,101 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SynthConfig = SynthCo
     if bar is not None:
         bar.close()
     return [out / d for d in config.domains]
+
+
+# --------------------------------------------------------------------------- Market-shaped, for throughput
+
+# Market-1501's published counts (Zheng et al., ICCV 2015): its training set and test split, distractors aside
+MARKET_SHAPE = {"train_ids": 751, "train_images": 12_936, "test_ids": 750, "query": 3_368, "gallery": 15_913,
+                "cameras": 6, "size": (256, 128)}
+MARKET_TOP = "Market-1501-v15.09.15"
+
+
+def _spread(total: int, n: int, rng) -> np.ndarray:
+    """n counts that sum to `total`, as equal as possible, the larger ones on random members."""
+    counts = np.full(n, total // n)
+    counts[rng.permutation(n)[:total % n]] += 1
+    return counts
+
+
+def market_plan(seed: int = 0) -> list[tuple[int, str, list[int]]]:
+    """(pid, split, cameras of its images) for every identity: exactly Market's ids, images, queries and
+    gallery images. Training ids visit 2-6 cameras; a test id has one query per camera it visits (4 or 5,
+    as Market's 3,368 queries of 750 ids) and its gallery images spread over the same cameras."""
+    m = MARKET_SHAPE
+    rng = np.random.default_rng([seed, 77])
+    plan = []
+    for pid, n in enumerate(_spread(m["train_images"], m["train_ids"], rng), start=1):
+        cams = rng.choice(m["cameras"], size=int(rng.integers(2, m["cameras"] + 1)), replace=False)
+        plan.append((pid, "bounding_box_train", sorted(rng.choice(cams, size=int(n)).tolist())))
+    queries = _spread(m["query"], m["test_ids"], rng)
+    gallery = _spread(m["gallery"], m["test_ids"], rng)
+    for j in range(m["test_ids"]):
+        cams = sorted(rng.choice(m["cameras"], size=int(queries[j]), replace=False).tolist())
+        g = cams + rng.choice(cams, size=int(gallery[j]) - len(cams)).tolist()  # every camera has a match
+        plan.append((m["train_ids"] + 1 + j, "query", cams))
+        plan.append((m["train_ids"] + 1 + j, "bounding_box_test", sorted(g)))
+    return plan
+
+
+def _render_market_part(args) -> int:
+    top, seed, quality, items = args
+    style = STYLES["synth-a"]
+    cams = [sample_camera(np.random.default_rng([seed, 78, c]), style) for c in range(MARKET_SHAPE["cameras"])]
+    n = 0
+    for pid, folder, plan in items:
+        person = sample_identity(np.random.default_rng([seed, 79, pid]))
+        for k, c in enumerate(plan):
+            key = [seed, 80, pid, k, len(folder)]
+            pose = _view(np.random.default_rng(key + [0]))
+            img = compose(person, cams[c], style, *pose, rng=np.random.default_rng(key + [1]),
+                          canvas=MARKET_SHAPE["size"], reduce=1)
+            img.save(Path(top) / folder / f"{pid:04d}_c{c + 1}s1_{(k + 1) * 25:06d}_{k % 100:02d}.jpg", quality=quality)
+            n += 1
+    return n
+
+
+def generate_market_shaped(out_dir: str | os.PathLike, seed: int = 0, *, quality: int = 92, workers: int | None = None,
+                           overwrite: bool = False, progress: bool = False, ids: int | None = None) -> Path:
+    """Write a Market-shaped synthetic dataset, `<out_dir>/Market-1501-v15.09.15/`: Market-1501's layout
+    and counts (751 / 12,936 training ids / images, 3,368 queries, 15,913 gallery images, 6 cameras) as
+    256x128 JPEGs, so `read_dataset("market1501", out_dir)` reads it and the real pipeline (disk, decode,
+    augment, GPU) can be timed without the real dataset. Rendered by a process pool (`workers`, default
+    all CPUs) into a temporary folder renamed into place. `ids` keeps only the first that many training and
+    test identities (a small set of the same shape, for tests and `bench/gpu.py --tiny`)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = Path(out_dir).expanduser().resolve()
+    final = out / MARKET_TOP
+    if final.exists() and not overwrite:
+        raise ReidRayError(f"{final} exists; delete it, pass --overwrite, or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = market_plan(seed)
+    if ids is not None:
+        first_test = MARKET_SHAPE["train_ids"] + 1
+        plan = [p for p in plan if p[0] <= ids or first_test <= p[0] < first_test + ids]
+    tmp = Path(tempfile.mkdtemp(prefix=".market.", dir=out))
+    try:
+        top = tmp / MARKET_TOP
+        for folder in ("bounding_box_train", "query", "bounding_box_test"):
+            (top / folder).mkdir(parents=True)
+        workers = workers or os.cpu_count() or 1
+        parts = [(str(top), seed, quality, plan[i::workers * 8]) for i in range(workers * 8)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=sum(len(c) for _, _, c in plan), desc="synthesising (Market-shaped)", unit="img")
+        with ProcessPoolExecutor(workers) as pool:
+            for n in pool.map(_render_market_part, parts):
+                if bar is not None:
+                    bar.update(n)
+        if bar is not None:
+            bar.close()
+        (top / "synth_meta.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, "preset": "market",
+                                                         "seed": seed, "shape": MARKET_SHAPE}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(top, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

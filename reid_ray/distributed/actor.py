@@ -30,8 +30,8 @@ from reid_ray.clustering.kmeans import ClusterResult
 
 class _PseudoLabeler:
     def __init__(self, spec: ClusterSpec, threads: int = 1, truth=None, cameras=None):
-        import faiss
-        faiss.omp_set_num_threads(max(1, threads))
+        from reid_ray.clustering.kmeans import require_faiss
+        require_faiss().omp_set_num_threads(max(1, threads))
         self.spec, self.truth, self.cameras = spec, truth, cameras
         self.shards: dict[int, dict[int, np.ndarray]] = {}
         self.results: dict[int, ClusterResult] = {}

@@ -119,7 +119,7 @@ class ECN(Method):
                                     world_size=self.world_size, seed=cfg.seed)
         self.train_loader = PairedLoader(source, build_shuffle_loader(
             target, p.target_batch, rank=self.rank, world_size=self.world_size, seed=cfg.seed,
-            num_workers=cfg.loader.num_workers))
+            lcfg=cfg.loader))
         self.memory = ExemplarMemory(len(target), p.features).to(self.device)
         self.ce = CrossEntropyLabelSmooth(p.epsilon)
         self.extract_loader = build_test_loader(self.domains.target.train, cfg.transform, cfg.loader, rank=self.rank,

@@ -101,7 +101,7 @@ class MAR(Method):
                                            rank=self.rank, world_size=self.world_size, seed=cfg.seed)
         tds = ImageDataset(target, train_transform(cfg.transform), in_memory=cfg.loader.in_memory)
         target_loader = build_shuffle_loader(tds, batch, rank=self.rank, world_size=self.world_size, seed=cfg.seed,
-                                             num_workers=cfg.loader.num_workers)
+                                             lcfg=cfg.loader)
         self.train_loader = PairedLoader(source_loader, target_loader)
         self.extract_loader = build_test_loader(target, cfg.transform, cfg.loader, rank=self.rank,
                                                 world_size=self.world_size)
