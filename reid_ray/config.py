@@ -74,7 +74,9 @@ class TrainConfig:
     workers: int = 2
     use_gpu: str = "auto"              # auto | true | false
     gpu_wait_s: float = 900            # use_gpu=true on an autoscaling cluster: wait this long for GPU nodes
-    amp: bool = True                   # mixed precision (GPU only)
+    amp: bool = True                   # mixed precision (GPU only): bf16 where supported, else fp16 + GradScaler
+    checkpoint_upload: str = "auto"    # sync | async (Ray Train uploads while the next epoch runs) | auto:
+                                       # async on GPUs, sync on CPU
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
     output: str = "outputs"
     resume: str = ""
@@ -153,6 +155,7 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
 
 
 _CHOICES = {"clustering": ("actor", "local"), "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
+            "checkpoint_upload": ("auto", "sync", "async"),
             "optim.optimizer": ("adam", "sgd")}
 
 

@@ -28,13 +28,14 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     refresh_time = time.perf_counter() - t_start
     device = method.device
     use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    dtype = amp_dtype(device) if use_amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     sums: dict[str, float] = {}
     n_img, steps, t0 = 0, 0, time.perf_counter()
     for batch in epoch_batches(method.train_loader, method.iterations()):
         if device.type == "cuda":  # channels_last inputs for the channels_last models (distributed/worker.py)
             batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext():
+        with torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext():
             losses = method.train_step(batch, ctx)
         method.optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
@@ -54,6 +55,11 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     out.update({"lr": lr, "epoch_time": seconds, "images_per_s": n_img * ctx.world_size / max(seconds, 1e-9),
                 "iters": steps, "refresh_time": refresh_time, **method.epoch_metrics()})
     return out
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the GPU has it (Ampere and later: A100, H100, H200), else float16 with a GradScaler."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
 
 
 def evaluate_method(method: Method, dataset: ReIDDataset, cfg: TrainConfig, prefix: str) -> tuple[dict, list]:

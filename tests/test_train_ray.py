@@ -45,11 +45,12 @@ def test_trains_reports_checkpoints_tracks_and_resumes(ray_local, data_root, tmp
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "cmc.png", "checkpoints"} <= artifacts
 
-    # --resume continues from the saved epoch: only epoch 3 runs
-    resumed = run_training(cfg_for(tmp_path, data_root, epochs=3, resume=out["checkpoint"]))
+    # --resume continues from the saved epoch: only epoch 3 runs (its checkpoint uploaded asynchronously)
+    resumed = run_training(cfg_for(tmp_path, data_root, epochs=3, resume=out["checkpoint"], checkpoint_upload="async"))
     hist = MlflowClient(resumed["mlflow_uri"]).get_metric_history(resumed["mlflow_run_id"], "epoch")
     assert [h.value for h in hist] == [3.0]
-    assert from_dict(torch.load(f"{resumed['checkpoint']}/checkpoint.pt", weights_only=False)["config"]).epochs == 3
+    resumed_state = torch.load(f"{resumed['checkpoint']}/checkpoint.pt", weights_only=False)
+    assert resumed_state["epoch"] == 2 and from_dict(resumed_state["config"]).epochs == 3
 
 
 def test_one_and_two_workers_agree_at_equal_global_batch(ray_local, data_root, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -87,6 +88,9 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":
         for m in method.models.values():
             m.to(memory_format=torch.channels_last)
+    if cfg.model.compile:  # the DDP-wrapped networks; checkpoints still hold the plain modules (unwrap)
+        method.models = {k: torch.compile(m) for k, m in method.models.items()}
+    upload = cfg.checkpoint_upload if cfg.checkpoint_upload != "auto" else ("async" if device.type == "cuda" else "sync")
     ectx = EpochContext(epoch=0, rank=rank, world_size=world)
     start, best = 0, {"target_mAP": -1.0}
     last_target = 0.0  # the latest target mAP, carried between evaluations (Tune's ranking metric)
@@ -102,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
         run_id = tracking.open_run(uri, ml["experiment"], ml["run_key"], cfg.name, flatten(cfg), ml["tags"],
                                    config["cfg"])
     try:
-        _epochs(method, cfg, ectx, start, best, last_target, uri, run_id, Path(config["run_dir"]))
+        _epochs(method, cfg, ectx, start, best, last_target, uri, run_id, Path(config["run_dir"]), upload)
     except BaseException:
         if run_id:
             tracking.set_status(uri, run_id, "FAILED", "failed")
@@ -112,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
-            uri: str, run_id: str | None, run_dir: Path) -> None:
+            uri: str, run_id: str | None, run_dir: Path, upload: str = "sync") -> None:
     domains, rank, curves = method.domains, ectx.rank, {}
     for epoch in range(start, cfg.epochs):
         ectx.epoch = epoch
@@ -132,7 +136,9 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if run_id:
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
-        with tempfile.TemporaryDirectory() as tmp:
+        # async: Ray Train copies the folder to storage while the next epoch trains, then deletes it
+        tmp = tempfile.mkdtemp(prefix="reid-ray-ckpt-")
+        try:
             checkpoint = None
             if rank == 0:
                 improved = metrics.get("target_mAP", -1) > best["target_mAP"]
@@ -146,8 +152,13 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                     run_dir.mkdir(parents=True, exist_ok=True)
                     torch.save(state, run_dir / "best.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
             ray.train.report({**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target},
-                             checkpoint=checkpoint)  # [4]
+                             checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=True)  # [4]
+        finally:
+            if upload == "sync" or checkpoint is None:
+                shutil.rmtree(tmp, ignore_errors=True)
     if run_id:
         if curves:
             run_dir.mkdir(parents=True, exist_ok=True)

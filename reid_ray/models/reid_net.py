@@ -23,6 +23,7 @@ class ModelConfig:
     last_stride: int = 1
     sync_bn: bool = True           # BN over the global batch of all workers (SyncBatchNorm on GPU,
                                    # GlobalBatchNorm on CPU): results do not depend on the worker count
+    compile: bool = False          # torch.compile the trained networks (GPU; the first steps pay for compiling)
     samples_per_bn: int = 0        # > 0: BN statistics over each run of this many consecutive images of the
                                    # global batch (the authors' 16 per GPU); 0: over the whole global batch
 

@@ -1,0 +1,299 @@
+"""GPU figures on a bare CUDA machine, in one go; also runs on CPU with --tiny (tested in the suite).
+
+    python -m bench.gpu [--out bench/out/gpu] [--data DIR] [--tiny] [--compile]
+
+Records the device and its versions, then times (each a median of repeats after a warm-up):
+  1. ResNet-50 at 256x128 training images/s, end to end with the loader on Market-shaped synthetic JPEGs
+     (`reid-ray synth DIR --preset market`, written first when DIR has none): fp32, bf16 + channels_last
+     (+ torch.compile with --compile);
+  2. the loader alone (decode + augment, 0 and N loader processes) against the training step alone on
+     tensors already on the device, so an epoch's bound is known;
+  3. one MMT epoch (two nets + two mean nets, 400 iterations) and its pseudo-label refresh at Market size;
+  4. faiss k-means on 12,936 x 2,048 with k = 500, on the GPU (faiss-gpu) and on the CPU;
+  5. evaluation and k-reciprocal re-ranking at Market size (3,368 x 15,913).
+Writes `gpu.json` and `gpu.md` (a table for bench/RESULTS.md) into --out. --tiny shrinks every size
+(a 20-id Market-shaped set, the `small` backbone at 64x32, few steps) so the whole script runs on a CPU
+in about a minute: it checks the script, not the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median, spread = max - min) seconds of `fn()` over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), max(times) - min(times)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def versions() -> dict:
+    from reid_ray.doctor import cuda_runtime, installed_faiss, nvidia_driver
+
+    try:
+        import faiss
+        faiss_info = {"version": getattr(faiss, "__version__", "?"), "gpus": int(faiss.get_num_gpus())
+                      if hasattr(faiss, "get_num_gpus") else 0}
+    except ImportError:
+        faiss_info = {"version": "not installed", "gpus": 0}
+    cuda = torch.cuda.is_available()
+    return {"host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": __import__("os").cpu_count(),
+            "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_runtime": cuda_runtime(),
+            "driver": nvidia_driver(), "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+            "faiss": faiss_info, "faiss_dists": installed_faiss()}
+
+
+class Sizes:
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        self.arch, self.hw = ("small", (64, 32)) if tiny else ("resnet50", (256, 128))
+        self.ids = 20 if tiny else None                 # Market-shaped identities (None: all of Market)
+        self.steps = 3 if tiny else 50                  # timed training steps per repeat
+        self.repeats = 2 if tiny else 3
+        self.mmt_iters, self.mmt_k = (4, 10) if tiny else (400, 500)
+        self.kmeans = (400, 64, 10) if tiny else (12_936, 2_048, 500)
+        self.eval = (60, 300, 64) if tiny else (3_368, 15_913, 2_048)
+
+
+def market_data(root: Path, sizes: Sizes) -> Path:
+    from reid_ray.data.synthetic import MARKET_TOP, generate_market_shaped
+
+    if not (root / MARKET_TOP).is_dir():
+        t = time.perf_counter()
+        generate_market_shaped(root, ids=sizes.ids, progress=not sizes.tiny)
+        print(f"wrote the Market-shaped set under {root} in {time.perf_counter() - t:.0f} s", flush=True)
+    return root
+
+
+def train_setup(sizes: Sizes, data: Path, workers: int):
+    from reid_ray.data.loader import LoaderConfig, build_train_loader, relabel
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.data.transforms import TransformConfig
+    from reid_ray.models.reid_net import ModelConfig, build_reid_net
+
+    table = read_dataset("market1501", data).train
+    labels, _ = relabel(table["pid"].to_numpy())
+    tcfg = TransformConfig(height=sizes.hw[0], width=sizes.hw[1])
+    lcfg = LoaderConfig(num_identities=4 if sizes.tiny else 16, num_workers=workers)
+    loader = build_train_loader(table, labels, tcfg, lcfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_reid_net(ModelConfig(arch=sizes.arch, sync_bn=False), int(labels.max()) + 1, device)
+    return loader, net, device
+
+
+def train_steps(net, device, dtype, channels_last: bool):
+    """A function running BoT steps (label-smoothed CE + batch-hard triplet, Adam) over (img, label) batches."""
+    from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
+
+    ce, tri = CrossEntropyLabelSmooth(0.1), TripletLoss(0.3)
+    opt = torch.optim.Adam(net.parameters(), lr=3.5e-4)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    def run(source):
+        n = 0
+        for img, y in source:
+            img, y = img.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                img = img.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+                out = net(img)
+                loss = ce(out["logits"], y) + tri(out["feat"].float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            n += len(img)
+        return n
+    return run
+
+
+def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
+    import itertools
+    import os
+
+    workers = min(8, max(1, (os.cpu_count() or 2) - 1))  # loader processes beside the training process
+    loader, net, device = train_setup(sizes, data, workers)
+    cuda = device.type == "cuda"
+    modes = [("fp32", None, False)]
+    if cuda:
+        modes.append(("bf16 + channels_last" if torch.cuda.is_bf16_supported() else "fp16 + channels_last",
+                      torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, True))
+    if compile_:
+        modes.append(("bf16 + channels_last + compile", modes[-1][1], True))
+    out = {"loader_processes": workers, "modes": {}}
+    epoch = itertools.count()
+    batch = loader.batch_size
+
+    def batches(k):
+        loader.sampler.set_epoch(next(epoch))
+        return [(b["img"], b["label"]) for b in itertools.islice(iter(loader), k)]
+
+    for name, dtype, cl in modes:
+        model = torch.compile(net) if "compile" in name else net
+        step = train_steps(model, device, dtype, cl)
+
+        def end_to_end(step=step):
+            loader.sampler.set_epoch(next(epoch))
+            step((b["img"], b["label"]) for b in itertools.islice(iter(loader), sizes.steps))
+        fixed = [(img.to(device), y.to(device)) for img, y in batches(sizes.steps)]
+        t_e2e, s_e2e = timed(end_to_end, sizes.repeats)
+        t_step, s_step = timed(lambda step=step, fixed=fixed: step(fixed), sizes.repeats)
+        n = sizes.steps * batch
+        out["modes"][name] = {"end_to_end_img_s": n / t_e2e, "end_to_end_spread_s": s_e2e,
+                              "step_only_img_s": n / t_step, "step_only_spread_s": s_step}
+        print(f"training {name}: {n / t_e2e:.0f} img/s end to end, {n / t_step:.0f} img/s step alone", flush=True)
+    for procs in sorted({0, workers}):
+        lo, _, _ = train_setup(sizes, data, procs)
+
+        def load(lo=lo):
+            lo.sampler.set_epoch(next(epoch))
+            for _ in itertools.islice(iter(lo), sizes.steps):
+                pass
+        t, s = timed(load, sizes.repeats)
+        out[f"loader_only_{procs}_processes_img_s"] = sizes.steps * batch / t
+        print(f"loader alone, {procs} processes: {sizes.steps * batch / t:.0f} img/s", flush=True)
+    return out
+
+
+def bench_mmt(sizes: Sizes, data: Path) -> dict:
+    from reid_ray.clustering.client import LocalClusterer
+    from reid_ray.config import resolve_config
+    from reid_ray.data.domains import Domains
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.engine import train_epoch
+    from reid_ray.methods import METHODS, EpochContext
+
+    ds = read_dataset("market1501", data)
+    sets = [f"params.num_clusters={sizes.mmt_k}", f"params.iters={sizes.mmt_iters}", f"model.arch={sizes.arch}",
+            f"transform.height={sizes.hw[0]}", f"transform.width={sizes.hw[1]}", "model.sync_bn=false"]
+    if sizes.tiny:
+        sets += ["loader.num_identities=4", "loader.num_workers=0"]
+    cfg = resolve_config("mmt", "market1501", "market1501", sets=sets, flags=dict(data_root=str(data)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = METHODS["mmt"](cfg, Domains(ds, ds), device)
+    t = ds.train
+    method.clusterer = LocalClusterer(METHODS["mmt"].cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+    method.setup()
+    start = time.perf_counter()
+    out = train_epoch(method, EpochContext(0), amp=True)
+    sync()
+    total = time.perf_counter() - start
+    res = {"epoch_s": total, "refresh_s": out["refresh_time"], "train_s": out["epoch_time"], "iters": out["iters"],
+           "images_per_s": out["images_per_s"], "refresh_share": out["refresh_time"] / total}
+    print(f"MMT epoch: {total:.1f} s ({out['iters']:.0f} iterations), refresh {out['refresh_time']:.1f} s", flush=True)
+    return res
+
+
+def bench_kmeans(sizes: Sizes) -> dict:
+    from reid_ray.clustering.kmeans import faiss_gpus, kmeans_labels
+
+    n, d, k = sizes.kmeans
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out = {"shape": [n, d, k]}
+    for where in (["gpu"] if faiss_gpus() else []) + ["cpu"]:
+        t, s = timed(lambda w=where: kmeans_labels(x, k, seed=0, use_gpu=w == "gpu"), sizes.repeats)
+        out[f"{where}_s"], out[f"{where}_spread_s"] = t, s
+        print(f"k-means {n} x {d}, k={k} on the {where}: {t:.2f} s", flush=True)
+    return out
+
+
+def bench_eval(sizes: Sizes) -> dict:
+    from reid_ray.evaluation import evaluate_rank, pairwise_distance, re_ranking
+
+    nq, ng, d = sizes.eval
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, nq // 4 + 2, nq + ng)
+    centres = rng.standard_normal((ids.max() + 1, d)).astype(np.float32)
+    feats = torch.from_numpy(centres[ids] + 0.7 * rng.standard_normal((nq + ng, d)).astype(np.float32))
+    cams = rng.integers(0, 6, nq + ng)
+    qf, gf = feats[:nq], feats[nq:]
+    out = {"shape": [nq, ng, d]}
+    dist = pairwise_distance(qf, gf)
+    t, s = timed(lambda: evaluate_rank(dist, ids[:nq], ids[nq:], cams[:nq], cams[nq:]), sizes.repeats)
+    out["evaluate_rank_s"], out["evaluate_rank_spread_s"] = t, s
+    t, s = timed(lambda: re_ranking(dist, pairwise_distance(qf, qf), pairwise_distance(gf, gf)), 1)
+    out["re_ranking_s"], out["re_ranking_spread_s"] = t, s
+    print(f"evaluate_rank {nq} x {ng}: {out['evaluate_rank_s']:.2f} s; re-ranking: {out['re_ranking_s']:.1f} s",
+          flush=True)
+    return out
+
+
+def markdown(rec: dict) -> str:
+    v, tr = rec["versions"], rec["training"]
+    lines = [f"`python -m bench.gpu{' --tiny' if rec['tiny'] else ''}` on {v['device']} ({v['cpus']} CPUs, "
+             f"{v['host']}, {v['date']}; torch {v['torch']}, CUDA build {v['torch_cuda']}, runtime {v['cuda_runtime']}, "
+             f"driver {v['driver']}, faiss {v['faiss']['version']} with {v['faiss']['gpus']} GPUs, bf16 {v['bf16']})", "",
+             "| what | figure |", "|---|---|"]
+    for name, m in tr["modes"].items():
+        lines.append(f"| {rec['arch']} {rec['hw'][0]}x{rec['hw'][1]} training, {name}, end to end "
+                     f"({tr['loader_processes']} loader processes) | {m['end_to_end_img_s']:.0f} img/s |")
+        lines.append(f"| same, the step alone (batches already on the device) | {m['step_only_img_s']:.0f} img/s |")
+    for k, val in tr.items():
+        if k.startswith("loader_only"):
+            lines.append(f"| loader alone, {k.split('_')[2]} processes (decode + augment) | {val:.0f} img/s |")
+    m = rec["mmt"]
+    lines.append(f"| one MMT epoch ({m['iters']:.0f} iterations, two nets + two mean nets) | {m['epoch_s']:.1f} s, "
+                 f"refresh {m['refresh_s']:.1f} s ({100 * m['refresh_share']:.0f} %) |")
+    km = rec["kmeans"]
+    for where in ("gpu", "cpu"):
+        if f"{where}_s" in km:
+            lines.append(f"| faiss k-means {km['shape'][0]} x {km['shape'][1]}, k = {km['shape'][2]}, {where.upper()} | "
+                         f"{km[f'{where}_s']:.2f} s |")
+    ev = rec["eval"]
+    lines.append(f"| evaluate_rank {ev['shape'][0]} x {ev['shape'][1]} | {ev['evaluate_rank_s']:.2f} s |")
+    lines.append(f"| k-reciprocal re-ranking {ev['shape'][0]} x {ev['shape'][1]} | {ev['re_ranking_s']:.1f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/out/gpu")
+    ap.add_argument("--data", default=None, help="folder with (or for) the Market-shaped JPEGs")
+    ap.add_argument("--tiny", action="store_true", help="small sizes: runs on a CPU in about a minute")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = ap.parse_args(argv)
+    from reid_ray import write_text_atomic
+
+    sizes = Sizes(args.tiny)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = market_data(Path(args.data or out / "market-shaped"), sizes)
+    rec = {"tiny": args.tiny, "arch": sizes.arch, "hw": sizes.hw, "versions": versions()}
+    print(json.dumps(rec["versions"]), flush=True)
+    rec["training"] = bench_training(sizes, data, args.compile)
+    rec["mmt"] = bench_mmt(sizes, data)
+    rec["kmeans"] = bench_kmeans(sizes)
+    rec["eval"] = bench_eval(sizes)
+    write_text_atomic(out / "gpu.json", json.dumps(rec, indent=1))
+    write_text_atomic(out / "gpu.md", markdown(rec))
+    print(markdown(rec))
+    return rec
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""bench/gpu.py runs end to end on a CPU with --tiny: every section, its JSON and its Markdown table."""
+
+import json
+
+
+def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
+    from bench import gpu
+
+    rec = gpu.main(["--tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["versions"]["torch"] == rec["versions"]["torch"]
+    tr = saved["training"]
+    assert tr["modes"]["fp32"]["end_to_end_img_s"] > 0 and tr["modes"]["fp32"]["step_only_img_s"] > 0
+    assert tr["loader_only_0_processes_img_s"] > 0 and tr[f"loader_only_{tr['loader_processes']}_processes_img_s"] > 0
+    assert saved["mmt"]["iters"] == 4 and 0 < saved["mmt"]["refresh_share"] < 1
+    assert saved["kmeans"]["cpu_s"] > 0 and saved["eval"]["re_ranking_s"] > 0
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| one MMT epoch" in md and "faiss k-means" in md and "loader alone, 0 processes" in md
