@@ -66,3 +66,39 @@ def test_the_autoscaler_request_is_withdrawn_on_every_exit(monkeypatch):
     with runtime.gpus_requested(2, timeout_s=60):  # already there: nothing asked, nothing to withdraw
         pass
     assert len(calls) == 4
+
+
+def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
+    """`python -m reid_ray.train --method mmt --workers 1` on a one-GPU cluster: the worker takes the GPU, the
+    PseudoLabeler clusters on its CPU, and the worker group starts (before, 1.25 GPUs were wanted and it
+    waited forever). There is no real GPU here, so the started workers stop at their NCCL process group."""
+    import ray
+    import ray.util.state
+    import torch
+
+    from reid_ray.config import resolve_config
+    from reid_ray.distributed.driver import run_training
+    from reid_ray.models.reid_net import ModelConfig, build_reid_net
+
+    init = tmp_path / "source.pt"  # a stand-in source model, as a baseline's checkpoint.pt holds it
+    torch.save({"method": {"models": {"net": build_reid_net(ModelConfig(arch="small"), 12).state_dict()}}}, init)
+    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=6", "iters=2", "two_sources=false",
+                                      "use_gpu=true", "max_failures=0"],
+                         flags=dict(data_root=str(tiny_synth), output=str(tmp_path / "out"), workers=1, epochs=1,
+                                    mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", init=[str(init)]))
+    from reid_ray.distributed.runtime import _free_port
+
+    port = _free_port()  # this Ray's own state API: another local Ray may be running (as init_ray does)
+    api = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=4, num_gpus=1, dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+    try:
+        with pytest.raises(Exception) as err:
+            run_training(cfg)
+        text = str(err.value)
+        # the worker group was placed and started: it stops where it first needs a real GPU (NCCL or CUDA)
+        assert any(word in text for word in ("NCCL", "CUDA", "NVIDIA", "cuda")), text[-2000:]
+        labelers = [a for a in ray.util.state.list_actors(address=api, filters=[("class_name", "=", "_PseudoLabeler")],
+                                                                 detail=True)]
+        assert labelers and all(a.required_resources.get("GPU", 0) == 0 for a in labelers)  # on its CPU
+    finally:
+        ray.shutdown()
