@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T
 
 from reid_ray import ReidRayError
 from reid_ray.data.loader import ImageDataset
@@ -93,8 +93,9 @@ def train(args: argparse.Namespace) -> int:
     images, textures = read_pairs(folder)
     size, tex_size = tuple(args.image_size), tuple(args.texture_size)
     # camera-style jitter (brightness, contrast) and crops; no flips or hue changes: the texture is aligned
-    tf = T.Compose([T.Resize(size), T.ColorJitter(0.4, 0.4), T.Pad(size[1] // 8), T.RandomCrop(size), T.ToTensor(),
-                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.ColorJitter(0.4, 0.4), T.Pad(size[1] // 8),
+                    T.RandomCrop(size), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                    T.ToPureTensor()])  # v2, on the uint8 tensors ImageDataset decodes
     ds = TextureDataset(ImageDataset(_table(images), tf), textures, tex_size)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=len(ds) > args.batch_size,
                         num_workers=args.num_workers)
