@@ -52,7 +52,7 @@ class OptimConfig:
     warmup_factor: float = 0.1
     milestones: tuple[int, ...] = (40, 70)
     gamma: float = 0.1
-    base_lr_mult: float = 1.0          # lr multiplier of the backbone (the ImageNet layers), e.g. 0.1: a tenth of the new layers' lr
+    base_lr_mult: float = 1.0          # lr multiplier of the backbone (the ImageNet layers); 0.1: a tenth of the new layers'
     bn_weight_decay: bool = True       # False: no weight decay on BatchNorm weights and biases
 
 
