@@ -179,6 +179,28 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
     return out
 
 
+def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
+    """The train loader alone (decode + augment + collate) at the benchmark's size, 0 and N processes."""
+    import itertools
+    import os
+
+    out = {}
+    for procs in sorted({0, min(8, max(1, (os.cpu_count() or 2) - 1))}):
+        loader, _, _ = train_setup(sizes, data, procs)
+        epoch = itertools.count()
+
+        def load(loader=loader, epoch=epoch):
+            loader.sampler.set_epoch(next(epoch))
+            for _ in itertools.islice(iter(loader), batches):
+                pass
+        t, s = timed(load, sizes.repeats)
+        out[f"{procs}_processes_img_s"] = batches * loader.batch_size / t
+        out[f"{procs}_processes_spread_s"] = s
+        print(f"loader alone at {sizes.hw[0]}x{sizes.hw[1]}, {procs} processes: "
+              f"{batches * loader.batch_size / t:.0f} img/s (spread {s:.2f} s over {sizes.repeats} runs)", flush=True)
+    return out
+
+
 def bench_mmt(sizes: Sizes, data: Path) -> dict:
     from reid_ray.clustering.client import LocalClusterer
     from reid_ray.config import resolve_config
@@ -276,6 +298,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=None, help="folder with (or for) the Market-shaped JPEGs")
     ap.add_argument("--tiny", action="store_true", help="small sizes: runs on a CPU in about a minute")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--loader-only", action="store_true",
+                    help="only the loader alone at full size (0 and N processes): the figure a CPU machine can give")
     args = ap.parse_args(argv)
     from reid_ray import write_text_atomic
 
@@ -285,6 +309,10 @@ def main(argv=None) -> dict:
     data = market_data(Path(args.data or out / "market-shaped"), sizes)
     rec = {"tiny": args.tiny, "arch": sizes.arch, "hw": sizes.hw, "versions": versions()}
     print(json.dumps(rec["versions"]), flush=True)
+    if args.loader_only:
+        rec["loader"] = bench_loader(sizes, data)
+        write_text_atomic(out / "loader.json", json.dumps(rec, indent=1))
+        return rec
     rec["training"] = bench_training(sizes, data, args.compile)
     rec["mmt"] = bench_mmt(sizes, data)
     rec["kmeans"] = bench_kmeans(sizes)

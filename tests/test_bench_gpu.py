@@ -16,3 +16,11 @@ def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
     assert saved["kmeans"]["cpu_s"] > 0 and saved["eval"]["re_ranking_s"] > 0
     md = (tmp_path / "gpu.md").read_text()
     assert "| one MMT epoch" in md and "faiss k-means" in md and "loader alone, 0 processes" in md
+
+
+def test_gpu_bench_loader_only(tmp_path):
+    from bench import gpu
+
+    rec = gpu.main(["--tiny", "--loader-only", "--out", str(tmp_path)])
+    assert rec["loader"]["0_processes_img_s"] > 0 and len([k for k in rec["loader"] if k.endswith("img_s")]) == 2
+    assert (tmp_path / "loader.json").is_file()
