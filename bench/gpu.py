@@ -133,9 +133,8 @@ def train_steps(net, device, dtype, channels_last: bool):
 
 def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
     import itertools
-    import os
 
-    workers = min(8, max(1, (os.cpu_count() or 2) - 1))  # loader processes beside the training process
+    workers = loader_processes()
     loader, net, device = train_setup(sizes, data, workers)
     cuda = device.type == "cuda"
     modes = [("fp32", None, False)]
@@ -166,26 +165,23 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
         out["modes"][name] = {"end_to_end_img_s": n / t_e2e, "end_to_end_spread_s": s_e2e,
                               "step_only_img_s": n / t_step, "step_only_spread_s": s_step}
         print(f"training {name}: {n / t_e2e:.0f} img/s end to end, {n / t_step:.0f} img/s step alone", flush=True)
-    for procs in sorted({0, workers}):
-        lo, _, _ = train_setup(sizes, data, procs)
-
-        def load(lo=lo):
-            lo.sampler.set_epoch(next(epoch))
-            for _ in itertools.islice(iter(lo), sizes.steps):
-                pass
-        t, s = timed(load, sizes.repeats)
-        out[f"loader_only_{procs}_processes_img_s"] = sizes.steps * batch / t
-        print(f"loader alone, {procs} processes: {sizes.steps * batch / t:.0f} img/s", flush=True)
+    out.update({f"loader_only_{k}": v for k, v in bench_loader(sizes, data, sizes.steps).items() if k.endswith("img_s")})
     return out
+
+
+def loader_processes() -> int:
+    """Loader processes beside the training process: one per CPU but one, at most 8 (as loader.num_workers=-1)."""
+    import os
+
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
 def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
     """The train loader alone (decode + augment + collate) at the benchmark's size, 0 and N processes."""
     import itertools
-    import os
 
     out = {}
-    for procs in sorted({0, min(8, max(1, (os.cpu_count() or 2) - 1))}):
+    for procs in sorted({0, loader_processes()}):
         loader, _, _ = train_setup(sizes, data, procs)
         epoch = itertools.count()
 

@@ -39,6 +39,7 @@ from reid_ray import ReidRayError
 from reid_ray.data.loader import LoaderConfig
 from reid_ray.data.transforms import TransformConfig
 from reid_ray.models.reid_net import ModelConfig
+from reid_ray.models.sync_bn import check_samples_per_bn
 
 
 @dataclass
@@ -149,7 +150,6 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6
     apply_overrides(cfg, sets or [])                                      # 7
     check_choices(cfg, cls.choices)
-    from reid_ray.models.sync_bn import check_samples_per_bn
     check_samples_per_bn(cfg.model.samples_per_bn, cfg.loader.num_identities * cfg.loader.num_instances, cfg.workers)
     return cfg
 

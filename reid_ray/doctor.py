@@ -54,18 +54,22 @@ def check_torch(r: Report) -> int:
     return n
 
 
-def installed_faiss() -> list[str]:
-    """The faiss distributions pip has installed (two builds of one `faiss` module overwrite each other)."""
+def _installed(dists: tuple[str, ...]) -> dict[str, str]:
+    """{distribution: version} of those of `dists` that pip has installed, in their order."""
     from importlib import metadata
 
-    found = []
-    for dist in FAISS_DISTS:
+    found = {}
+    for dist in dists:
         try:
-            metadata.version(dist)
-            found.append(dist)
+            found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
     return found
+
+
+def installed_faiss() -> list[str]:
+    """The faiss distributions pip has installed (two builds of one `faiss` module overwrite each other)."""
+    return list(_installed(FAISS_DISTS))
 
 
 def cuda_major(name_or_version: str | None) -> int | None:
@@ -80,14 +84,8 @@ def cuda_major(name_or_version: str | None) -> int | None:
 
 def cuda_runtime() -> str | None:
     """The CUDA runtime torch's wheels brought (the nvidia-cuda-runtime package), if any."""
-    from importlib import metadata
-
-    for dist in ("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return None
+    return next(iter(_installed(("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12")).values()),
+                None)
 
 
 def nvidia_driver() -> str | None:

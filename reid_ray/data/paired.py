@@ -10,9 +10,9 @@
 The target loader draws images uniformly without replacement (ECN and MAR sample the
 target at random, not by identity); like PKSampler, rank r takes its contiguous share of
 every global batch, so 1 or N workers see the same global batches and augmentations.
-One pass of the target set is one epoch; the source loader is restarted when it runs out. With
-`iters`, an epoch is exactly that many batches, and the target loader restarts too (each pass with
-its own seed, a function of the epoch and the pass), as the authors' `IterLoader`.
+One pass of the target set is one pass of the loader; the source loader is restarted when it runs out.
+An epoch of a fixed number of iterations restarts the whole loader (`data.loader.epoch_batches`, as the
+authors' `IterLoader`).
 """
 
 from __future__ import annotations
@@ -72,31 +72,18 @@ class _BothSamplers:
 
 
 class PairedLoader:
-    """Zips a source loader with a target loader; an epoch is one pass of the target loader, or `iters` batches."""
+    """Zips a source loader with a target loader; one pass is one pass of the target loader."""
 
-    def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_", iters: int | None = None):
-        self.source, self.target, self.prefix, self.iters = source, target, prefix, iters
+    def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_"):
+        self.source, self.target, self.prefix = source, target, prefix
         self.sampler = _BothSamplers(source.sampler, target.sampler)
 
     def __len__(self) -> int:
-        return self.iters or len(self.target)
-
-    def _targets(self) -> Iterator[dict]:
-        if not self.iters:
-            yield from self.target
-            return
-        done, epoch = 0, self.sampler.epoch
-        for cycle in range(self.iters + 1):  # a pass yields ≥ 1 batch, so this many passes always suffice
-            self.target.sampler.set_epoch(epoch + 1_000_003 * cycle)
-            for tb in self.target:
-                yield tb
-                done += 1
-                if done == self.iters:
-                    return
+        return len(self.target)
 
     def __iter__(self) -> Iterator[dict]:
         src, start, cycles = iter(self.source), self.source.sampler.epoch, 0
-        for tb in self._targets():
+        for tb in self.target:
             try:
                 sb = next(src)
             except StopIteration:  # a new pass of the source, its order a function of (epoch, pass): resumable

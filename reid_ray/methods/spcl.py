@@ -155,7 +155,7 @@ class SpCL(Method):
         target_loader = build_train_loader(self.domains.target.train, target_labels, self.cfg.transform,
                                            self.cfg.loader, rank=self.rank, world_size=self.world_size,
                                            seed=self.cfg.seed, dataset=self.target_ds, sampler=self.p.target_sampler)
-        self.train_loader = PairedLoader(self.source_loader, target_loader, iters=self.p.iters)
+        self.train_loader = PairedLoader(self.source_loader, target_loader)
         self.train_loader.sampler.set_epoch(ctx.epoch)
         clusters = int(kept.max()) + 1 if (kept >= 0).any() else 0
         self.last_stats = {**{f"pseudo_{k}": v for k, v in res.stats.items()}, "pseudo_clusters": float(clusters),
@@ -163,7 +163,7 @@ class SpCL(Method):
                            "pseudo_comp_threshold": self.thresholds[1]}
 
     def iterations(self) -> int | None:
-        return self.p.iters or None  # 0: one pass of the target (PairedLoader's default)
+        return self.p.iters or None  # 0: one pass of the target
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev, net = self.device, self.models["net"]
