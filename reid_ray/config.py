@@ -79,6 +79,7 @@ class TrainConfig:
     checkpoint_upload: str = "auto"    # sync | async (Ray Train uploads while the next epoch runs) | auto:
                                        # async on GPUs, sync on CPU
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
+    max_nonfinite_steps: int = 10      # NaN/inf losses in a row (each step skipped) before the run stops "diverged"
     output: str = "outputs"
     resume: str = ""
     init: list[str] = field(default_factory=list)  # source-trained baseline checkpoints a UDA method starts

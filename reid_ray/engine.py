@@ -11,7 +11,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from reid_ray import Diverged
 from reid_ray.config import TrainConfig
 from reid_ray.data.loader import build_test_loader, epoch_batches
 from reid_ray.data.readers import ReIDDataset
@@ -31,12 +33,22 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     dtype = amp_dtype(device) if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     sums: dict[str, float] = {}
-    n_img, steps, t0 = 0, 0, time.perf_counter()
+    n_img, steps, skipped, t0 = 0, 0, 0, time.perf_counter()
     for batch in epoch_batches(method.train_loader, method.iterations()):
         if device.type == "cuda":  # channels_last inputs for the channels_last models (distributed/worker.py)
             batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext():
             losses = method.train_step(batch, ctx)
+        if not finite_on_every_rank(losses["loss"], ctx.world_size):
+            skipped += 1  # no backward, no step, no mean-net update: every rank skips this batch together
+            ctx.nonfinite_in_a_row += 1
+            ctx.iteration += 1
+            limit = method.cfg.max_nonfinite_steps
+            if ctx.nonfinite_in_a_row >= limit:
+                raise Diverged(f"training diverged: {limit} non-finite losses in a row (epoch {ctx.epoch + 1}, "
+                               f"step {ctx.iteration}); lower optim.lr, or raise max_nonfinite_steps")
+            continue
+        ctx.nonfinite_in_a_row = 0
         method.optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         scaler.step(method.optimizer)
@@ -53,8 +65,16 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     out = {k: v / max(steps, 1) for k, v in sums.items()}
     # images/s over all workers (each rank sees its share of every batch)
     out.update({"lr": lr, "epoch_time": seconds, "images_per_s": n_img * ctx.world_size / max(seconds, 1e-9),
-                "iters": steps, "refresh_time": refresh_time, **method.epoch_metrics()})
+                "iters": steps, "skipped_steps": skipped, "refresh_time": refresh_time, **method.epoch_metrics()})
     return out
+
+
+def finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on every rank (one all-reduce of a flag, so all ranks decide alike)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:

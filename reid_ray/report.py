@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from reid_ray import ReidRayError, write_text_atomic
+from reid_ray import ReidRayError, atomic_path, write_text_atomic
 from reid_ray.config import apply_overrides, to_dict
 from reid_ray.sweep_config import Sweep
 
@@ -175,7 +175,8 @@ def report_experiment(uri: str, experiment: str, out_dir: str | Path) -> Path:
     ax.set_ylabel("target mAP (%)")
     ax.set_title("target mAP per run")
     fig.tight_layout()
-    fig.savefig(out / "target_map_by_method.png", dpi=100)
+    with atomic_path(out / "target_map_by_method.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     lines.append("\n![target mAP per method](target_map_by_method.png)\n")
     for method, swept in swept_all.items():
@@ -196,7 +197,8 @@ def report_experiment(uri: str, experiment: str, out_dir: str | Path) -> Path:
             ax.set_title(method)
             fig.tight_layout()
             png = f"{method}_{k.replace('.', '_')}.png"
-            fig.savefig(out / png, dpi=100)
+            with atomic_path(out / png) as tmp:
+                fig.savefig(tmp, dpi=100)
             plt.close(fig)
             lines.append(f"![{method}: {k}]({png})")
     report = out / "report.md"

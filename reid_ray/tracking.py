@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from reid_ray import atomic_path
+
 
 def resolve_uri(uri: str = "") -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
@@ -129,5 +131,6 @@ def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -23,10 +23,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from reid_ray import ReidRayError, tracking, write_text_atomic
+from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
 from reid_ray.distributed.runtime import gpus_requested, init_ray
+from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
 from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models
@@ -39,7 +41,9 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     `plan` (a Tune trial's share, distributed/sweep.py) fixes the worker and actor resources; without
     it they are planned from the whole cluster. `tags` go on the MLflow run; `run_key` names it for
     rank 0 to find again (a trial's stable key; by default a new one per call)."""
+    check_ranges(cfg)
     domains = ensure_data(cfg)
+    check_run(cfg, domains)
     init_ray()
     if plan is not None:
         return _fit(cfg, domains, plan, callbacks, tags, run_key)
@@ -65,7 +69,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     uri = tracking.resolve_uri(cfg.mlflow_uri)
     experiment = cfg.experiment or f"{cfg.source}->{cfg.target}"
     run_key = run_key or uuid.uuid4().hex
-    labeler = None
+    labeler, stop = None, create_verdict()
     if method_cls.uses_clustering and cfg.clustering == "actor":
         from reid_ray.distributed.actor import create_pseudo_labeler
         t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
@@ -75,7 +79,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         train_loop_per_worker,
         # the config becomes a dict here, once, and a TrainConfig again in each worker
         train_loop_config={"cfg": to_dict(cfg), "method_module": method_cls.__module__, "threads": plan.threads,
-                           "run_dir": str(output / name), "pseudo_labeler": labeler,
+                           "run_dir": str(output / name), "pseudo_labeler": labeler, "verdict": stop,
                            "mlflow": {"uri": uri, "experiment": experiment, "run_key": run_key,
                                       "tags": {"method": cfg.method, "source": cfg.source, "target": cfg.target,
                                                "source_to_target": f"{cfg.source}->{cfg.target}", **(tags or {})}}},
@@ -90,16 +94,20 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
-    except Exception:
-        # a rank 0 that was killed (not one that raised: it ends its own run) left its run RUNNING
-        for run in tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key):
-            if run.info.status == "RUNNING":
-                tracking.set_status(uri, run.info.run_id, "FAILED", "failed")
-        raise
+        try:
+            result = trainer.fit()
+        except Exception:
+            raise_recorded(stop)  # a user error or divergence a worker recorded, as itself (max_failures 0)
+            # a rank 0 that was killed (not one that raised: it ends its own run) left its run RUNNING
+            for run in tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key):
+                if run.info.status == "RUNNING":
+                    tracking.set_status(uri, run.info.run_id, "FAILED", "failed")
+            raise
+        raise_recorded(stop)  # ... or after the retried group returned at once
     finally:
-        if labeler is not None:
-            ray.kill(labeler)  # the actor dies with its run
+        for actor in (labeler, stop):
+            if actor is not None:
+                ray.kill(actor)  # the actors die with their run
     runs = tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key)
     return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": runs[0].info.run_id if runs else None,

@@ -25,20 +25,41 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 
-from reid_ray import tracking
+from reid_ray import Diverged, ReidRayError, atomic_path, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
+from reid_ray.distributed import verdict
 from reid_ray.engine import evaluate_method, train_epoch
 from reid_ray.methods import EpochContext, method_class
 from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint
 from reid_ray.sweep_config import METRIC
 
 
+class _UserErrorTraceback(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback of an error that is the user's to fix
+    (recorded in the run's Verdict and printed by the driver as one line)."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and str(record.msg).startswith("Error in training function"))
+
+
+_USER_ERROR = _UserErrorTraceback()
+
+
 def _quiet_ray_train() -> None:
+    try:  # the logger Ray Train v2 reports a training function's exception through
+        from ray.train.v2._internal import util as _train_util
+
+        logging.getLogger(_train_util.__name__).addFilter(_USER_ERROR)
+    except ImportError:
+        pass
     # Ray Train logs every report and checkpoint at INFO; our per-epoch line says the same, shorter
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:  # Ray Train v2 reports each rank's full metrics dict at INFO through a logger named by its file
@@ -70,8 +91,26 @@ def _clusterer(method, cfg: TrainConfig, handle):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: build the method, train, evaluate and checkpoint on rank 0."""
+    """One Ray Train worker: build the method, train, evaluate and checkpoint on rank 0.
+
+    A `ReidRayError` (the user's to fix) or `Diverged` is recorded in the run's Verdict actor and
+    raised; the worker group Ray Train restarts then returns at once (distributed/verdict.py)."""
     _quiet_ray_train()
+    handle = config.get("verdict")
+    if handle is not None and ray.get(handle.get.remote()) is not None:
+        return  # an earlier attempt of this run stopped on a user error or divergence: nothing to retry
+    try:
+        _train(config)
+    except BaseException as e:
+        if handle is not None:
+            if isinstance(e, ReidRayError):
+                verdict.record(handle, e)
+            if isinstance(e, ReidRayError) or ray.get(handle.get.remote()) is not None:
+                _USER_ERROR.active = True  # this rank's mistake, or another rank's echo here (a broken collective)
+        raise
+
+
+def _train(config: dict) -> None:
     importlib.import_module(config["method_module"])  # a method registered outside reid_ray.methods
     cfg = from_dict(config["cfg"])
     tctx = ray.train.get_context()  # [1]
@@ -107,9 +146,11 @@ def train_loop_per_worker(config: dict) -> None:
                                    config["cfg"])
     try:
         _epochs(method, cfg, ectx, start, best, last_target, uri, run_id, Path(config["run_dir"]), upload)
-    except BaseException:
+    except BaseException as e:
         if run_id:
-            tracking.set_status(uri, run_id, "FAILED", "failed")
+            note = ("diverged" if isinstance(e, Diverged) else
+                    f"error: {e}" if isinstance(e, ReidRayError) else "failed")
+            tracking.set_status(uri, run_id, "FAILED", note)
         raise
     if run_id:
         tracking.set_status(uri, run_id, "FINISHED", "completed")
@@ -150,7 +191,8 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 if improved:
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    torch.save(state, run_dir / "best.pt")
+                    with atomic_path(run_dir / "best.pt") as part:
+                        torch.save(state, part)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
             ray.train.report({**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target},

@@ -74,12 +74,31 @@ def check_source_models(cfg: TrainConfig) -> None:
                            f"pass {n or 'none'}")
 
 
+def check_pk(cfg: TrainConfig, labels, what: str) -> None:
+    """The P×K sampler the workers would build over `labels`, built once on the driver: its errors there."""
+    from reid_ray.data.sampler import PKSampler
+
+    try:
+        PKSampler(labels, cfg.loader.num_instances, cfg.loader.num_identities, cfg.workers)
+    except ReidRayError as e:
+        raise ReidRayError(f"{what}: {e}") from None
+
+
+def check_batch(n: int, batch: int, workers: int, what: str, flag: str) -> None:
+    """A global batch of `batch` images drawn from `n`, split over `workers` ranks."""
+    if batch < 1 or batch % workers:
+        raise ReidRayError(f"{what}: a batch of {batch} must be a positive multiple of the {workers} workers ({flag})")
+    if n < batch:
+        raise ReidRayError(f"{what} has {n} images, fewer than one batch of {batch}; lower it ({flag})")
+
+
 @dataclass
 class EpochContext:
     epoch: int
     rank: int = 0
     world_size: int = 1
     iteration: int = 0               # global step counter, updated by the loop
+    nonfinite_in_a_row: int = 0      # steps skipped in a row for a NaN/inf loss (engine.train_epoch)
 
 
 class Method:
@@ -119,6 +138,13 @@ class Method:
     def source_models(cls, params) -> int:
         """How many source-trained models the method starts from (0 unless `needs_source_init`)."""
         return 1 if cls.needs_source_init else 0
+
+    @classmethod
+    def check(cls, cfg: TrainConfig, domains: Domains) -> None:
+        """User mistakes the data shows before Ray starts (checks.check_run calls it on the driver), each a
+        `ReidRayError`: by default, the source P×K batch against the source identities. A method that
+        trains on other batches overrides it (and calls `check_pk` or `check_batch` for each)."""
+        check_pk(cfg, domains.source.train["pid"].to_numpy(), f"source {cfg.source}")
 
     @classmethod
     def cluster_spec(cls, cfg: TrainConfig) -> ClusterSpec | None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from reid_ray import ReidRayError
 from reid_ray.data.camstyle import CamStyleDataset
 from reid_ray.data.loader import build_test_loader, build_train_loader, relabel
 from reid_ray.data.paired import PairedLoader, build_shuffle_loader
@@ -49,7 +50,7 @@ from reid_ray.data.transforms import train_transform
 from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.ecn import ExemplarMemory, invariance_loss
-from reid_ray.methods.base import EpochContext, Method, register_method, unwrap
+from reid_ray.methods.base import EpochContext, Method, check_batch, register_method, unwrap
 from reid_ray.models.adabn import adapt_bn
 from reid_ray.models.ecn_net import ECNNet, TargetEmbedding
 from reid_ray.models.reid_net import build_reid_net
@@ -102,6 +103,18 @@ class ECN(Method):
     @classmethod
     def source_models(cls, params: ECNParams) -> int:
         return 1 if params.source_init else 0
+
+    @classmethod
+    def check(cls, cfg, domains) -> None:
+        super().check(cfg, domains)
+        p, n = cfg.params, domains.target.train.num_rows
+        if not 1 <= p.knn_k < n:
+            raise ReidRayError(f"params.knn_k={p.knn_k}: the neighbourhood needs 1 ≤ k < the {n} exemplars in memory "
+                               f"(the target training images of {cfg.target}); --set params.knn_k=6")
+        if not (p.beta > 0 and 0 <= p.lam <= 1 and 0 <= p.alpha and p.features >= 1):
+            raise ReidRayError(f"ECN needs beta > 0, 0 ≤ lam ≤ 1, alpha ≥ 0 and features ≥ 1; got beta={p.beta}, "
+                               f"lam={p.lam}, alpha={p.alpha}, features={p.features} (--set params.beta=0.05)")
+        check_batch(n, p.target_batch, cfg.workers, f"target {cfg.target}", "--set params.target_batch=N")
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p

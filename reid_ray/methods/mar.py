@@ -40,7 +40,7 @@ from reid_ray.losses.mar import (
     joint_embedding_loss,
     soft_multilabels,
 )
-from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
+from reid_ray.methods.base import EpochContext, Method, check_batch, gather_batch, register_method, unwrap
 from reid_ray.models.adabn import frozen_bn_stats
 from reid_ray.models.reid_net import build_reid_net
 
@@ -82,6 +82,14 @@ class MAR(Method):
     presets = {**{name: dict(_RECIPE) for name in ("duke2market", "market2duke", "market2msmt")},
                "msmt2market": {**_RECIPE, "source": "msmt17-all"}}
     published = {"msmt2market": {"mAP": 40.0, "R1": 67.7, "paper": _PAPER}}
+
+    @classmethod
+    def check(cls, cfg, domains) -> None:
+        super().check(cfg, domains)
+        p = cfg.params
+        batch = p.target_batch or cfg.loader.num_identities * cfg.loader.num_instances
+        check_batch(domains.target.train.num_rows, batch, cfg.workers, f"target {cfg.target}",
+                    "--set params.target_batch=N")
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p

@@ -43,7 +43,7 @@ from reid_ray.data.transforms import train_transform
 from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
-from reid_ray.methods.base import EpochContext, Method, gather_batch, register_method, unwrap
+from reid_ray.methods.base import EpochContext, Method, check_batch, gather_batch, register_method, unwrap
 from reid_ray.models.adabn import adapt_bn
 from reid_ray.models.mean_net import ema_update, sync_buffers
 from reid_ray.models.reid_net import build_reid_net
@@ -121,13 +121,28 @@ class MMT(Method):
         return ClusterSpec(algorithm=p.cluster_algorithm, num_clusters=p.num_clusters, eps=p.eps,
                            min_samples=p.min_samples, k1=p.k1, k2=p.k2, seed=cfg.seed)
 
+    @classmethod
+    def check(cls, cfg, domains) -> None:
+        p, n = cfg.params, domains.target.train.num_rows
+        cls.cluster_spec(cfg)
+        if p.cluster_algorithm == "kmeans" and not 2 <= p.num_clusters < n:
+            raise ReidRayError(f"params.num_clusters={p.num_clusters}: k-means needs 2 ≤ k < the {n} target "
+                               f"training images of {cfg.target} (--set params.num_clusters=K)")
+        if p.cluster_algorithm == "dbscan" and not (0 < p.eps and p.min_samples >= 1 and 0 < p.k2 <= p.k1 < n):
+            raise ReidRayError(f"DBSCAN needs eps > 0, min_samples ≥ 1 and 0 < k2 ≤ k1 < the {n} target images; "
+                               f"got eps={p.eps}, min_samples={p.min_samples}, k1={p.k1}, k2={p.k2} (--set params.k1=...)")
+        if not 0 <= p.alpha < 1:
+            raise ReidRayError(f"params.alpha={p.alpha}: the mean teachers' momentum must be in [0, 1)")
+        if p.iters < 0:
+            raise ReidRayError(f"params.iters={p.iters}: iterations per epoch must be ≥ 0 (0: one pass)")
+        check_batch(n, cfg.loader.num_identities * cfg.loader.num_instances, cfg.workers,
+                    f"target {cfg.target}", "--set loader.num_identities=P")
+
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p
         target = self.domains.target.train
         # classifier rows: k for k-means; for DBSCAN the most clusters it can find (each ≥ min_samples)
         k = p.num_clusters if p.cluster_algorithm == "kmeans" else math.ceil(target.num_rows / p.min_samples)
-        if p.cluster_algorithm == "kmeans" and target.num_rows < k:
-            raise ReidRayError(f"num_clusters={k} exceeds the {target.num_rows} target training images")
         self.k = k  # clusters of the current refresh (the classifier's first k rows)
         nets = []
         for i in range(2):

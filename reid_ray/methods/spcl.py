@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from reid_ray import ReidRayError
 from reid_ray.clustering.client import ClusterSpec
 from reid_ray.clustering.self_paced import reliability, select_reliable, thresholds, unique_outliers
 from reid_ray.data.loader import ImageDataset, build_test_loader, build_train_loader, relabel
@@ -45,7 +46,7 @@ from reid_ray.data.paired import PairedLoader
 from reid_ray.data.transforms import train_transform
 from reid_ray.evaluation import extract_features
 from reid_ray.losses.spcl import HybridMemory
-from reid_ray.methods.base import EpochContext, Method, register_method, unwrap
+from reid_ray.methods.base import EpochContext, Method, check_batch, register_method, unwrap
 from reid_ray.models.adabn import adapt_bn, frozen_bn_stats
 from reid_ray.models.reid_net import build_reid_net
 
@@ -98,6 +99,19 @@ class SpCL(Method):
         p = cfg.params
         return ClusterSpec(algorithm="self_paced", eps=p.eps, eps_gap=p.eps_gap, min_samples=p.min_samples,
                            k1=p.k1, k2=p.k2, seed=cfg.seed)
+
+    @classmethod
+    def check(cls, cfg, domains) -> None:
+        super().check(cfg, domains)
+        p, n = cfg.params, domains.target.train.num_rows
+        if not (p.temp > 0 and 0 <= p.momentum < 1 and 0 < p.eps_gap < p.eps and p.min_samples >= 1
+                and 0 < p.k2 <= p.k1 < n and 0 < p.alpha <= 1 and 0 < p.beta <= 1):
+            raise ReidRayError(f"SpCL needs temp > 0, 0 ≤ momentum < 1, 0 < eps_gap < eps, min_samples ≥ 1, "
+                               f"0 < k2 ≤ k1 < the {n} target images and alpha, beta in (0, 1]; got temp={p.temp}, "
+                               f"momentum={p.momentum}, eps={p.eps}, eps_gap={p.eps_gap}, k1={p.k1}, k2={p.k2}, "
+                               f"alpha={p.alpha}, beta={p.beta} (--set params.NAME=VALUE)")
+        check_batch(n, cfg.loader.num_identities * cfg.loader.num_instances, cfg.workers, f"target {cfg.target}",
+                    "--set loader.num_identities=P")
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p

@@ -1,0 +1,126 @@
+"""Faults and mistakes that show only inside a Ray Train worker: one clear line on the driver, exit 2,
+no worker traceback, no retries; a NaN loss skipped, then a "diverged" run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reid_ray import ReidRayError
+from reid_ray.data.loader import build_train_loader, relabel
+from reid_ray.methods import Method, register_method, unwrap
+from reid_ray.models.reid_net import build_reid_net
+
+
+@dataclass
+class FaultyParams:
+    fail_rank: int = -1          # this rank raises a user error in setup (-1: none)
+    nan_from_step: int = -1      # the loss is NaN from this global step on (-1: never)
+    nan_steps: int = 10**9       # ... for this many steps
+
+
+@register_method
+class Faulty(Method):
+    """The toy method's cosine-softmax classifier, with faults on request."""
+
+    name = "faulty"
+    Params = FaultyParams
+    adapts = False
+    synthetic_overrides = {"epochs": 2, "eval_every": 2, "optim.warmup_epochs": 0}
+
+    def setup(self, wrap=lambda m: m) -> None:
+        if self.rank == self.p.fail_rank:
+            raise ReidRayError(f"rank {self.rank} refuses: a mistake only a worker can see")
+        labels, _ = relabel(self.domains.source.train["pid"].to_numpy())
+        torch.manual_seed(self.cfg.seed)
+        net = build_reid_net(self.cfg.model, int(labels.max()) + 1, self.device)
+        self.models = {"net": wrap(net)}
+        self.build_optimizer(net)
+        self.train_loader = build_train_loader(self.domains.source.train, labels, self.cfg.transform, self.cfg.loader,
+                                               rank=self.rank, world_size=self.world_size, seed=self.cfg.seed)
+
+    def train_step(self, batch, ctx):
+        net = self.models["net"]
+        out = net(batch["img"].to(self.device))
+        w = F.normalize(unwrap(net).classifier.weight, dim=1)
+        loss = F.cross_entropy(F.normalize(out["bn_feat"], dim=1) @ w.T / 0.1, batch["label"].to(self.device))
+        p = self.p
+        if 0 <= p.nan_from_step <= ctx.iteration < p.nan_from_step + p.nan_steps and ctx.rank == ctx.world_size - 1:
+            loss = loss * float("nan")  # on the last rank only: every rank must skip it all the same
+        return {"loss": loss, "ce": loss.detach()}
+
+    def eval_model(self):
+        return unwrap(self.models["net"])
+
+
+def test_a_nan_loss_is_skipped_and_counted_in_process(tiny_synth):
+    from reid_ray.config import resolve_config
+    from reid_ray.data.domains import load_domains
+    from reid_ray.engine import train_epoch
+    from reid_ray.methods import EpochContext
+
+    cfg = resolve_config("faulty", sets=["nan_from_step=1", "nan_steps=2", "num_identities=2"],
+                         flags=dict(data_root=str(tiny_synth)))
+    method = Faulty(cfg, load_domains("synth-a", "synth-b", tiny_synth), torch.device("cpu"))
+    method.setup()
+    before = {k: v.clone() for k, v in method.eval_model().state_dict().items()}
+    ctx = EpochContext(epoch=0)
+    out = train_epoch(method, ctx)
+    assert out["skipped_steps"] == 2 and out["iters"] == ctx.iteration - 2 >= 2 and ctx.nonfinite_in_a_row == 0
+    after = method.eval_model().state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the finite steps trained
+
+
+def test_diverges_after_max_nonfinite_steps_in_process(tiny_synth):
+    from reid_ray import Diverged
+    from reid_ray.config import resolve_config
+    from reid_ray.data.domains import load_domains
+    from reid_ray.engine import train_epoch
+    from reid_ray.methods import EpochContext
+
+    cfg = resolve_config("faulty", sets=["nan_from_step=1", "num_identities=4", "max_nonfinite_steps=2"],
+                         flags=dict(data_root=str(tiny_synth)))
+    method = Faulty(cfg, load_domains("synth-a", "synth-b", tiny_synth), torch.device("cpu"))
+    method.setup()
+    with pytest.raises(Diverged, match="2 non-finite losses in a row"):
+        train_epoch(method, EpochContext(epoch=0))
+
+
+def worker_tracebacks(text: str) -> list[str]:
+    """Traceback lines printed by a Train worker or the driver (Ray's own daemons' aside: a second Ray
+    instance on the machine makes its placement-group cleaner print one)."""
+    return [line for line in text.splitlines() if "Traceback" in line and "PlacementGroupCleaner" not in line]
+
+
+def _args(tmp_path, data_root, *sets):
+    return ["--method", "faulty", "--data-root", str(data_root), "--output", str(tmp_path / "out"),
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", "faults",
+            "--set", "num_identities=4", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.mark.ray
+def test_a_user_error_inside_a_worker_is_one_line_exit_2_and_not_retried(ray_local, tiny_synth, tmp_path, capfd):
+    from reid_ray.train import main
+
+    assert main(_args(tmp_path, tiny_synth, "fail_rank=1", "max_failures=2")) == 2
+    out, err = capfd.readouterr()
+    assert "reid-ray: error: rank 1 refuses: a mistake only a worker can see" in err
+    assert not worker_tracebacks(out + err), out + err
+
+
+@pytest.mark.ray
+def test_a_run_that_diverges_stops_with_status_diverged(ray_local, tiny_synth, tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from reid_ray.train import main
+
+    assert main(_args(tmp_path, tiny_synth, "nan_from_step=1", "max_nonfinite_steps=3")) == 2
+    out, err = capfd.readouterr()
+    assert "training diverged: 3 non-finite losses in a row" in err and not worker_tracebacks(out + err), out + err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "diverged"
