@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,40 @@ def resolve_uri(uri: str = "") -> str:
         # workers run in other directories: pin a relative sqlite path to this one
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
+
+
+SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str) -> None:
+    """A tracking URI's scheme, and that its server answers, before Ray starts (one clear error each)."""
+    from reid_ray import ReidRayError
+
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri.startswith("databricks") else ""
+    if scheme not in SCHEMES:
+        raise ReidRayError(f"MLflow tracking URI {uri!r}: unknown scheme; use sqlite:///mlflow.db, "
+                           f"http://host:5000 or another of: {', '.join(s + ':' for s in SCHEMES)}")
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise ReidRayError(f"MLflow tracking URI {uri}: folder {folder} does not exist; create it or pass "
+                               "another --mlflow-uri")
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as e:
+            raise ReidRayError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}); start it "
+                               "(mlflow server --host 127.0.0.1 --port 5000) or pass --mlflow-uri "
+                               "sqlite:///mlflow.db") from None
+
+
+def quick_http_failures() -> None:
+    """MLflow's HTTP client retries a dead server for ~2 minutes per call; ours give up after seconds
+    (and rank 0 buffers, RunWriter). A value the user set is kept."""
+    for k, v in QUICK_HTTP.items():
+        os.environ.setdefault(k, v)
 
 
 def _client(uri: str):
@@ -87,9 +122,9 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     return run.info.run_id
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int, timestamp_ms: int | None = None) -> None:
     from mlflow.entities import Metric
-    ts = int(time.time() * 1000)
+    ts = timestamp_ms or int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
     _client(uri).log_batch(run_id, metrics=items)
 
@@ -115,6 +150,110 @@ def set_status(uri: str, run_id: str, status: str, note: str | None = None) -> N
         client.set_terminated(run_id, status)
     if note is not None:
         client.set_tag(run_id, "status", note)
+
+
+# --------------------------------------------------------------------------- a server that blinks
+
+def _locked(e: Exception) -> bool:
+    return "database is locked" in str(e)
+
+
+def with_retries(fn, *args, attempts: int = 8, first_wait_s: float = 0.1, **kw):
+    """`fn(*args, **kw)`, retried with exponential backoff (0.1 s, 0.2 s, ... ~25 s in all) while a shared
+    sqlite store answers "database is locked" (concurrent trials writing one file); other errors raise."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kw)
+        except Exception as e:
+            if not _locked(e) or i == attempts - 1:
+                raise
+            time.sleep(first_wait_s * 2 ** i)
+
+
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+class RunWriter:
+    """Rank 0's writes to its MLflow run, kept when the tracking server is unreachable.
+
+    A write that fails (server down, network gone) warns once and is buffered, in order; every later
+    write first retries the buffer, at most every `retry_every_s`. Training never waits for the server
+    longer than one quick attempt. `close` makes a last attempt (for up to `close_wait_s`); what still
+    cannot be written goes to a local fallback store, `sqlite:///<run_dir>/mlflow-fallback.db` (same
+    experiment, run name and run key), whose URI `close` returns so that the summary can name it.
+    """
+
+    def __init__(self, uri: str, run_id: str, experiment: str, run_name: str, run_key: str, fallback_dir: Path,
+                 retry_every_s: float = 30.0, close_wait_s: float = 60.0):
+        self.uri, self.run_id, self.experiment, self.run_name, self.run_key = uri, run_id, experiment, run_name, run_key
+        self.fallback_dir, self.retry_every_s, self.close_wait_s = Path(fallback_dir), retry_every_s, close_wait_s
+        self.pending: list[tuple] = []   # (method name, args) in the order they were asked for
+        self.next_try = 0.0
+        self.warned = False
+        quick_http_failures()
+
+    _DO = {"metrics": lambda uri, run_id, metrics, step, ts: log_metrics(uri, run_id, metrics, step, ts),
+           "artifact": lambda uri, run_id, path, artifact_path: log_artifact(uri, run_id, path, artifact_path),
+           "status": lambda uri, run_id, status, note: set_status(uri, run_id, status, note)}
+
+    def _flush(self, force: bool = False) -> bool:
+        """Write the buffer in order; False (and the rest kept) at the first write that fails."""
+        if self.pending and not force and time.monotonic() < self.next_try:
+            return False
+        while self.pending:
+            kind, args = self.pending[0]
+            try:
+                with_retries(self._DO[kind], self.uri, self.run_id, *args)
+            except Exception as e:
+                self.next_try = time.monotonic() + self.retry_every_s
+                if not self.warned:
+                    self.warned = True
+                    _warn(f"MLflow at {self.uri} is unreachable ({type(e).__name__}); training goes on and its "
+                          f"metrics are kept until the server is back")
+                return False
+            self.pending.pop(0)
+            if self.warned and not self.pending:
+                self.warned = False
+                print(f"reid-ray: MLflow at {self.uri} is back: the buffered metrics are written", flush=True)
+        return True
+
+    def _write(self, kind: str, *args) -> None:
+        self.pending.append((kind, args))
+        self._flush()
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        # timestamps as logged now, not when the buffer is flushed
+        self._write("metrics", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step,
+                    int(time.time() * 1000))
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        self._write("artifact", str(path), artifact_path)
+
+    def set_status(self, status: str, note: str | None = None) -> None:
+        self._write("status", status, note)
+
+    def close(self) -> str | None:
+        """The last attempt; the fallback store's URI when something had to go there, else None."""
+        deadline = time.monotonic() + self.close_wait_s
+        while not self._flush(force=True) and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        if not self.pending:
+            return None
+        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        fallback = f"sqlite:///{(self.fallback_dir / 'mlflow-fallback.db').resolve()}"
+        run_id = open_run(fallback, self.experiment, self.run_key, self.run_name, {},
+                          {"reid_ray.primary_run": f"{self.uri} {self.run_id}"}, {})
+        for kind, args in self.pending:
+            self._DO[kind](fallback, run_id, *args)
+        self.pending.clear()
+        _warn(f"MLflow at {self.uri} stayed unreachable: the rest of this run's metrics are in {fallback} "
+              f"(mlflow ui --backend-store-uri {fallback})")
+        return fallback
+
+
+def _warn(line: str) -> None:
+    print(f"reid-ray: warning: {line}", file=sys.stderr, flush=True)
 
 
 def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike) -> None:

@@ -68,6 +68,9 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {out['mlflow_uri']}  "
                   f"(mlflow ui --backend-store-uri {out['mlflow_uri']})\ncheckpoint {out['checkpoint']}\n"
                   f"best checkpoint and CMC plot in {out['run_dir']}")
+    if out.get("mlflow_fallback"):
+        console.print(f"[yellow]the tracking server was unreachable at the end: the rest of the run's metrics are in "
+                      f"{out['mlflow_fallback']}[/yellow]")
 
 
 def build_parser() -> argparse.ArgumentParser:

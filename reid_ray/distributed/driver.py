@@ -44,6 +44,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     check_ranges(cfg)
     domains = ensure_data(cfg)
     check_run(cfg, domains)
+    tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
     init_ray()
     if plan is not None:
         return _fit(cfg, domains, plan, callbacks, tags, run_key)
@@ -67,6 +68,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     cfg = dataclasses.replace(cfg, name=name, init=source_inits(cfg))
     output = Path(cfg.output).expanduser().resolve()
     uri = tracking.resolve_uri(cfg.mlflow_uri)
+    tracking.quick_http_failures()
     experiment = cfg.experiment or f"{cfg.source}->{cfg.target}"
     run_key = run_key or uuid.uuid4().hex
     labeler, stop = None, create_verdict()
@@ -108,9 +110,14 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         for actor in (labeler, stop):
             if actor is not None:
                 ray.kill(actor)  # the actors die with their run
-    runs = tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key)
+    fallback = output / name / "mlflow-fallback.db"  # rank 0's, where the tracking server stayed away (RunWriter)
+    try:
+        runs = tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key)
+    except Exception:  # the server is still down: the run's metrics wait in rank 0's buffer or fallback store
+        runs = []
     return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": runs[0].info.run_id if runs else None,
+            "mlflow_fallback": f"sqlite:///{fallback}" if fallback.is_file() else None,
             "wall_time": time.perf_counter() - t0, "domains": domains, "config": cfg}
 
 

@@ -24,7 +24,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from reid_ray import tracking
+from reid_ray import Diverged, ReidRayError, tracking
+from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, apply_overrides, flatten
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits
@@ -64,21 +65,40 @@ class CloseStoppedRuns(tune.Callback):
         self._close(trial, "FAILED", "error")
 
 
+def check_sweep(base: TrainConfig, space: SearchSpace | None, domains) -> None:
+    """The base config, and each swept parameter at both ends of its range (every value of a choice), as
+    a trial would run them: a sample no trial could train with is the user's to fix before Ray starts."""
+    check_run(base, domains)
+    for name, p in (space.params if space else {}).items():
+        for value in (p.values if p.distribution == "choice" else (p.low, p.high)):
+            try:
+                check_run(apply_overrides(copy.deepcopy(base), {name: value}), domains)
+            except ReidRayError as e:
+                raise ReidRayError(f"search space {space.path}: {name} = {value} would fail a trial: {e}") from None
+
+
 def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str) -> None:
     """One Tune trial: the base config + this trial's sample (layer 8), trained under Ray Train."""
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(copy.deepcopy(base), dict(sample))
     # a deterministic name and run key: a trial restarted by `--resume` finds its checkpoints and MLflow run
     cfg.name = f"{sweep_name}-{trial_id}"
-    run_training(cfg, callbacks=[TuneReportCallback()], plan=plan, run_key=cfg.name,
-                 tags={"mlflow.parentRunId": parent_run_id, "sweep": sweep_name, "trial_id": trial_id})
+    try:
+        run_training(cfg, callbacks=[TuneReportCallback()], plan=plan, run_key=cfg.name,
+                     tags={"mlflow.parentRunId": parent_run_id, "sweep": sweep_name, "trial_id": trial_id})
+    except ReidRayError as e:  # Diverged too: the trial ends with its reason (a target mAP of 0), the sweep goes on
+        status = "diverged" if isinstance(e, Diverged) else f"error: {e}"
+        tune.report({METRIC: 0.0, "epoch": cfg.epochs, "trial_id": trial_id, "trial_status": status})
 
 
 def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Pretrain once, run (or resume) the Tuner, summarise; returns the outcome."""
     base = sweep.base
     space = load_search_space(sweep.space_path, base) if Path(sweep.space_path).is_file() else None
-    ensure_data(base)
+    check_ranges(base)
+    domains = ensure_data(base)
+    check_sweep(base, space, domains)
+    tracking.check_uri(tracking.resolve_uri(base.mlflow_uri))
     init_ray()
     if sweep.gpus_per_worker is None:  # pass it explicitly on a cluster that scales GPUs from zero
         sweep.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -140,7 +160,8 @@ def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
     trial_id = m.get("trial_id", "?")
     runs = tracking.find_runs(uri, experiment, "trial_id", trial_id) if trial_id != "?" else []
     return TrialRow(trial=trial_id, config=dict(res.config or {}),
-                    status="error" if res.error else ("completed" if done >= epochs else "stopped by ASHA"),
+                    status="error" if res.error else m.get("trial_status") or (
+                        "completed" if done >= epochs else "stopped by ASHA"),
                     epoch=done, target_mAP=m.get(METRIC, math.nan), target_R1=m.get("target_R1", math.nan),
                     source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None)
 

@@ -140,24 +140,27 @@ def _train(config: dict) -> None:
         last_target = state.get("last_target", 0.0)
         torch.set_rng_state(state["rng"]["torch"])
     ml = config["mlflow"]
-    uri, run_id = ml["uri"], None
+    run = None  # rank 0's MLflow run: its writes survive a tracking server that blinks (tracking.RunWriter)
     if rank == 0:
-        run_id = tracking.open_run(uri, ml["experiment"], ml["run_key"], cfg.name, flatten(cfg), ml["tags"],
-                                   config["cfg"])
+        run_id = tracking.with_retries(tracking.open_run, ml["uri"], ml["experiment"], ml["run_key"], cfg.name,
+                                       flatten(cfg), ml["tags"], config["cfg"])
+        run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], Path(config["run_dir"]))
     try:
-        _epochs(method, cfg, ectx, start, best, last_target, uri, run_id, Path(config["run_dir"]), upload)
+        _epochs(method, cfg, ectx, start, best, last_target, run, Path(config["run_dir"]), upload)
     except BaseException as e:
-        if run_id:
+        if run:
             note = ("diverged" if isinstance(e, Diverged) else
                     f"error: {e}" if isinstance(e, ReidRayError) else "failed")
-            tracking.set_status(uri, run_id, "FAILED", note)
+            run.set_status("FAILED", note)
+            run.close()
         raise
-    if run_id:
-        tracking.set_status(uri, run_id, "FINISHED", "completed")
+    if run:
+        run.set_status("FINISHED", "completed")
+        run.close()
 
 
 def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
-            uri: str, run_id: str | None, run_dir: Path, upload: str = "sync") -> None:
+            run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync") -> None:
     domains, rank, curves = method.domains, ectx.rank, {}
     for epoch in range(start, cfg.epochs):
         ectx.epoch = epoch
@@ -170,13 +173,13 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 res, curves[name] = evaluate_method(method, ds, cfg, name)
                 metrics.update(res)
             last_target = float(metrics["target_mAP"])
-            for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}") if run_id else ():
-                tracking.log_artifact(uri, run_id, path, f"epoch{epoch + 1}")
+            for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}") if run else ():
+                run.log_artifact(path, f"epoch{epoch + 1}")
         if rank == 0:
             _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if run_id:
-            tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
+        if run:
+            run.log_metrics(metrics, step=epoch + 1)
         # async: Ray Train copies the folder to storage while the next epoch trains, then deletes it
         tmp = tempfile.mkdtemp(prefix="reid-ray-ckpt-")
         try:
@@ -201,13 +204,13 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
         finally:
             if upload == "sync" or checkpoint is None:
                 shutil.rmtree(tmp, ignore_errors=True)
-    if run_id:
+    if run:
         if curves:
             run_dir.mkdir(parents=True, exist_ok=True)
             tracking.cmc_plot(curves, run_dir / "cmc.png")
-            tracking.log_artifact(uri, run_id, run_dir / "cmc.png")
+            run.log_artifact(run_dir / "cmc.png")
         if (run_dir / "best.pt").exists():
-            tracking.log_artifact(uri, run_id, run_dir / "best.pt", "checkpoints")
+            run.log_artifact(run_dir / "best.pt", "checkpoints")
 
 
 def _say(line: str) -> None:

@@ -281,8 +281,8 @@ def gather_batch(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return feats, labels
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    all_feats = all_gather_tensor_autograd(feats, 0, dist.group.WORLD)
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+    all_feats = all_gather_single_autograd(feats, 0, dist.group.WORLD)
     all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(all_labels, labels)
     return all_feats, torch.cat(all_labels)
