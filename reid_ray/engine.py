@@ -6,6 +6,7 @@ them directly in a bare torch process.
 
 from __future__ import annotations
 
+import random
 import time
 from contextlib import nullcontext
 
@@ -103,3 +104,29 @@ def evaluate_model(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfi
     cmc, mAP = evaluate_rank(pairwise_distance(qf, gf), qp, gp, qc, gc, max_rank=50)
     return {"mAP": 100 * mAP, "R1": 100 * float(cmc[0]), "R5": 100 * float(cmc[4]),
             "R10": 100 * float(cmc[9]), "cmc": cmc}
+
+
+def rng_state() -> dict:
+    """torch's (CPU and CUDA), numpy's and python's global RNG states, as tensors and plain types (what the
+    safe checkpoint loader reads)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [int(pos), int(has_gauss), float(gauss)],
+             "python": torch.tensor(internal, dtype=torch.int64), "python_rest": [int(version), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved (a checkpoint of before this change: torch's only)."""
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        pos, has_gauss, gauss = state["numpy_rest"]
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, gauss_next = state["python_rest"]
+        random.setstate((version, tuple(state["python"].tolist()), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+

@@ -34,7 +34,7 @@ from reid_ray import Diverged, ReidRayError, atomic_path, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import verdict
-from reid_ray.engine import evaluate_method, train_epoch
+from reid_ray.engine import evaluate_method, rng_state, set_rng_state, train_epoch
 from reid_ray.methods import EpochContext, method_class
 from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint
 from reid_ray.sweep_config import METRIC
@@ -138,7 +138,7 @@ def _train(config: dict) -> None:
         method.load_state_dict(state["method"])
         start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
         last_target = state.get("last_target", 0.0)
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"])
     ml = config["mlflow"]
     run = None  # rank 0's MLflow run: its writes survive a tracking server that blinks (tracking.RunWriter)
     if rank == 0:
@@ -189,7 +189,7 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 if improved:
                     best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
                 state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
-                         "last_target": last_target, "rng": {"torch": torch.get_rng_state()},
+                         "last_target": last_target, "rng": rng_state(),
                          "config": to_dict(cfg)}
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 if improved:
