@@ -200,3 +200,57 @@ def test_mmt_survives_a_killed_actor_and_a_killed_worker_and_ends_as_if_uninterr
     assert m["epoch"] == 3 and m["pseudo_labels_checksum_ok"] == 1
     for key in ("target_mAP", "loss", "soft_ce", "pseudo_nmi"):
         assert m[key] == pytest.approx(calm[key], rel=1e-6, abs=1e-6), (key, m[key], calm[key])
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(ray_local, tiny_synth, tmp_path):
+    """`python -m reid_ray.tune` on the running cluster (RAY_ADDRESS), SIGKILLed once its first trial has
+    finished and its second has a checkpoint; `--resume` finishes the sweep. The first trial is not rerun,
+    the second continues from its checkpoint, and MLflow holds one run per trial, none left RUNNING."""
+    import subprocess
+    import sys
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "reid_ray.tune", "--method", "baseline", "--name", "s", "--output", str(out),
+           "--mlflow-uri", uri, "--data-root", str(tiny_synth), "--num-samples", "2", "--max-concurrent", "1",
+           "--scheduler", "none", "--epochs", "3", "--experiment", "sweep-faults",
+           "--set", "num_identities=4", "--set", "pretrain_epochs=1", "--set", "checkpoint_upload=sync"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def finished_trials() -> int:
+        return sum('"epoch": 3' in p.read_text() for p in (out / "tune" / "s").glob("run_trial_*/result.json"))
+
+    def committed_epoch(run_dir: Path) -> int:  # the last checkpoint Ray Train registered (not just copied)
+        import json
+
+        try:
+            snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return max((int(r["metrics"]["epoch"]) for r in snap["checkpoint_results"]), default=0)
+
+    deadline = time.monotonic() + 600
+    while not (finished_trials() >= 1 and any(0 < committed_epoch(d) < 3 for d in out.glob("s-*"))):
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    first.kill()  # SIGKILL: the driver gets no chance to clean up
+    first.wait()
+    assert finished_trials() == 1
+
+    second = subprocess.run([*cmd[:3], "--name", "s", "--output", str(out), "--resume"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-faults").experiment_id])
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    assert len(trials) == 2 and len({r.info.run_name for r in trials}) == 2, [r.info.run_name for r in trials]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    steps = {r.info.run_name: [m.step for m in client.get_metric_history(r.info.run_id, "epoch")] for r in trials}
+    # the finished trial logged 3 epochs once; the interrupted one did not start again from epoch 1
+    assert all(s.count(1) == 1 and max(s) == 3 for s in steps.values()), steps

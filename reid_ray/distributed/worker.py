@@ -146,7 +146,8 @@ def _train(config: dict) -> None:
                                        flatten(cfg), ml["tags"], config["cfg"])
         run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], Path(config["run_dir"]))
     try:
-        _epochs(method, cfg, ectx, start, best, last_target, run, Path(config["run_dir"]), upload)
+        _epochs(method, cfg, ectx, start, best, last_target, run, Path(config["run_dir"]), upload,
+                state.get("report") if state else None)
     except BaseException as e:
         if run:
             note = ("diverged" if isinstance(e, Diverged) else
@@ -160,8 +161,12 @@ def _train(config: dict) -> None:
 
 
 def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
-            run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync") -> None:
+            run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync", last_report: dict | None = None) -> None:
     domains, rank, curves = method.domains, ectx.rank, {}
+    if start >= cfg.epochs and last_report:
+        # restarted after its last checkpoint (a sweep resumed after its driver was killed): the run is done,
+        # and Tune still needs its final result
+        ray.train.report(last_report)
     for epoch in range(start, cfg.epochs):
         ectx.epoch = epoch
         metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
@@ -184,13 +189,14 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
         tmp = tempfile.mkdtemp(prefix="reid-ray-ckpt-")
         try:
             checkpoint = None
+            report = {**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target}
             if rank == 0:
                 improved = metrics.get("target_mAP", -1) > best["target_mAP"]
                 if improved:
                     best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
                 state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
-                         "last_target": last_target, "rng": rng_state(),
-                         "config": to_dict(cfg)}
+                         "last_target": last_target, "rng": rng_state(), "config": to_dict(cfg),
+                         "report": {k: float(v) for k, v in report.items()}}
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 if improved:
                     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,8 +204,7 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                         torch.save(state, part)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
-            ray.train.report({**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target},
-                             checkpoint=checkpoint, checkpoint_upload_mode=mode,
+            ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                              delete_local_checkpoint_after_upload=True)  # [4]
         finally:
             if upload == "sync" or checkpoint is None:
