@@ -57,6 +57,8 @@ def check_ranges(cfg: TrainConfig) -> None:
 def check_run(cfg: TrainConfig, domains) -> None:
     """Every check that the config and the read datasets allow, before Ray starts."""
     from reid_ray.methods import method_class
+    from reid_ray.methods.base import check_source_models
 
     check_ranges(cfg)
+    check_source_models(cfg)
     method_class(cfg.method).check(cfg, domains)

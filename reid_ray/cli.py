@@ -26,7 +26,7 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
     try:
         return fn(args) or 0
     except ReidRayError as e:
-        print(f"reid-ray: error: {e}", file=sys.stderr)
+        print(f"reid-ray: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
     except KeyboardInterrupt:
         print("reid-ray: interrupted", file=sys.stderr)

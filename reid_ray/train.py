@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from reid_ray import ReidRayError
+from reid_ray.checks import check_ranges
 from reid_ray.config import TrainConfig, load_config_file, resolve_config
 from reid_ray.methods import METHODS, method_class
 from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models, load_checkpoint
@@ -39,7 +40,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """What can be checked before Ray starts."""
+    """What can be checked before Ray starts (the data's part: checks.check_run, in the driver)."""
+    check_ranges(cfg)
     check_source_models(cfg)
     if cfg.resume:
         path = Path(cfg.resume)
@@ -49,6 +51,18 @@ def check_config(cfg: TrainConfig) -> None:
         if state.get("config", {}).get("method") not in (None, cfg.method):
             raise ReidRayError(f"--resume {cfg.resume}: a checkpoint of method {state['config']['method']!r}, "
                                f"not {cfg.method!r}; pass --method {state['config']['method']}")
+        _same_network(state, cfg, f"--resume {cfg.resume}")
+    for init in cfg.init:
+        if Path(init).is_file():  # a missing one is named by the driver (driver.source_inits)
+            _same_network(load_checkpoint(init, "--init", mmap=True), cfg, f"--init {init}")
+
+
+def _same_network(state: dict, cfg: TrainConfig, what: str) -> None:
+    """A checkpoint of another backbone cannot be loaded into this run's network."""
+    theirs, ours = state.get("config", {}).get("model", {}).get("arch"), cfg.model.arch
+    if theirs is not None and theirs != ours:
+        raise ReidRayError(f"{what}: a checkpoint of a {theirs} network, this run builds {ours}; "
+                           f"pass --set model.arch={theirs} or another checkpoint")
 
 
 def print_summary(cfg: TrainConfig, out: dict) -> None:

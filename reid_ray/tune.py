@@ -48,7 +48,7 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
                          sets=args.overrides, sweep=True)
     if args.gpus_per_worker is not None:
         cfg.use_gpu = "true" if args.gpus_per_worker > 0 else "false"
-    num_samples = args.num_samples or (3 if is_synthetic(cfg.source, cfg.target) else 16)
+    num_samples = args.num_samples if args.num_samples is not None else (3 if is_synthetic(cfg.source, cfg.target) else 16)
     if num_samples < 1:
         raise ReidRayError(f"--num-samples {num_samples}: a sweep needs at least one trial")
     return Sweep(name=name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}", method=args.method, base=cfg,

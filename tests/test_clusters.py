@@ -128,3 +128,33 @@ def test_one_tune_command_everywhere():
     assert args[args.index("--data-root") + 1] == "/data" and args[args.index("--output") + 1] == "/outputs"
     from reid_ray.tune import build_parser
     build_parser().parse_args(args)  # the command parses with tune's own parser
+
+
+def _walk(node, path=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+@pytest.mark.parametrize("path", [*LAUNCHER, KUBERAY])
+def test_no_config_opens_ingress_beyond_ssh_and_every_ray_start_needs_the_token(path):
+    """Nothing reachable from the internet but SSH (the dashboard, the Ray client and MLflow go through the
+    SSH tunnel or the pod network), token auth on every node."""
+    cfg = load(path)
+    for key, value in _walk(cfg):
+        text = str(value)
+        assert "0.0.0.0/0" not in text and "::/0" not in text, (key, text)  # no world-open rule or source range
+        assert not re.search(r"(?i)serviceType|LoadBalancer|NodePort|enableIngress", f"{key} {text}"), (key, text)
+        if "ray start" in text:
+            assert "RAY_AUTH_MODE=token" in text, (key, text)
+        assert "ray-client-server-port" not in text, (key, text)
+
+
+def test_the_guide_puts_mlflow_behind_authentication_on_a_private_network():
+    guide = (ROOT / GUIDE).read_text()
+    assert "--app-name basic-auth" in guide and "private network" in guide and "--host 0.0.0.0" not in guide

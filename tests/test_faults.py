@@ -254,3 +254,38 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(r
     steps = {r.info.run_name: [m.step for m in client.get_metric_history(r.info.run_id, "epoch")] for r in trials}
     # the finished trial logged 3 epochs once; the interrupted one did not start again from epoch 1
     assert all(s.count(1) == 1 and max(s) == 3 for s in steps.values()), steps
+
+
+_WRITER = """
+import sys, torch
+from reid_ray import atomic_path
+path, version = sys.argv[1], 0
+while True:
+    version += 1
+    with atomic_path(path) as tmp:
+        torch.save({"version": version, "payload": torch.full((4_000_000,), float(version))}, tmp)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """`atomic_path` (checkpoints, best.pt, plots; write_text_atomic for manifests, reports, configs): a writer
+    SIGKILLed at random points never leaves half a file under the real name."""
+    import random
+    import subprocess
+    import sys
+
+    target = tmp_path / "best.pt"
+    rng = random.Random(0)
+    versions = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)])
+        deadline = time.monotonic() + 60
+        while not target.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere inside a write
+        proc.kill()
+        proc.wait()
+        state = torch.load(target, weights_only=True)  # whole, or this raises
+        assert torch.equal(state["payload"], torch.full((4_000_000,), float(state["version"])))
+        versions.append(state["version"])
+    assert max(versions) > 1  # the kills did land after the first complete write

@@ -55,9 +55,13 @@ class ImageDataset(Dataset):
         """(3, H, W) uint8: torchvision's decoder (libjpeg-turbo, libpng), PIL for other formats."""
         try:
             return decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except RuntimeError:  # a format torchvision does not decode (e.g. BMP)
-            with Image.open(path) as im:
-                return pil_to_tensor(im.convert("RGB"))
+        except RuntimeError:  # a format torchvision does not decode (e.g. BMP), or a damaged file
+            try:
+                with Image.open(path) as im:
+                    return pil_to_tensor(im.convert("RGB"))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+                raise ReidRayError(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete "
+                                   "it") from None
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -72,6 +72,9 @@ def check_source_models(cfg: TrainConfig) -> None:
         count = {0: "no source model", 1: "one source model", 2: "two source models"}.get(n, f"{n} source models")
         raise ReidRayError(f"--init: {cfg.method} starts from {count}, got {len(cfg.init)} checkpoints; "
                            f"pass {n or 'none'}")
+    for path in cfg.init:
+        if path and not Path(path).expanduser().is_file():
+            raise ReidRayError(f"--init {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
 
 
 def check_pk(cfg: TrainConfig, labels, what: str) -> None:

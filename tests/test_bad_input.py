@@ -1,0 +1,165 @@
+"""Every row of the README's "When things go wrong" table: a user's mistake gets one line naming the
+problem and the fix, exit code 2, and nothing written (no output folder, no synthetic data, no MLflow
+store). All of them are caught before Ray starts, so none of these tests starts Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reid_ray.cli import main as cli_main
+from reid_ray.train import main as train_main
+from reid_ray.tune import main as tune_main
+
+
+def _ckpt(path: Path, method: str = "baseline", arch: str = "small") -> str:
+    torch.save({"method": {"models": {"net": {}}}, "epoch": 0, "config": {"method": method, "model": {"arch": arch}}},
+               path)
+    return str(path)
+
+
+def _unsafe(path: Path) -> str:
+    torch.save({"method": {}, "epoch": 0, "config": {}, "x": Path("/")}, path)  # a class instance: not weights
+    return str(path)
+
+
+def _folder(path: Path) -> str:
+    path.mkdir()
+    return str(path)
+
+
+def _space(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# (name, entry point, argv given tmp and the tiny benchmark, the message's words)
+CASES = [
+    ("unknown method", "train", lambda t, d: ["--method", "nope"], "unknown method 'nope'; valid: baseline"),
+    ("unknown config key", "train", lambda t, d: ["--set", "nonsense=1"], "unknown config key 'nonsense'"),
+    ("method parameter typo", "train", lambda t, d: ["--method", "mmt", "--set", "params.num_cluster=10"],
+     "unknown parameter 'params.num_cluster' of method 'mmt'; valid names"),
+    ("value of the wrong type", "train", lambda t, d: ["--set", "optim.lr=fast"], "optim.lr"),
+    ("--set without =", "train", lambda t, d: ["--set", "epochs"], "expected key=value"),
+    ("--epochs 0", "train", lambda t, d: ["--epochs", "0"], "epochs=0: epochs to train must be at least 1"),
+    ("--eval-every 0", "train", lambda t, d: ["--eval-every", "0"], "eval_every=0"),
+    ("--workers 0", "train", lambda t, d: ["--workers", "0"], "workers=0: Ray Train workers must be at least 1"),
+    ("negative learning rate", "train", lambda t, d: ["--set", "optim.lr=-1"], "optim.lr=-1.0: must be a positive"),
+    ("milestones out of order", "train", lambda t, d: ["--set", "optim.milestones=[70,40]"], "must increase"),
+    ("negative seed", "train", lambda t, d: ["--seed", "-1"], "seed=-1: must be zero or more"),
+    ("unknown optimizer", "train", lambda t, d: ["--set", "optim.optimizer=rmsprop"], "valid: adam, sgd"),
+    ("use_gpu not a choice", "train", lambda t, d: ["--set", "use_gpu=maybe"], "use_gpu='maybe'; valid"),
+    ("unknown clustering algorithm", "train",
+     lambda t, d: ["--method", "mmt", "--set", "params.cluster_algorithm=spectral"], "valid: kmeans, dbscan"),
+    ("unknown dataset", "train", lambda t, d: ["--source", "market"], "unknown dataset 'market'; valid names"),
+    ("missing real dataset (nothing written)", "train",
+     lambda t, d: ["--source", "market1501", "--data-root", _folder(t / "data")], "Market-1501"),
+    ("P larger than the identities", "train",
+     lambda t, d: ["--data-root", str(d), "--set", "num_identities=64"], "needs at least P=64 identities"),
+    ("P not a multiple of the workers", "train",
+     lambda t, d: ["--data-root", str(d), "--set", "num_identities=3"], "must divide evenly over 2 workers"),
+    ("k of k-means ≥ target images", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--set", "num_identities=4",
+                   "--set", "params.num_clusters=5000"], "params.num_clusters=5000: k-means needs 2 ≤ k <"),
+    ("DBSCAN k1 ≥ target images", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--set", "num_identities=4",
+                   "--set", "params.cluster_algorithm=dbscan", "--set", "params.k1=5000"], "0 < k2 ≤ k1 <"),
+    ("mean-net momentum ≥ 1", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--set", "num_identities=4", "--set", "params.alpha=1",
+                   "--set", "params.num_clusters=10"],
+     "params.alpha=1.0"),
+    ("ECN's knn_k ≥ memory size", "train",
+     lambda t, d: ["--method", "ecn", "--data-root", str(d), "--set", "num_identities=4", "--set", "params.knn_k=5000"],
+     "params.knn_k=5000: the neighbourhood needs"),
+    ("ECN's target batch > target images", "train",
+     lambda t, d: ["--method", "ecn", "--data-root", str(d), "--set", "num_identities=4",
+                   "--set", "params.target_batch=5000"], "fewer than one batch of 5000"),
+    ("MAR's target batch not a multiple of the workers", "train",
+     lambda t, d: ["--method", "mar", "--data-root", str(d), "--set", "num_identities=4",
+                   "--set", "params.target_batch=33"], "a batch of 33 must be a positive multiple of the 2 workers"),
+    ("SpCL's eps_gap ≥ eps", "train",
+     lambda t, d: ["--method", "spcl", "--data-root", str(d), "--set", "num_identities=4",
+                   "--set", "params.eps_gap=0.9"], "0 < eps_gap < eps"),
+    ("BN groups that do not divide the batch", "train",
+     lambda t, d: ["--set", "model.samples_per_bn=5"], "samples_per_bn"),
+    ("missing --config", "train", lambda t, d: ["--config", str(t / "nope.yaml")], "no such file"),
+    ("--config not YAML", "train",
+     lambda t, d: ["--config", _space(t / "bad.yaml", "epochs: [1,\n")], "not valid YAML"),
+    ("--config not a mapping", "train",
+     lambda t, d: ["--config", _space(t / "list.yaml", "- 1\n- 2\n")], "expected a mapping"),
+    ("missing --resume", "train", lambda t, d: ["--resume", str(t / "nope")], "no such checkpoint"),
+    ("--resume not a checkpoint", "train",
+     lambda t, d: ["--resume", _space(t / "notes.txt", "hello")], "not a checkpoint torch can read"),
+    ("--resume of another method", "train",
+     lambda t, d: ["--method", "mmt", "--resume", _ckpt(t / "c.pt")], "a checkpoint of method 'baseline', not 'mmt'"),
+    ("--resume of another backbone", "train",
+     lambda t, d: ["--resume", _ckpt(t / "r50.pt", arch="resnet50")], "a checkpoint of a resnet50 network"),
+    ("--resume that could run code", "train",
+     lambda t, d: ["--resume", _unsafe(t / "evil.pt")], "refused by the safe checkpoint loader"),
+    ("too many --init checkpoints", "train",
+     lambda t, d: ["--method", "ecn", "--init", _ckpt(t / "a.pt"), _ckpt(t / "b.pt")],
+     "ecn starts from one source model, got 2"),
+    ("missing --init", "train",
+     lambda t, d: ["--method", "ecn", "--data-root", str(d), "--set", "num_identities=4", "--init", str(t / "nope.pt")],
+     "no such checkpoint file"),
+    ("unknown MLflow URI scheme", "train",
+     lambda t, d: ["--data-root", str(d), "--set", "num_identities=4", "--mlflow-uri", "ftp://host/x"],
+     "unknown scheme"),
+    ("MLflow server unreachable at start", "train",
+     lambda t, d: ["--data-root", str(d), "--set", "num_identities=4", "--mlflow-uri", "http://127.0.0.1:9"],
+     "is unreachable"),
+    ("--num-samples 0", "tune", lambda t, d: ["--num-samples", "0", "--output", str(t / "out")],
+     "a sweep needs at least one trial"),
+    ("search space low > high", "tune",
+     lambda t, d: ["--search-space", _space(t / "s.yaml", "params:\n  optim.lr: {distribution: uniform, low: 0.1, "
+                                                          "high: 0.01}\n")], "must be below high"),
+    ("missing search space", "tune", lambda t, d: ["--search-space", str(t / "nope.yaml")], "search space"),
+    ("a swept range no trial could train", "tune",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--set", "num_identities=4", "--output", str(t / "out"),
+                   "--set", "params.num_clusters=10",
+                   "--search-space", _space(t / "k.yaml", "params:\n  params.num_clusters: {distribution: int, "
+                                                          "low: 10, high: 5000}\n")],
+     "params.num_clusters = 5000 would fail a trial"),
+    ("--resume of a sweep that does not exist", "tune",
+     lambda t, d: ["--resume", "--name", "nosuch", "--output", str(t / "out")], "no sweep named 'nosuch'"),
+    ("missing dataset folder (datasets)", "cli",
+     lambda t, d: ["datasets", "market1501", "--data-root", str(t / "data")], "Market-1501"),
+]
+
+
+@pytest.mark.parametrize("name, entry, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(name, entry, argv, message, tiny_synth, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the defaults (outputs/, mlflow.db, data/) would land here
+    args = argv(tmp_path, tiny_synth)
+    before = set(tmp_path.rglob("*"))
+    if entry == "train":
+        args = [*args, *([] if "--output" in args else ["--output", str(tmp_path / "out")])]
+    main = {"train": train_main, "tune": tune_main, "cli": cli_main}[entry]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("reid-ray: error: "), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    written = set(tmp_path.rglob("*")) - before - {tmp_path / "cache"}
+    assert not [p for p in written if "cache" not in p.parts], sorted(written)
+
+
+def test_the_readme_table_lists_every_case():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## When things go wrong", 1)[1]
+    missing = [c[0] for c in CASES if f"| {c[0]} |" not in table]
+    assert not missing, missing
+
+
+def test_a_damaged_image_names_its_path(tmp_path):
+    from reid_ray import ReidRayError
+    from reid_ray.data.loader import ImageDataset
+
+    bad = tmp_path / "0001_c1s1_000001_00.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ReidRayError, match=f"{bad}: not a readable image"):
+        ImageDataset._load(str(bad))
