@@ -28,6 +28,6 @@ def _isolated_cache(tmp_path, monkeypatch):
 def ray_local():
     """One local Ray per test module (PLATFORM_NOTES.md: sharing it saves ~4 s per test)."""
     import ray
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)  # a new instance, even beside a `ray start` cluster on the machine
     yield
     ray.shutdown()

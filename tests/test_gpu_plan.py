@@ -13,7 +13,7 @@ def _ready(plan, cluster_cpus: int, cluster_gpus: int, runs: int, workers: int) 
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    ray.init(num_cpus=cluster_cpus, num_gpus=cluster_gpus)
+    ray.init(address="local", num_cpus=cluster_cpus, num_gpus=cluster_gpus)
     try:
         groups = []
         for _ in range(runs):
@@ -90,7 +90,7 @@ def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
 
     port = _free_port()  # this Ray's own state API: another local Ray may be running (as init_ray does)
     api = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=4, num_gpus=1, dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+    ray.init(address="local", num_cpus=4, num_gpus=1, dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
     try:
         with pytest.raises(Exception) as err:
             run_training(cfg)

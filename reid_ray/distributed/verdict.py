@@ -27,21 +27,37 @@ class _Verdict:
         return self.record
 
 
-# no CPU: it only holds one message; outside any placement group (a Tune trial's is sized for its workers)
-Verdict = ray.remote(num_cpus=0)(_Verdict)
+# no CPU: it only holds one message; restarted (empty) if its process dies
+Verdict = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Verdict)
 
 
 def create_verdict():
-    return Verdict.options(scheduling_strategy="DEFAULT").remote()
+    """On the driver's node (a run does not outlive that one), outside any placement group (a Tune trial's
+    is sized for its workers)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return Verdict.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+
+
+def recorded(handle) -> tuple[str, str] | None:
+    """The recorded reason, or None: also when the actor is gone (a lost node), which records nothing."""
+    try:
+        return ray.get(handle.get.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
 
 
 def record(handle, error: ReidRayError) -> None:
-    ray.get(handle.set.remote("diverged" if isinstance(error, Diverged) else "error", str(error)))
+    try:
+        ray.get(handle.set.remote("diverged" if isinstance(error, Diverged) else "error", str(error)), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass  # then Ray Train retries it as any worker error
 
 
 def raise_recorded(handle) -> None:
     """On the driver: the recorded reason as the error it was, if a worker recorded one."""
-    found = ray.get(handle.get.remote())
+    found = recorded(handle)
     if found is not None:
         kind, message = found
         raise (Diverged if kind == "diverged" else ReidRayError)(message)

@@ -97,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
     raised; the worker group Ray Train restarts then returns at once (distributed/verdict.py)."""
     _quiet_ray_train()
     handle = config.get("verdict")
-    if handle is not None and ray.get(handle.get.remote()) is not None:
+    if handle is not None and verdict.recorded(handle) is not None:
         return  # an earlier attempt of this run stopped on a user error or divergence: nothing to retry
     try:
         _train(config)
@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
         if handle is not None:
             if isinstance(e, ReidRayError):
                 verdict.record(handle, e)
-            if isinstance(e, ReidRayError) or ray.get(handle.get.remote()) is not None:
+            if isinstance(e, ReidRayError) or verdict.recorded(handle) is not None:
                 _USER_ERROR.active = True  # this rank's mistake, or another rank's echo here (a broken collective)
         raise
 

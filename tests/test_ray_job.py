@@ -1,0 +1,87 @@
+"""The README's cluster command against a real local cluster: `ray start --head`, then
+`ray job submit --working-dir . -- python -m reid_ray.tune --method mmt ...`; `ray job stop` mid-sweep,
+then the same submission with `--resume` finishes it, and MLflow holds each trial once, none RUNNING."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head started by the CLI, as on a cluster (auth off: a local test cluster has no token)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    gcs, dash = _port(), _port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield ray_bin, f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(ray_bin), "stop", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True,
+                       timeout=120)  # this head only: other Ray instances on the machine keep running
+
+
+def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    ray_bin, address, env = head
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  params.num_clusters: {distribution: int, low: 8, high: 12}\n"
+                     "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                     "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  params.iters: 4\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    tune = ["python", "-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(tiny_synth), "--output", str(out),
+            "--mlflow-uri", uri, "--search-space", str(space), "--num-samples", "2", "--max-concurrent", "1",
+            "--epochs", "3", "--scheduler", "none", "--name", "job", "--experiment", "job"]
+    submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
+    first = subprocess.run([*submit, "--no-wait", "--", *tune], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = next(w.strip("'") for line in first.stdout.splitlines() for w in line.split() if w.startswith("'raysubmit_"))
+
+    def committed_epoch(run_dir: Path) -> int:
+        try:
+            snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return max((int(r["metrics"]["epoch"]) for r in snap["checkpoint_results"]), default=0)
+
+    deadline = time.monotonic() + 600
+    while not any(committed_epoch(d) >= 1 for d in out.glob("job-*")):  # mid-sweep: a trial has a checkpoint
+        assert time.monotonic() < deadline, subprocess.run([str(ray_bin), "job", "logs", "--address", address, job_id],
+                                                           env=env, capture_output=True, text=True).stdout[-3000:]
+        time.sleep(0.5)
+    stop = subprocess.run([str(ray_bin), "job", "stop", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+
+    second = subprocess.run([*submit, "--", *tune, "--resume"], env=env, capture_output=True, text=True, timeout=900,
+                            cwd=ROOT)
+    assert second.returncode == 0 and "SUCCEEDED" in second.stdout, second.stdout[-4000:] + second.stderr[-2000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    assert len(trials) == 2 and len({r.info.run_name for r in trials}) == 2, [r.info.run_name for r in trials]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert (out / "tune" / "job" / "best_config.yaml").is_file()
