@@ -28,11 +28,12 @@ def _port() -> int:
 def head(tmp_path):
     """A Ray head started by the CLI, as on a cluster (auth off: a local test cluster has no token)."""
     ray_bin = Path(sys.executable).with_name("ray")
-    gcs, dash = _port(), _port()
+    gcs, dash, agent = _port(), _port(), _port()  # the agent's default port (52365) may be another Ray's
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+                    "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
         yield ray_bin, f"http://127.0.0.1:{dash}", env
@@ -48,15 +49,20 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  params.num_clusters: {distribution: int, low: 8, high: 12}\n"
                      "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
-                     "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  params.iters: 4\n")
+                     "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  params.iters: 4\n  params.num_clusters: 10\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
     tune = ["python", "-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(tiny_synth), "--output", str(out),
             "--mlflow-uri", uri, "--search-space", str(space), "--num-samples", "2", "--max-concurrent", "1",
             "--epochs", "3", "--scheduler", "none", "--name", "job", "--experiment", "job"]
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
-    first = subprocess.run([*submit, "--no-wait", "--", *tune], env=env, capture_output=True, text=True, timeout=300,
-                           cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent comes up a few seconds after `ray start` returns
+        first = subprocess.run([*submit, "--no-wait", "--", *tune], env=env, capture_output=True, text=True,
+                               timeout=300, cwd=ROOT)
+        if first.returncode == 0 or "No available agent" not in first.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = next(w.strip("'") for line in first.stdout.splitlines() for w in line.split() if w.startswith("'raysubmit_"))
 
@@ -67,14 +73,17 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
             return 0
         return max((int(r["metrics"]["epoch"]) for r in snap["checkpoint_results"]), default=0)
 
-    deadline = time.monotonic() + 600
+    def job(*what: str) -> str:
+        return subprocess.run([str(ray_bin), "job", *what, "--address", address, job_id], env=env,
+                              capture_output=True, text=True, timeout=120).stdout
+
+    deadline, polls = time.monotonic() + 600, 0
     while not any(committed_epoch(d) >= 1 for d in out.glob("job-*")):  # mid-sweep: a trial has a checkpoint
-        assert time.monotonic() < deadline, subprocess.run([str(ray_bin), "job", "logs", "--address", address, job_id],
-                                                           env=env, capture_output=True, text=True).stdout[-3000:]
+        polls += 1
+        ended = polls % 20 == 0 and any(s in job("status") for s in ("FAILED", "SUCCEEDED", "STOPPED"))
+        assert time.monotonic() < deadline and not ended, job("logs")[-3000:]
         time.sleep(0.5)
-    stop = subprocess.run([str(ray_bin), "job", "stop", "--address", address, job_id], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "STOPPED" in job("stop") + job("status")
 
     second = subprocess.run([*submit, "--", *tune, "--resume"], env=env, capture_output=True, text=True, timeout=900,
                             cwd=ROOT)

@@ -27,7 +27,9 @@ def init_ray() -> None:
     port = _free_port()
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    ray.init(log_to_driver=True, dashboard_port=port, runtime_env={"env_vars": env})
+    # address="local": a new instance, even where a `ray start` cluster runs on this machine (plain ray.init()
+    # would join that one); RAY_ADDRESS=auto joins it
+    ray.init(address="local", log_to_driver=True, dashboard_port=port, runtime_env={"env_vars": env})
 
 
 def _free_port() -> int:
