@@ -164,6 +164,7 @@ def _checkpoints(run_dir: Path) -> int:
 
 
 @pytest.mark.ray
+@pytest.mark.faults
 def test_mmt_survives_a_killed_actor_and_a_killed_worker_and_ends_as_if_uninterrupted(ray_local, tiny_synth, tmp_path):
     """The PseudoLabeler is SIGKILLed after epoch 1 (epoch 2's refresh meets its restarted process), a
     Train worker mid-epoch 3 (Ray Train restarts the group from epoch 2's checkpoint: mean nets, pseudo-label
@@ -203,6 +204,7 @@ def test_mmt_survives_a_killed_actor_and_a_killed_worker_and_ends_as_if_uninterr
 
 
 @pytest.mark.ray
+@pytest.mark.faults
 def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(ray_local, tiny_synth, tmp_path):
     """`python -m reid_ray.tune` on the running cluster (RAY_ADDRESS), SIGKILLed once its first trial has
     finished and its second has a checkpoint; `--resume` finishes the sweep. The first trial is not rerun,

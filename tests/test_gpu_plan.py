@@ -90,7 +90,8 @@ def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
 
     port = _free_port()  # this Ray's own state API: another local Ray may be running (as init_ray does)
     api = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=4, num_gpus=1, dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+    ray.init(address="local", num_cpus=4, num_gpus=1, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
     try:
         with pytest.raises(Exception) as err:
             run_training(cfg)

@@ -57,6 +57,7 @@ def server(tmp_path):
         s.stop()
 
 
+@pytest.mark.faults
 def test_a_server_stopped_mid_run_buffers_then_flushes_then_falls_back(server, tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
