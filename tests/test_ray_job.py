@@ -32,7 +32,9 @@ def head(tmp_path):
     `ray stop` would stop every Ray on the machine."""
     ray_bin = Path(sys.executable).with_name("ray")
     gcs, dash, agent, client = _port(), _port(), _port(), _port()  # defaults (52365, 10001) may be another Ray's
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the job's entrypoint runs in the head's environment: this interpreter's bin first (CI does not activate
+    # the virtual environment)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
@@ -68,7 +70,7 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
                      "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  params.iters: 4\n  params.num_clusters: 10\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
-    tune = ["python", "-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(tiny_synth), "--output", str(out),
+    tune = [sys.executable, "-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(tiny_synth), "--output", str(out),
             "--mlflow-uri", uri, "--search-space", str(space), "--num-samples", "2", "--max-concurrent", "1",
             "--epochs", "3", "--scheduler", "none", "--name", "job", "--experiment", "job"]
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
