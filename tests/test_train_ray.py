@@ -51,9 +51,6 @@ def test_trains_reports_checkpoints_tracks_and_resumes(ray_local, data_root, tmp
     assert [h.value for h in hist] == [3.0]
     resumed_state = torch.load(f"{resumed['checkpoint']}/checkpoint.pt", weights_only=False)
     assert resumed_state["epoch"] == 2 and from_dict(resumed_state["config"]).epochs == 3
-    # resuming a run that is already done trains nothing and reports its last result again (Tune needs one)
-    again = run_training(cfg_for(tmp_path, data_root, epochs=3, resume=resumed["checkpoint"]))
-    assert again["metrics"]["epoch"] == 3 and again["metrics"]["target_mAP"] == resumed["metrics"]["target_mAP"]
 
 
 def test_one_and_two_workers_agree_at_equal_global_batch(ray_local, data_root, tmp_path):
@@ -63,8 +60,9 @@ def test_one_and_two_workers_agree_at_equal_global_batch(ray_local, data_root, t
 
 
 def test_user_errors_exit_2_without_traceback(ray_local, data_root, tmp_path, capsys):
-    assert main(["--workers", "3", "--data-root", str(data_root), "--output", str(tmp_path)]) == 2
-    assert "3 CPU workers requested" in capsys.readouterr().err
+    # P=16 divides over 4 workers (an uneven P is caught earlier, before Ray); 4 CPU workers do not fit 2 CPUs
+    assert main(["--workers", "4", "--data-root", str(data_root), "--output", str(tmp_path)]) == 2
+    assert "4 CPU workers requested" in capsys.readouterr().err
     assert main(["--method", "nope"]) == 2
     assert "valid: baseline" in capsys.readouterr().err
     assert main(["--set", "nonsense=1"]) == 2
