@@ -5,22 +5,14 @@ then resumes from the last checkpoint (README, "When things go wrong")."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.ray_helpers import committed_epoch
+
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
-
-
-def _committed_epoch(run_dir: Path) -> int:
-    try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    return max((int(r["metrics"]["epoch"]) for r in snap["checkpoint_results"]), default=0)
 
 
 @pytest.fixture
@@ -54,9 +46,9 @@ def test_a_lost_node_costs_a_restart_not_the_run(two_nodes, tiny_synth, tmp_path
     thread = threading.Thread(target=lambda: result.update(out=run_training(cfg)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 300
-    while _committed_epoch(tmp_path / "out" / "lost") < 2 and time.monotonic() < deadline and thread.is_alive():
+    while committed_epoch(tmp_path / "out" / "lost") < 2 and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.05)
-    events["lost_after_epoch"] = _committed_epoch(tmp_path / "out" / "lost")
+    events["lost_after_epoch"] = committed_epoch(tmp_path / "out" / "lost")
     cluster.remove_node(second)  # its raylet and the worker on it die
     time.sleep(5)
     cluster.add_node(num_cpus=1)  # resources come back: the worker group can start again

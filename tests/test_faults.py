@@ -12,53 +12,38 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reid_ray import ReidRayError
-from reid_ray.data.loader import build_train_loader, relabel
-from reid_ray.methods import Method, register_method, unwrap
-from reid_ray.models.reid_net import build_reid_net
+from reid_ray.methods import register_method
+from tests.ray_helpers import committed_epoch
+from tests.test_toy_method import Toy, ToyParams
 
 
 @dataclass
-class FaultyParams:
+class FaultyParams(ToyParams):
     fail_rank: int = -1          # this rank raises a user error in setup (-1: none)
     nan_from_step: int = -1      # the loss is NaN from this global step on (-1: never)
     nan_steps: int = 10**9       # ... for this many steps
 
 
 @register_method
-class Faulty(Method):
-    """The toy method's cosine-softmax classifier, with faults on request."""
+class Faulty(Toy):
+    """The toy method (tests/test_toy_method.py), with faults on request."""
 
     name = "faulty"
     Params = FaultyParams
-    adapts = False
-    synthetic_overrides = {"epochs": 2, "eval_every": 2, "optim.warmup_epochs": 0}
 
     def setup(self, wrap=lambda m: m) -> None:
         if self.rank == self.p.fail_rank:
             raise ReidRayError(f"rank {self.rank} refuses: a mistake only a worker can see")
-        labels, _ = relabel(self.domains.source.train["pid"].to_numpy())
-        torch.manual_seed(self.cfg.seed)
-        net = build_reid_net(self.cfg.model, int(labels.max()) + 1, self.device)
-        self.models = {"net": wrap(net)}
-        self.build_optimizer(net)
-        self.train_loader = build_train_loader(self.domains.source.train, labels, self.cfg.transform, self.cfg.loader,
-                                               rank=self.rank, world_size=self.world_size, seed=self.cfg.seed)
+        super().setup(wrap)
 
     def train_step(self, batch, ctx):
-        net = self.models["net"]
-        out = net(batch["img"].to(self.device))
-        w = F.normalize(unwrap(net).classifier.weight, dim=1)
-        loss = F.cross_entropy(F.normalize(out["bn_feat"], dim=1) @ w.T / 0.1, batch["label"].to(self.device))
+        losses = super().train_step(batch, ctx)
         p = self.p
         if 0 <= p.nan_from_step <= ctx.iteration < p.nan_from_step + p.nan_steps and ctx.rank == ctx.world_size - 1:
-            loss = loss * float("nan")  # on the last rank only: every rank must skip it all the same
-        return {"loss": loss, "ce": loss.detach()}
-
-    def eval_model(self):
-        return unwrap(self.models["net"])
+            losses["loss"] = losses["loss"] * float("nan")  # on the last rank only: every rank must skip it all the same
+        return losses
 
 
 def test_a_nan_loss_is_skipped_and_counted_in_process(tiny_synth):
@@ -227,15 +212,6 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(r
 
     def finished_trials() -> int:
         return sum('"epoch": 3' in p.read_text() for p in (out / "tune" / "s").glob("run_trial_*/result.json"))
-
-    def committed_epoch(run_dir: Path) -> int:  # the last checkpoint Ray Train registered (not just copied)
-        import json
-
-        try:
-            snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return 0
-        return max((int(r["metrics"]["epoch"]) for r in snap["checkpoint_results"]), default=0)
 
     deadline = time.monotonic() + 600
     while not (finished_trials() >= 1 and any(0 < committed_epoch(d) < 3 for d in out.glob("s-*"))):

@@ -4,7 +4,6 @@ then the same submission with `--resume` finishes it, and MLflow holds each tria
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.ray_helpers import committed_epoch
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +85,6 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
         time.sleep(2)
     assert first.returncode == 0, first.stdout + first.stderr
     job_id = next(w.strip("'") for line in first.stdout.splitlines() for w in line.split() if w.startswith("'raysubmit_"))
-
-    def committed_epoch(run_dir: Path) -> int:
-        try:
-            snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return 0
-        return max((int(r["metrics"]["epoch"]) for r in snap["checkpoint_results"]), default=0)
 
     def job(*what: str) -> str:
         return subprocess.run([str(ray_bin), "job", *what, "--address", address, job_id], env=env,
