@@ -7,6 +7,10 @@
     reid-ray report --experiment "synth-a->synth-b"   # Markdown + PNG comparison of an MLflow experiment
     reid-ray doctor [--data-root DIR] [--no-ray]      # what a run would use here: Ray, GPUs, faiss, datasets, MLflow
     reid-ray san-pg pairs|train|predict ...   # SAN's pseudo texture generator (= python -m reid_ray.san_pg)
+    reid-ray evaluate --checkpoint C --dataset market1501 --data-root /datasets [--rerank]   # mAP/CMC
+    reid-ray export --checkpoint C --onnx embedder.onnx       # the retrieval embedder as ONNX
+    reid-ray embed --checkpoint C --images DIR --out feats.parquet   # features of a folder of images
+    reid-ray --version
 
 A mistake a user can fix prints one line naming the problem and the fix, and
 exits with code 2.
@@ -55,9 +59,35 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+# subcommands with parsers of their own (module, its main function): argv after the name goes to them
+FORWARDED = {
+    "train": ("reid_ray.train", "main", "train one method under Ray Train (= python -m reid_ray.train)"),
+    "tune": ("reid_ray.tune", "main", "sweep a method's hyperparameters with Ray Tune + Optuna (= python -m reid_ray.tune)"),
+    "report": ("reid_ray.report", "main", "Markdown table + PNG plots comparing the runs of an MLflow experiment"),
+    "evaluate": ("reid_ray.export", "main_evaluate", "mAP/CMC of any checkpoint on any dataset, optionally re-ranked"),
+    "export": ("reid_ray.export", "main_export", "write a checkpoint's retrieval embedder as ONNX"),
+    "embed": ("reid_ray.export", "main_embed", "embed a folder of images into a Parquet file of features"),
+    "doctor": ("reid_ray.doctor", "main", "what a run would use here: Ray, GPUs, CUDA, faiss, datasets, MLflow"),
+    "san-pg": ("reid_ray.san_pg", "main", "SAN's pseudo texture generator: pairs, train, predict"),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version("reid-ray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reid-ray", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="reid-ray", description="Train, tune and compare unsupervised domain "
+                                     "adaptation person re-ID methods on Ray.",
+                                     epilog="`reid-ray COMMAND --help` shows a command's own flags.")
+    parser.add_argument("--version", action="version", version=f"reid-ray {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the embedded synthetic two-domain benchmark")
     p.add_argument("out_dir", help="folder to write synth-a/ and synth-b/ into")
@@ -78,16 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="folder that holds the dataset's own top folder")
     p.add_argument("--variant", default=None, help="cuhk03np: labeled (default) or detected")
     p.set_defaults(fn=_datasets)
+    for name, (_module, _fn, help_line) in FORWARDED.items():  # listed here, parsed by their own modules (main)
+        sub.add_parser(name, help=help_line, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `reid-ray train|tune|report|doctor ...` forward to the module entry points with their own parsers
-    if argv and argv[0] in ("train", "tune", "report", "doctor", "san-pg"):
+    if argv and argv[0] in FORWARDED:
         import importlib
 
-        return importlib.import_module(f"reid_ray.{argv[0].replace('-', '_')}").main(argv[1:])
+        module, fn, _help = FORWARDED[argv[0]]
+        return getattr(importlib.import_module(module), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     return run_cli(args.fn, args)
 

@@ -103,26 +103,61 @@ def finalize_sweep(out: SweepOutcome) -> SweepOutcome:
     return out
 
 
-def print_results(out: SweepOutcome) -> None:
+def short_names(params: list[str]) -> dict[str, str]:
+    """`params.num_clusters` -> `num_clusters`, `optim.lr` -> `lr`: the last part of each dotted name, unless
+    two parameters share it."""
+    last = [p.rsplit(".", 1)[-1] for p in params]
+    return {p: s if last.count(s) == 1 else p for p, s in zip(params, last)}
+
+
+def fitted_table(title: str, key_columns: list[str], key_rows: list[list[str]], extra_columns: list[str],
+                 extra_rows: list[list[str]], width: int, note: str = ""):
+    """A rich Table of the key columns first and as many extra columns as fit `width` without shortening any
+    cell; the caption names the columns left out (the full table is in the Markdown summary)."""
     from rich.console import Console
     from rich.table import Table
 
+    def build(n: int) -> Table:
+        left = len(extra_columns) - n
+        caption = f"{left} more column{'s' * (left != 1)} in {note}" if left and note else None
+        table = Table(title=title, caption=caption, title_justify="left")
+        for col in [*key_columns, *extra_columns[:n]]:
+            table.add_column(col, justify="left" if col in ("trial", "status") else "right", no_wrap=True)
+        for key, extra in zip(key_rows, extra_rows):
+            table.add_row(*key, *extra[:n])
+        return table
+
+    measure = Console(width=10_000)
+    for n in range(len(extra_columns), -1, -1):
+        table = build(n)
+        if measure.measure(table).maximum <= width or n == 0:
+            return table
+    return build(0)
+
+
+def print_results(out: SweepOutcome) -> None:
+    from rich.console import Console
+
     sweep, base, dt = out.sweep, out.sweep.base, out.sweep.direct_transfer
-    table = Table(title=f"sweep {sweep.name}: {base.method}, {base.source} -> {base.target}")
-    for col in ("trial", *out.params, "target mAP", "R1", "epochs", "status"):
-        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    console = Console(highlight=False)
+    names = short_names(out.params)
+    key_rows, extra_rows = [], []
     if dt:
-        table.add_row("direct transfer", *[""] * len(out.params), _fmt(dt.get("target_mAP", float("nan"))),
-                      _fmt(dt.get("target_R1", float("nan"))), "", "source model")
+        key_rows.append(["direct transfer", _fmt(dt.get("target_mAP", float("nan"))),
+                         _fmt(dt.get("target_R1", float("nan"))), "", "source model"])
+        extra_rows.append([""] * len(out.params))
     for r in out.rows:
-        table.add_row(r.trial, *[_fmt(r.config.get(p, "")) for p in out.params], _fmt(r.target_mAP),
-                      _fmt(r.target_R1), str(r.epoch), r.status)
-    console = Console()
-    console.print(table)
+        key_rows.append([r.trial, _fmt(r.target_mAP), _fmt(r.target_R1), str(r.epoch), r.status])
+        extra_rows.append([_fmt(r.config.get(p, "")) for p in out.params])
+    console.print(fitted_table(f"sweep {sweep.name}: {base.method}, {base.source} -> {base.target}",
+                               ["trial", "target mAP", "R1", "epochs", "status"], key_rows,
+                               [names[p] for p in out.params], extra_rows, console.width,
+                               note=str(out.folder / "summary.md")))
     if out.best_config:
-        console.print(f"best config: {out.best_config}\n  python -m reid_ray.train --config {out.best_config}")
-    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}  "
-                  f"(mlflow ui --backend-store-uri {out.uri})\nsummary: {out.folder / 'summary.md'}")
+        console.print(f"best config: {out.best_config}\n  python -m reid_ray.train --config {out.best_config}",
+                      soft_wrap=True)
+    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}\n  mlflow ui --backend-store-uri {out.uri}\n"
+                  f"summary: {out.folder / 'summary.md'}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- reid-ray report

@@ -81,11 +81,27 @@ def git_commit() -> str:
 RUN_KEY = "reid_ray.run_key"
 
 
+# MLflow 3's UI opens an experiment in its model-training view (runs, charts), not the GenAI traces
+# overview, when the experiment is of this kind
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client, experiment: str, create: bool = True) -> str | None:
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        if create and exp.tags.get("mlflow.experimentKind") is None:  # one an older reid-ray created
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
-    return client.create_experiment(experiment) if create else None
+    return client.create_experiment(experiment, tags=EXPERIMENT_KIND) if create else None
+
+
+def system_tags() -> dict[str, str]:
+    """MLflow's own system tags for a run started from this process (user, source name and type, git
+    commit), from MLflow's context providers. Resolved on the driver: a Ray worker's would name Ray's
+    worker script."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {k: str(v) for k, v in resolve_tags().items() if k.startswith("mlflow.")}
 
 
 def find_runs(uri: str, experiment: str, tag: str, value: str) -> list:
@@ -127,6 +143,33 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int, timestamp_ms: i
     ts = timestamp_ms or int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
     _client(uri).log_batch(run_id, metrics=items)
+
+
+def dataset_records(domains) -> list[dict]:
+    """The run's datasets as plain records (MLflow dataset inputs, `log_datasets`): name, where they were read
+    from, the manifests' content digest, and per split the counts of ids, images and cameras."""
+    return [{"name": ds.name, "digest": ds.digest(), "source": str(ds.root), "context": role,
+             "profile": ds.stats()} for role, ds in (("source", domains.source), ("target", domains.target))]
+
+
+def log_datasets(uri: str, run_id: str, records: list[dict]) -> None:
+    """The records of `dataset_records` as the run's MLflow dataset inputs (context tag: source or target)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [DatasetInput(Dataset(name=r["name"], digest=r["digest"], source_type="local",
+                                   source=json.dumps({"uri": r["source"]}), profile=json.dumps(r["profile"])),
+                           tags=[InputTag("mlflow.data.context", r["context"])]) for r in records]
+    _client(uri).log_inputs(run_id, datasets=inputs)
+
+
+def has_datasets(uri: str, run_id: str) -> bool:
+    return bool(_client(uri).get_run(run_id).inputs.dataset_inputs)
+
+
+def log_figure(uri: str, run_id: str, figure, artifact_file: str) -> None:
+    _client(uri).log_figure(run_id, figure, artifact_file)
 
 
 def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -195,7 +238,9 @@ class RunWriter:
 
     _DO = {"metrics": lambda uri, run_id, metrics, step, ts: log_metrics(uri, run_id, metrics, step, ts),
            "artifact": lambda uri, run_id, path, artifact_path: log_artifact(uri, run_id, path, artifact_path),
-           "status": lambda uri, run_id, status, note: set_status(uri, run_id, status, note)}
+           "status": lambda uri, run_id, status, note: set_status(uri, run_id, status, note),
+           "datasets": lambda uri, run_id, records: log_datasets(uri, run_id, records),
+           "figure": lambda uri, run_id, figure, artifact_file: log_figure(uri, run_id, figure, artifact_file)}
 
     def _flush(self, force: bool = False) -> bool:
         """Write the buffer in order; False (and the rest kept) at the first write that fails."""
@@ -230,6 +275,12 @@ class RunWriter:
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         self._write("artifact", str(path), artifact_path)
 
+    def log_datasets(self, records: list[dict]) -> None:
+        self._write("datasets", records)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self._write("figure", figure, artifact_file)
+
     def set_status(self, status: str, note: str | None = None) -> None:
         self._write("status", status, note)
 
@@ -256,8 +307,8 @@ def _warn(line: str) -> None:
     print(f"reid-ray: warning: {line}", file=sys.stderr, flush=True)
 
 
-def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike) -> None:
-    """CMC curves (rank 1..N, in %) of several test sets, as a PNG."""
+def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike):
+    """CMC curves (rank 1..N, in %) of several test sets, as a PNG; returns the figure (for `log_figure`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -272,4 +323,5 @@ def cmc_plot(curves: dict[str, list[float]], path: str | os.PathLike) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    plt.close(fig)  # closed to pyplot, still drawable by log_figure
+    return fig

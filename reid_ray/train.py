@@ -30,13 +30,43 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     method, source, target, file = (None, None, None, {})
     if a.config:
         method, source, target, file = load_config_file(a.config)
+    resume = resolve_resume(a.resume, a.output or file.get("output") or "outputs", a.method or method or "baseline")
     flags = dict(data_root=a.data_root, workers=a.workers, epochs=a.epochs, eval_every=a.eval_every, seed=a.seed,
                  mlflow_uri=a.mlflow_uri, experiment=a.experiment, name=a.name, output=a.output,
-                 resume=a.resume, init=a.init, clustering=a.clustering)
+                 resume=resume, init=a.init, clustering=a.clustering)
     cfg = resolve_config(a.method or method or "baseline", a.source or source, a.target or target, preset=a.preset,
                          file=file, flags=flags, sets=a.overrides)
     check_config(cfg)
     return cfg
+
+
+def resolve_resume(value: str | None, output: str, method: str) -> str | None:
+    """`--resume` as a checkpoint: a checkpoint file or directory (as before), a run's folder or its run name
+    under --output (its newest checkpoint), or no value: the newest run of --method under --output."""
+    if value is None or value == "":
+        return value
+    root = Path(output).expanduser()
+    if value is True:  # bare --resume
+        runs = sorted((p for p in root.glob(f"{method}-*") if _checkpoints(p)), key=lambda p: _checkpoints(p)[-1].stat().st_mtime)
+        if not runs:
+            raise ReidRayError(f"--resume: no earlier {method} run with a checkpoint under {root}; pass its run name "
+                               "or a checkpoint path")
+        return str(_checkpoints(runs[-1])[-1])
+    path = Path(value).expanduser()
+    if not path.exists() and "/" not in value and (root / value).is_dir():
+        path = root / value  # a run name
+    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
+        found = _checkpoints(path)
+        if not found:
+            raise ReidRayError(f"--resume {value}: no checkpoint in {path} (a run folder holds checkpoint_*/"
+                               f"{CHECKPOINT_FILE}); pass a checkpoint path")
+        return str(found[-1])
+    return value if not path.exists() else str(path)
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's Ray Train checkpoints, oldest first (their names are their timestamps)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -77,11 +107,11 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     adapted = "adapted" if method_class(cfg.method).adapts else "direct transfer"
     for name, label in (("source", f"source {cfg.source} (supervised)"), ("target", f"target {cfg.target} ({adapted})")):
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
-    console = Console()
+    console = Console(highlight=False)
     console.print(table)
-    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {out['mlflow_uri']}  "
-                  f"(mlflow ui --backend-store-uri {out['mlflow_uri']})\ncheckpoint {out['checkpoint']}\n"
-                  f"best checkpoint and CMC plot in {out['run_dir']}")
+    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {out['mlflow_uri']}\n"
+                  f"  mlflow ui --backend-store-uri {out['mlflow_uri']}\ncheckpoint {out['checkpoint']}\n"
+                  f"best checkpoint and CMC plot in {out['run_dir']}", soft_wrap=True)
     if out.get("mlflow_fallback"):
         console.print(f"[yellow]the tracking server was unreachable at the end: the rest of the run's metrics are in "
                       f"{out['mlflow_fallback']}[/yellow]")
@@ -103,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: <source>-><target>)")
     p.add_argument("--name", default=None, help="run name (default: <method>-<time>)")
     p.add_argument("--output", default=None, help="checkpoints and run files (default: outputs)")
-    p.add_argument("--resume", default=None, help="a checkpoint directory or checkpoint.pt to continue from")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                   help="continue from a checkpoint: a run name or folder under --output (its newest checkpoint), "
+                        "a checkpoint directory or checkpoint.pt; alone: the newest run of --method")
+    p.add_argument("--verbose", action="store_true", help="also print Ray's and Ray Train's own console output")
     p.add_argument("--init", nargs="+", default=None, metavar="CHECKPOINT",
                    help="UDA methods: the source-trained baseline checkpoint.pt to start from, one per source "
                         "model the method starts from (default: trained on the source first, cached, with seeds "
@@ -119,6 +152,9 @@ def main(argv=None) -> int:
     from reid_ray.cli import run_cli
 
     args = build_parser().parse_args(argv)
+    from reid_ray import console
+
+    console.set_verbose(args.verbose)
 
     def _run(a):
         cfg = config_from_args(a)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from reid_ray import ReidRayError
 from reid_ray.config import TrainConfig, is_synthetic, resolve_config
@@ -29,6 +30,14 @@ from reid_ray.sweep_config import SWEEP_FILE, Sweep, latest_sweep, sweep_dir
 def prepare_sweep(args: argparse.Namespace) -> Sweep:
     """The sweep's settings: new from the flags, or read back from an interrupted sweep's folder."""
     output = args.output or "outputs"
+    if isinstance(args.resume, str):  # --resume NAME or --resume outputs/tune/NAME: the sweep to continue
+        resumed = Path(args.resume).expanduser()
+        if (resumed / SWEEP_FILE).is_file():
+            output, args.name = str(resumed.parent.parent), resumed.name
+        elif args.name and args.name != args.resume:
+            raise ReidRayError(f"--resume {args.resume} and --name {args.name} name two sweeps; pass one of them")
+        else:
+            args.name = args.resume
     name = args.name or (latest_sweep(output, args.method) if args.resume else None)
     if name and (sweep_dir(output, name) / SWEEP_FILE).is_file():
         sweep = Sweep.load(sweep_dir(output, name))
@@ -81,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: <source>-><target>)")
     p.add_argument("--name", default=None, help="sweep name; rerunning with an existing name resumes it")
     p.add_argument("--output", default=None, help="checkpoints, Tune state and reports (default: outputs)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep --name (default: the latest one)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="SWEEP",
+                   help="continue an interrupted sweep: its name or folder (outputs/tune/NAME); alone: the sweep "
+                        "--name, else the latest one of --method")
+    p.add_argument("--verbose", action="store_true", help="also print Ray's and Tune's own console output")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config field shared by every trial, e.g. --set model.arch=resnet50")
     return p
@@ -91,6 +103,9 @@ def main(argv=None) -> int:
     from reid_ray.cli import run_cli
 
     args = build_parser().parse_args(argv)
+    from reid_ray import console
+
+    console.set_verbose(args.verbose)
 
     def _run(a):
         sweep = prepare_sweep(a)

@@ -85,6 +85,17 @@ class ReIDDataset:
             }
         return out
 
+    def digest(self) -> str:
+        """A fingerprint of the manifests' content: every split's image paths (relative to the data root), ids
+        and cameras. Equal for the same dataset read from another folder; it changes when an image is added,
+        removed or relabelled."""
+        h, prefix = hashlib.sha1(), str(self.root).rstrip("/") + "/"
+        for s in SPLITS:
+            t = self.split(s)
+            for path, pid, cam in zip(t["path"].to_pylist(), t["pid"].to_pylist(), t["camid"].to_pylist()):
+                h.update(f"{s}|{path.removeprefix(prefix)}|{pid}|{cam}\n".encode())
+        return h.hexdigest()[:16]
+
     def __str__(self) -> str:
         lines = [f"{self.name} ({self.root})", f"  {'split':<8}{'ids':>8}{'images':>9}{'cameras':>9}"]
         for s, st in self.stats().items():

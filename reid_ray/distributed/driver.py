@@ -9,6 +9,7 @@ Rank 0 of the worker group writes the run's MLflow run (distributed/worker.py); 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,6 +26,7 @@ from ray.train.torch import TorchTrainer
 from reid_ray import ReidRayError, tracking, write_text_atomic
 from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
+from reid_ray.console import RunProgress
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
 from reid_ray.distributed.runtime import gpus_requested, init_ray
@@ -35,19 +37,20 @@ from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models
 
 
 def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: ResourcePlan | None = None,
-                 tags: dict | None = None, run_key: str | None = None) -> dict:
+                 tags: dict | None = None, run_key: str | None = None, show_progress: bool = True) -> dict:
     """Train under Ray Train; returns the final metrics plus run/checkpoint locations.
 
     `plan` (a Tune trial's share, distributed/sweep.py) fixes the worker and actor resources; without
     it they are planned from the whole cluster. `tags` go on the MLflow run; `run_key` names it for
-    rank 0 to find again (a trial's stable key; by default a new one per call)."""
+    rank 0 to find again (a trial's stable key; by default a new one per call). `show_progress`: the live
+    epoch display on this process's console (off in a Tune trial, whose sweep has its own)."""
     check_ranges(cfg)
     domains = ensure_data(cfg)
     check_run(cfg, domains)
     tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
     init_ray()
     if plan is not None:
-        return _fit(cfg, domains, plan, callbacks, tags, run_key)
+        return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
     method_cls = method_class(cfg.method)
     uses_actor = method_cls.uses_clustering and cfg.clustering == "actor"
     forced = cfg.use_gpu.lower() in ("true", "1", "yes")
@@ -56,10 +59,10 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
         plan = plan_resources(cluster, cfg.workers, 1.0 if want_gpu else 0.0, uses_actor, max_concurrent=1,
                               cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers",
                               cpu_flag="--set use_gpu=false")
-        return _fit(cfg, domains, plan, callbacks, tags, run_key)
+        return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
 
 
-def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key) -> dict:
+def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key, show_progress: bool = True) -> dict:
     method_cls = method_class(cfg.method)
     if method_cls.__module__ == "__main__":
         raise ReidRayError(f"method {cfg.method!r} is defined in the script being run, which Ray workers cannot "
@@ -77,18 +80,22 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
         labeler = create_pseudo_labeler(method_cls.cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
                                         plan.actor, plan.actor_threads)
+    progress = RunProgress(name, cfg.epochs) if show_progress else contextlib.nullcontext()
     trainer = TorchTrainer(
         train_loop_per_worker,
         # the config becomes a dict here, once, and a TrainConfig again in each worker
         train_loop_config={"cfg": to_dict(cfg), "method_module": method_cls.__module__, "threads": plan.threads,
                            "run_dir": str(output / name), "pseudo_labeler": labeler, "verdict": stop,
                            "mlflow": {"uri": uri, "experiment": experiment, "run_key": run_key,
-                                      "tags": {"method": cfg.method, "source": cfg.source, "target": cfg.target,
+                                      # MLflow's system tags as this process sees them; a sweep passes its driver's
+                                      "tags": {**tracking.system_tags(), "method": cfg.method, "source": cfg.source,
+                                               "target": cfg.target,
                                                "source_to_target": f"{cfg.source}->{cfg.target}", **(tags or {})}}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=plan.use_gpu,
                                                resources_per_worker=plan.worker),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(output), callbacks=callbacks,
+            name=name, storage_path=str(output),
+            callbacks=[*(callbacks or []), *([progress.callback] if show_progress else [])],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines off the console (its per-report dump is silenced in worker.py)
@@ -97,7 +104,8 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     t0 = time.perf_counter()
     try:
         try:
-            result = trainer.fit()
+            with progress:
+                result = trainer.fit()
         except Exception:
             raise_recorded(stop)  # a user error or divergence a worker recorded, as itself (max_failures 0)
             # a rank 0 that was killed (not one that raised: it ends its own run) left its run RUNNING

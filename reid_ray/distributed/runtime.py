@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -10,14 +11,20 @@ import time
 
 import ray
 
+from reid_ray import console
+
 
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS (a job, a running cluster), or start a local Ray."""
     if ray.is_initialized():
         return
+    # quiet (console.set_verbose): the workers' and Ray's output stays in Ray's session logs, off the console
+    loud = console.verbose()
+    quiet = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # resources belong to the cluster: passing any raises (PLATFORM_NOTES.md)
+        ray.init(**quiet)  # resources belong to the cluster: passing any raises (PLATFORM_NOTES.md)
         return
+
     # OpenMP threads that spin while they wait make every parallel region crawl as soon as another
     # process wants the core (Ray's daemons, the actor, a second worker): several times slower epochs on
     # 2 cores (bench/RESULTS.md, bench_omp_wait). Passive waiting costs nothing when the core is free.
@@ -29,7 +36,7 @@ def init_ray() -> None:
            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     # address="local": a new instance, even where a `ray start` cluster runs on this machine (plain ray.init()
     # would join that one); RAY_ADDRESS=auto joins it
-    ray.init(address="local", log_to_driver=True, dashboard_port=port, runtime_env={"env_vars": env})
+    ray.init(address="local", dashboard_port=port, runtime_env={"env_vars": env}, **quiet)
 
 
 def _free_port() -> int:

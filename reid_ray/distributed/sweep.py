@@ -24,9 +24,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from reid_ray import Diverged, ReidRayError, tracking
+from reid_ray import Diverged, ReidRayError, console, tracking
 from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, apply_overrides, flatten
+from reid_ray.console import SweepProgress
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits
 from reid_ray.distributed.resources import ACTOR_GPU, ResourcePlan, cpus_per_gpu, plan_resources
@@ -77,15 +78,17 @@ def check_sweep(base: TrainConfig, space: SearchSpace | None, domains) -> None:
                 raise ReidRayError(f"search space {space.path}: {name} = {value} would fail a trial: {e}") from None
 
 
-def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str) -> None:
+def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str,
+              system_tags: dict | None = None) -> None:
     """One Tune trial: the base config + this trial's sample (layer 8), trained under Ray Train."""
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(copy.deepcopy(base), dict(sample))
     # a deterministic name and run key: a trial restarted by `--resume` finds its checkpoints and MLflow run
     cfg.name = f"{sweep_name}-{trial_id}"
     try:
-        run_training(cfg, callbacks=[TuneReportCallback()], plan=plan, run_key=cfg.name,
-                     tags={"mlflow.parentRunId": parent_run_id, "sweep": sweep_name, "trial_id": trial_id})
+        run_training(cfg, callbacks=[TuneReportCallback()], plan=plan, run_key=cfg.name, show_progress=False,
+                     tags={**(system_tags or {}), "mlflow.parentRunId": parent_run_id, "sweep": sweep_name,
+                           "trial_id": trial_id})
     except ReidRayError as e:  # Diverged too: the trial ends with its reason (a target mAP of 0), the sweep goes on
         status = "diverged" if isinstance(e, Diverged) else f"error: {e}"
         tune.report({METRIC: 0.0, "epoch": cfg.epochs, "trial_id": trial_id, "trial_status": status})
@@ -125,14 +128,16 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
                   "sweep.search_space": sweep.space_path, **flatten(base)}
         sweep.parent_run_id = tracking.start_run(
             uri, experiment, f"sweep-{sweep.name}", params,
-            {"method": base.method, "source_to_target": f"{base.source}->{base.target}", "sweep": sweep.name,
+            {**tracking.system_tags(), "method": base.method, "source_to_target": f"{base.source}->{base.target}",
+             "sweep": sweep.name,
              "sweep_parent": "true"}, dataclasses.asdict(base))
         tracking.log_text(uri, sweep.parent_run_id, sweep.space_text, "search_space.yaml")
     sweep.direct_transfer = pretraining_metrics(base.init[0]) if base.init else {}
     sweep.save(folder)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, plan=plan, sweep_name=sweep.name, parent_run_id=sweep.parent_run_id),
+        tune.with_parameters(run_trial, base=base, plan=plan, sweep_name=sweep.name, parent_run_id=sweep.parent_run_id,
+                             system_tags=tracking.system_tags()),
         tune.PlacementGroupFactory(plan.trial))
     print(f"sweep {sweep.name}: {sweep.num_samples} trials, {plan.concurrent} at a time, "
           f"{base.workers} workers each ({plan.worker}), actor {plan.actor or 'none'}", flush=True)
@@ -140,8 +145,12 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=tune_domains(space), tune_config=_tune_config(sweep, base, plan),
-                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder.parent), verbose=1,
-                                                     callbacks=[CloseStoppedRuns(uri, experiment, base.epochs)]))
+                           # Tune's own tables only with --verbose: SweepProgress is the display
+                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder.parent),
+                                                     verbose=1 if console.verbose() else 0,
+                                                     callbacks=[CloseStoppedRuns(uri, experiment, base.epochs),
+                                                                SweepProgress(sweep.name, sweep.num_samples,
+                                                                              base.epochs)]))
     status = "FAILED"
     try:
         grid = tuner.fit()

@@ -145,6 +145,8 @@ def _train(config: dict) -> None:
         run_id = tracking.with_retries(tracking.open_run, ml["uri"], ml["experiment"], ml["run_key"], cfg.name,
                                        flatten(cfg), ml["tags"], config["cfg"])
         run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], Path(config["run_dir"]))
+        if not tracking.with_retries(tracking.has_datasets, ml["uri"], run_id):  # a restarted run logged them
+            run.log_datasets(tracking.dataset_records(domains))
     try:
         _epochs(method, cfg, ectx, start, best, last_target, run, Path(config["run_dir"]), upload,
                 state.get("report") if state else None)
@@ -190,6 +192,8 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
         try:
             checkpoint = None
             report = {**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target}
+            if run and run.pending:  # the driver's display warns once (this worker's console is Ray's log file)
+                report["mlflow_buffered"] = len(run.pending)
             if rank == 0:
                 improved = metrics.get("target_mAP", -1) > best["target_mAP"]
                 if improved:
@@ -212,8 +216,7 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
     if run:
         if curves:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tracking.cmc_plot(curves, run_dir / "cmc.png")
-            run.log_artifact(run_dir / "cmc.png")
+            run.log_figure(tracking.cmc_plot(curves, run_dir / "cmc.png"), "cmc.png")
         if (run_dir / "best.pt").exists():
             run.log_artifact(run_dir / "best.pt", "checkpoints")
 
