@@ -79,6 +79,7 @@ class TrainConfig:
     checkpoint_upload: str = "auto"    # sync | async (Ray Train uploads while the next epoch runs) | auto:
                                        # async on GPUs, sync on CPU
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
+    log_model: bool = True             # the best network as an MLflow model at the end (reid_ray.export's embedder)
     max_nonfinite_steps: int = 10      # NaN/inf losses in a row (each step skipped) before the run stops "diverged"
     output: str = "outputs"
     resume: str = ""

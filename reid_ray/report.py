@@ -65,8 +65,60 @@ def markdown_table(rows: list[TrialRow], params: list[str], run_ids: bool = Fals
     return "\n".join(lines) + "\n"
 
 
-def finalize_sweep(out: SweepOutcome) -> SweepOutcome:
-    """Best config YAML, summary Markdown and the parent run's summary (trial runs are their rank 0's)."""
+def parallel_coordinates(rows: list[TrialRow], params: list[str], space=None):
+    """Optuna's parallel-coordinates plot of the trials' parameters against their target mAP (a matplotlib
+    figure), or None with fewer than two scored trials. The trials go into an in-memory Optuna study with the
+    search space's distributions (log scale for a loguniform one)."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+    scored = [r for r in rows if not math.isnan(r.target_mAP) and all(p in r.config for p in params)]
+    if len(scored) < 2 or not params:
+        return None
+
+    def distribution(name: str):
+        spec = space.params.get(name) if space is not None else None
+        values = [r.config[name] for r in scored]
+        if spec is not None and spec.distribution == "choice":
+            return CategoricalDistribution(spec.values)
+        if spec is None and not all(isinstance(v, (int, float)) for v in values):
+            return CategoricalDistribution(sorted({str(v) for v in values}))
+        low, high = min(values), max(values)
+        if spec is not None:  # the space's range (the axes a person expects), widened to any value outside it
+            low, high = min(low, spec.low), max(high, spec.high)
+        if spec is not None and spec.distribution == "int" or all(isinstance(v, int) for v in values):
+            return IntDistribution(int(low), max(int(high), int(low) + 1))
+        return FloatDistribution(float(low), max(float(high), float(low) * (1 + 1e-9) + 1e-12),
+                                 log=spec is not None and spec.distribution == "loguniform")
+
+    dists = {p: distribution(p) for p in params}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        study = optuna.create_study(direction="maximize", study_name="sweep")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for r in scored:
+        values = {p: (str(r.config[p]) if isinstance(dists[p], CategoricalDistribution)
+                      and str(r.config[p]) in dists[p].choices else r.config[p]) for p in params}
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=r.target_mAP))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = plot_parallel_coordinate(study, target_name="target mAP")
+    fig = ax.figure
+    fig.set_size_inches(max(6.0, 1.6 * (len(params) + 1)), 4.0)
+    fig.tight_layout()
+    return fig
+
+
+def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
+    """Best config YAML, summary Markdown, the parallel-coordinates plot and the parent run's summary (trial
+    runs are their rank 0's)."""
     from reid_ray import tracking
 
     sweep, base, folder, uri = out.sweep, out.sweep.base, out.folder, out.uri
@@ -97,6 +149,15 @@ def finalize_sweep(out: SweepOutcome) -> SweepOutcome:
     if dt:
         tracking.log_metrics(uri, sweep.parent_run_id, {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
                              step=0)
+    fig = parallel_coordinates(rows, params, space)
+    if fig is not None:
+        import matplotlib.pyplot as plt
+
+        with atomic_path(folder / "parallel_coordinates.png") as tmp:
+            fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tracking.log_figure(uri, sweep.parent_run_id, fig, "parallel_coordinates.png")
+        text.append("\n![parameters against target mAP](parallel_coordinates.png)\n")
     write_text_atomic(folder / "summary.md", "\n".join(text))
     tracking.log_artifact(uri, sweep.parent_run_id, folder / "summary.md")
     out.rows, out.params, out.best = rows, params, best

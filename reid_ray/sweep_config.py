@@ -33,6 +33,7 @@ class Sweep:
     reduction_factor: float = 2.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (decided once Ray runs)
     max_concurrent: int | None = None
+    optuna_storage: str | None = None  # an Optuna storage URL (sqlite:///optuna.db): the study, for optuna-dashboard
     parent_run_id: str = ""            # the sweep's MLflow parent run (the sweep driver writes it)
     direct_transfer: dict = field(default_factory=dict)  # the source model's metrics
     resumed: bool = False

@@ -164,6 +164,43 @@ def log_datasets(uri: str, run_id: str, records: list[dict]) -> None:
     _client(uri).log_inputs(run_id, datasets=inputs)
 
 
+def log_model(uri: str, run_id: str, checkpoint: str, metrics: dict, step: int, name: str = "embedder") -> str:
+    """The checkpoint's retrieval network (reid_ray.export: backbone + BNNeck feature, L2-normalised) as an
+    MLflow 3 logged model of the run: torch.export'ed (`pt2`: loads without reid-ray's code, any batch size),
+    with an input example and signature, and the checkpoint's metrics linked to it (`best_*`, at `step`).
+    Returns the model's id; `mlflow.pytorch.load_model(f"models:/{id}")` loads it."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.models import infer_signature
+
+    from reid_ray.export import load_embedder
+
+    emb = load_embedder(checkpoint)
+    example = torch.rand(2, 3, *emb.size)  # two images: torch.export keeps the batch dynamic
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), emb.module(example).numpy())
+    client = _client(uri)
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       params={"network": emb.network, "method": emb.method,
+                                               "arch": emb.cfg.model.arch, "checkpoint_sha256": emb.digest})
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # where log_model writes the model's files (this process is rank 0's alone)
+    try:
+        mlflow.pytorch.log_model(emb.module, name=name, model_id=model.model_id, signature=signature,
+                                 input_example=example.numpy(), serialization_format="pt2",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"best_{k}", float(v), ts, step, model_id=model.model_id)
+                                      for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("epoch")])
+    return model.model_id
+
+
 def has_datasets(uri: str, run_id: str) -> bool:
     return bool(_client(uri).get_run(run_id).inputs.dataset_inputs)
 
@@ -240,7 +277,8 @@ class RunWriter:
            "artifact": lambda uri, run_id, path, artifact_path: log_artifact(uri, run_id, path, artifact_path),
            "status": lambda uri, run_id, status, note: set_status(uri, run_id, status, note),
            "datasets": lambda uri, run_id, records: log_datasets(uri, run_id, records),
-           "figure": lambda uri, run_id, figure, artifact_file: log_figure(uri, run_id, figure, artifact_file)}
+           "figure": lambda uri, run_id, figure, artifact_file: log_figure(uri, run_id, figure, artifact_file),
+           "model": lambda uri, run_id, checkpoint, metrics, step: log_model(uri, run_id, checkpoint, metrics, step)}
 
     def _flush(self, force: bool = False) -> bool:
         """Write the buffer in order; False (and the rest kept) at the first write that fails."""
@@ -277,6 +315,9 @@ class RunWriter:
 
     def log_datasets(self, records: list[dict]) -> None:
         self._write("datasets", records)
+
+    def log_model(self, checkpoint, metrics: dict, step: int) -> None:
+        self._write("model", str(checkpoint), metrics, step)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self._write("figure", figure, artifact_file)

@@ -63,7 +63,21 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
     return Sweep(name=name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}", method=args.method, base=cfg,
                  space_path=str(space_path), space_text=space.text, num_samples=num_samples, seed=args.seed,
                  scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                 gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent)
+                 gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent,
+                 optuna_storage=optuna_storage(args.optuna_storage))
+
+
+def optuna_storage(url: str | None) -> str | None:
+    """An Optuna RDB storage URL, checked (and a relative sqlite path pinned) before Ray starts."""
+    if not url:
+        return None
+    if "://" not in url:
+        raise ReidRayError(f"--optuna-storage {url}: not a storage URL; pass e.g. sqlite:///optuna.db")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = "sqlite:///" + str(Path(url[len("sqlite:///"):]).resolve())
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).parent.is_dir():
+        raise ReidRayError(f"--optuna-storage {url}: folder {Path(url[len('sqlite:///'):]).parent} does not exist")
+    return url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also print Ray's and Tune's own console output")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config field shared by every trial, e.g. --set model.arch=resnet50")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="keep the Optuna study in this storage (e.g. sqlite:///optuna.db), under the sweep's name, "
+                        "for optuna-dashboard URL")
     return p
 
 

@@ -132,7 +132,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
 # --------------------------------------------------------------------------- source models
 
 PRETRAIN_IGNORED = ("method", "name", "experiment", "output", "resume", "mlflow_uri", "workers", "init",
-                    "clustering", "params", "max_failures", "eval_every", "eval_source", "gpu_wait_s")
+                    "clustering", "params", "max_failures", "eval_every", "eval_source", "gpu_wait_s", "log_model")
 
 
 def source_inits(cfg: TrainConfig) -> list[str]:

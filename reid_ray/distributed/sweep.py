@@ -156,7 +156,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
         grid = tuner.fit()
         rows = [_row(res, base.epochs, uri, experiment) for res in grid]
         out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri,
-                                          errors=grid.num_errors, trials=len(grid)))
+                                          errors=grid.num_errors, trials=len(grid)), space)
         status = "FINISHED"
     finally:
         tracking.end_run(uri, sweep.parent_run_id, status)
@@ -176,7 +176,9 @@ def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
 
 
 def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan) -> tune.TuneConfig:
-    search = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    storage = optuna.storages.RDBStorage(sweep.optuna_storage) if sweep.optuna_storage else None
+    search = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed),
+                          storage=storage, study_name=sweep.name if storage else None)
     if sweep.scheduler == "asha":
         # rungs must fall on evaluated epochs: the grace period is a multiple of eval_every. A trial Tune
         # stops is killed (at any rung, max_t's included), and its Ray Train worker group is freed only later

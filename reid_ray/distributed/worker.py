@@ -219,6 +219,8 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
             run.log_figure(tracking.cmc_plot(curves, run_dir / "cmc.png"), "cmc.png")
         if (run_dir / "best.pt").exists():
             run.log_artifact(run_dir / "best.pt", "checkpoints")
+            if cfg.log_model:  # the best network as an MLflow model, its metrics linked to it
+                run.log_model(run_dir / "best.pt", best, int(best.get("epoch", cfg.epochs)))
 
 
 def _say(line: str) -> None:
