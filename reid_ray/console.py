@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue as _queue
 import threading
 
@@ -38,6 +39,12 @@ def set_verbose(on: bool) -> None:
     """Quiet (the default): our display only. Verbose: Ray's, Tune's and the workers' own output too."""
     _state["verbose"] = bool(on)
     level = logging.INFO if on else logging.WARNING
+    if not on:
+        # MLflow sets its own logger's level when it is imported (here, or in a Ray worker: both read this)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # Tune's newer console output prints its header and a TensorBoard hint even at verbose=0; its
+        # classic reporter prints nothing there
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in CHATTY:
         logging.getLogger(name).setLevel(level)
     # Ray's note at every local start that token authentication is on (its default, which we keep)

@@ -161,7 +161,24 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     assert {r.data.tags["trial_id"] for r in children} and all("params.num_clusters" in r.data.params for r in children)
     assert not math.isnan(parent[0].data.metrics["best_target_mAP"])
     arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
-    assert {"best_config.yaml", "search_space.yaml", "summary.md"} <= arts
+    assert {"best_config.yaml", "search_space.yaml", "summary.md", "parallel_coordinates.png"} <= arts
+
+    # what the MLflow UI shows: the model-training view, system tags, datasets, the CMC figure, the best model
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    for r in [*parent, *children]:
+        assert r.data.tags.get("mlflow.user") and r.data.tags.get("mlflow.source.name"), r.data.tags
+    for r in children:
+        inputs = {(d.dataset.name, d.tags[0].value) for d in r.inputs.dataset_inputs}
+        assert inputs == {("synth-a", "source"), ("synth-b", "target")}, inputs
+    completed = [r for r in children if r.data.tags["status"] == "completed"]  # an ASHA-stopped one is killed early
+    assert "cmc.png" in {a.path for a in client.list_artifacts(completed[0].info.run_id)}
+    models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{completed[0].info.run_id}'")
+    assert len(models) == 1 and {m.key for m in models[0].metrics} >= {"best_target_mAP"}
+    import mlflow.pytorch
+    import torch
+
+    embedder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert embedder(torch.rand(3, 3, 64, 32)).shape[0] == 3  # any batch size
 
     # the sweep's best config trains as is, and the report reads the same store
     method, source, target, overrides = load_config_file(str(folder / "best_config.yaml"))
