@@ -92,7 +92,17 @@ def _experiment_id(client, experiment: str, create: bool = True) -> str | None:
         if create and exp.tags.get("mlflow.experimentKind") is None:  # one an older reid-ray created
             client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
-    return client.create_experiment(experiment, tags=EXPERIMENT_KIND) if create else None
+    return client.create_experiment(experiment, artifact_location=artifact_root(client.tracking_uri),
+                                    tags=EXPERIMENT_KIND) if create else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: for a local sqlite store, `mlruns/` beside the database
+    file (MLflow's default, `./mlruns`, is relative to whichever process creates the experiment: a Ray worker's
+    or a Tune trial's temporary working folder); a tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None
 
 
 def system_tags() -> dict[str, str]:
