@@ -177,7 +177,11 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     import mlflow.pytorch
     import torch
 
-    embedder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    mlflow.set_tracking_uri(uri)  # where models:/ resolves
+    try:
+        embedder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert embedder(torch.rand(3, 3, 64, 32)).shape[0] == 3  # any batch size
 
     # the sweep's best config trains as is, and the report reads the same store
