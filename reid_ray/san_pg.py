@@ -87,7 +87,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from reid_ray.progress import bar
 
     folder = Path(args.pairs).expanduser().resolve()
     images, textures = read_pairs(folder)
@@ -106,14 +106,15 @@ def train(args: argparse.Namespace) -> int:
     model.train()
     for epoch in range(args.epochs):
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"san-pg epoch {epoch + 1}/{args.epochs}", unit="batch", file=sys.stdout)
-        for batch in bar:
-            loss = reconstruction_loss(model(batch["img"].to(device))["texture"], batch["texture"].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item(), n + 1
-            bar.set_postfix(rec=f"{total / n:.4f}")
+        with bar(len(loader), f"san-pg epoch {epoch + 1}/{args.epochs}", "batches") as progress:
+            for batch in loader:
+                loss = reconstruction_loss(model(batch["img"].to(device))["texture"], batch["texture"].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, n = total + loss.item(), n + 1
+                progress.update()
+                progress.info(f"rec {total / n:.4f}")
     out = Path(args.out).expanduser().resolve() if args.out else folder / "san_pg.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {"san_pg": 1, "models": {"net": model.net.state_dict(), "decoder": model.decoder.state_dict()},
@@ -145,7 +146,8 @@ def load_generator(path: str, device: torch.device) -> tuple[SANModel, dict]:
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> int:
     from PIL import Image
-    from tqdm import tqdm
+
+    from reid_ray.progress import bar
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_generator(args.checkpoint, device)
@@ -162,16 +164,18 @@ def predict(args: argparse.Namespace) -> int:
         table = ds.split(split)
         paths = table["path"].to_pylist()
         loader = DataLoader(ImageDataset(table, tf), batch_size=args.batch_size)
-        for batch in tqdm(loader, desc=f"san-pg predict {ds.name}/{split}", unit="batch", file=sys.stdout):
-            tex = model(batch["img"].to(device))["texture"].float() * std + mean
-            pixels = (tex.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
-            for i, px in zip(batch["index"].tolist(), pixels):
-                stem = Path(paths[i]).stem
-                clashes += stem in written
-                written.add(stem)
-                tmp = out / f".{stem}.png.tmp"
-                Image.fromarray(px).save(tmp, format="PNG")
-                os.replace(tmp, out / f"{stem}.png")
+        with bar(len(loader), f"san-pg predict {ds.name}/{split}", "batches") as progress:
+            for batch in loader:
+                tex = model(batch["img"].to(device))["texture"].float() * std + mean
+                pixels = (tex.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
+                for i, px in zip(batch["index"].tolist(), pixels):
+                    stem = Path(paths[i]).stem
+                    clashes += stem in written
+                    written.add(stem)
+                    tmp = out / f".{stem}.png.tmp"
+                    Image.fromarray(px).save(tmp, format="PNG")
+                    os.replace(tmp, out / f"{stem}.png")
+                progress.update()
     print(f"wrote {len(written)} textures to {out}"
           + (f" ({clashes} image names occur in two splits: the train image's texture was kept)" if clashes else ""))
     return 0

@@ -24,6 +24,7 @@ that no fixed texture fingerprints a camera.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -158,21 +159,19 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SynthConfig = SynthCo
                 raise ReidRayError(f"{top} exists but was generated with another config or version; "
                                    f"delete it, pass --overwrite, or choose another folder")
         todo.append(domain)
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo) * (config.train_ids + config.test_ids), desc="synthesising", unit="id")
-    for domain in todo:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{domain}.", dir=out))
-        try:
-            _write_domain(tmp / domain, domain, config, bar.update if bar is not None else None)
-            if (out / domain).exists():
-                shutil.rmtree(out / domain)
-            os.replace(tmp / domain, out / domain)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if bar is not None:
-        bar.close()
+    from reid_ray.progress import bar
+
+    total = len(todo) * (config.train_ids + config.test_ids)
+    with bar(total, "synthesising", "ids") if progress and todo else contextlib.nullcontext() as shown:
+        for domain in todo:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{domain}.", dir=out))
+            try:
+                _write_domain(tmp / domain, domain, config, shown.update if shown is not None else None)
+                if (out / domain).exists():
+                    shutil.rmtree(out / domain)
+                os.replace(tmp / domain, out / domain)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return [out / d for d in config.domains]
 
 
@@ -254,16 +253,14 @@ def generate_market_shaped(out_dir: str | os.PathLike, seed: int = 0, *, quality
             (top / folder).mkdir(parents=True)
         workers = workers or os.cpu_count() or 1
         parts = [(str(top), seed, quality, plan[i::workers * 8]) for i in range(workers * 8)]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=sum(len(c) for _, _, c in plan), desc="synthesising (Market-shaped)", unit="img")
-        with ProcessPoolExecutor(workers) as pool:
+        from reid_ray.progress import bar
+
+        total = sum(len(c) for _, _, c in plan)
+        with (bar(total, "synthesising (Market-shaped)", "images") if progress else contextlib.nullcontext()) as shown, \
+                ProcessPoolExecutor(workers) as pool:
             for n in pool.map(_render_market_part, parts):
-                if bar is not None:
-                    bar.update(n)
-        if bar is not None:
-            bar.close()
+                if shown is not None:
+                    shown.update(n)
         (top / "synth_meta.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, "preset": "market",
                                                          "seed": seed, "shape": MARKET_SHAPE}, indent=2))
         if final.exists():
