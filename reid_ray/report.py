@@ -119,9 +119,12 @@ def parallel_coordinates(rows: list[TrialRow], params: list[str], space=None):
 def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
     """Best config YAML, summary Markdown, the parallel-coordinates plot and the parent run's summary (trial
     runs are their rank 0's)."""
-    from reid_ray import tracking
+    import shutil
+
+    from reid_ray import storage, tracking
 
     sweep, base, folder, uri = out.sweep, out.sweep.base, out.folder, out.uri
+    local = storage.stage(folder)  # the sweep's folder, or under a URI --output a local one uploaded at the end
     rows = sorted(out.rows, key=lambda r: -r.target_mAP if not math.isnan(r.target_mAP) else math.inf)
     params = sorted({k for r in rows for k in r.config})
     best = next((r for r in rows if not math.isnan(r.target_mAP)), None)
@@ -135,12 +138,12 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
     if best is not None:
         cfg = apply_overrides(copy.deepcopy(base), dict(best.config))
         cfg.name, cfg.resume = "", ""
-        best_yaml = folder / "best_config.yaml"
+        best_yaml, where = local / "best_config.yaml", folder / "best_config.yaml"
         write_text_atomic(best_yaml, f"# best trial {best.trial} of sweep {sweep.name}: target mAP "
-                                     f"{best.target_mAP:.1f}\n# python -m reid_ray.train --config {best_yaml}\n"
+                                     f"{best.target_mAP:.1f}\n# python -m reid_ray.train --config {where}\n"
                                      + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        out.best_config = str(best_yaml)
-        text.append(f"\nBest: trial {best.trial}, target mAP {best.target_mAP:.1f}; config: `{best_yaml}`\n")
+        out.best_config = str(where)
+        text.append(f"\nBest: trial {best.trial}, target mAP {best.target_mAP:.1f}; config: `{where}`\n")
         tracking.log_artifact(uri, sweep.parent_run_id, best_yaml)
         tracking.log_metrics(uri, sweep.parent_run_id, {"best_target_mAP": best.target_mAP,
                                                          "best_target_R1": best.target_R1}, step=0)
@@ -153,13 +156,16 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
     if fig is not None:
         import matplotlib.pyplot as plt
 
-        with atomic_path(folder / "parallel_coordinates.png") as tmp:
+        with atomic_path(local / "parallel_coordinates.png") as tmp:
             fig.savefig(tmp, dpi=100)
         plt.close(fig)
         tracking.log_figure(uri, sweep.parent_run_id, fig, "parallel_coordinates.png")
         text.append("\n![parameters against target mAP](parallel_coordinates.png)\n")
-    write_text_atomic(folder / "summary.md", "\n".join(text))
-    tracking.log_artifact(uri, sweep.parent_run_id, folder / "summary.md")
+    write_text_atomic(local / "summary.md", "\n".join(text))
+    tracking.log_artifact(uri, sweep.parent_run_id, local / "summary.md")
+    if storage.is_uri(folder):
+        storage.upload(local, folder)
+        shutil.rmtree(local, ignore_errors=True)
     out.rows, out.params, out.best = rows, params, best
     return out
 
@@ -217,7 +223,11 @@ def print_results(out: SweepOutcome) -> None:
     if out.best_config:
         console.print(f"best config: {out.best_config}\n  python -m reid_ray.train --config {out.best_config}",
                       soft_wrap=True)
-    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}\n  mlflow ui --backend-store-uri {out.uri}\n"
+    from reid_ray.tracking import ui_link
+
+    ui = "" if out.uri.startswith(("http://", "https://")) else f"  mlflow ui --backend-store-uri {out.uri}\n"
+    link = ui_link(out.uri, base.experiment or f"{base.source}->{base.target}")
+    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}\n{ui}  {link}\n"
                   f"summary: {out.folder / 'summary.md'}", soft_wrap=True)
 
 

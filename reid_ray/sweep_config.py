@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reid_ray import ReidRayError, write_text_atomic
+from reid_ray import ReidRayError, storage, write_text_atomic
 from reid_ray.config import TrainConfig, from_dict, to_dict
 
 METRIC = "target_mAP_last"   # what Tune ranks trials on: the latest target mAP, reported every epoch
@@ -38,22 +38,34 @@ class Sweep:
     direct_transfer: dict = field(default_factory=dict)  # the source model's metrics
     resumed: bool = False
 
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def save(self, folder: Path | str) -> None:
         d = {**dataclasses.asdict(self), "base": to_dict(self.base)}
+        if storage.is_uri(folder):  # a URI --output
+            storage.write_text(storage.join(folder, SWEEP_FILE), json.dumps(d, indent=1, default=str))
+            return
+        folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / SWEEP_FILE, json.dumps(d, indent=1, default=str))
 
     @classmethod
-    def load(cls, folder: Path) -> Sweep:
-        d = json.loads((folder / SWEEP_FILE).read_text())
+    def load(cls, folder: Path | str) -> Sweep:
+        d = json.loads(storage.read_text(storage.join(folder, SWEEP_FILE)))
         return cls(**{**d, "base": from_dict(d["base"])})
 
 
-def sweep_dir(output: str, name: str) -> Path:
-    return Path(output).expanduser().resolve() / "tune" / name
+def sweep_dir(output: str, name: str) -> Path | storage.Uri:
+    """`<output>/tune/<name>`: an absolute Path, or a `storage.Uri` (which joins with `/` too) under a URI."""
+    return storage.absolute(output) / "tune" / name
 
 
 def latest_sweep(output: str, method: str) -> str:
+    if storage.is_uri(output):  # the sweep whose reid_ray_sweep.json was written last
+        root = storage.join(output, "tune")
+        names = [name for name, is_file, _ in storage.listing(root) if not is_file and name.startswith(f"{method}-")]
+        found = sorted((mtime, name) for name in names
+                       for rel, is_file, mtime in storage.listing(storage.join(root, name)) if is_file and rel == SWEEP_FILE)
+        if not found:
+            raise ReidRayError(f"--resume: no earlier {method} sweep under {root}; pass --name of the sweep to resume")
+        return found[-1][1]
     root = Path(output).expanduser().resolve() / "tune"
     found = sorted((p for p in root.glob(f"{method}-*") if (p / SWEEP_FILE).is_file()), key=os.path.getmtime)
     if not found:

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reid_ray import ReidRayError
+from reid_ray import ReidRayError, storage
 from reid_ray.checks import check_ranges
 from reid_ray.config import TrainConfig, load_config_file, resolve_config
 from reid_ray.methods import METHODS, method_class
@@ -45,6 +45,8 @@ def resolve_resume(value: str | None, output: str, method: str) -> str | None:
     under --output (its newest checkpoint), or no value: the newest run of --method under --output."""
     if value is None or value == "":
         return value
+    if storage.is_uri(value) or storage.is_uri(output) and (value is True or "/" not in value and not Path(value).exists()):
+        return _resolve_remote(value, output, method)
     root = Path(output).expanduser()
     if value is True:  # bare --resume
         runs = sorted((p for p in root.glob(f"{method}-*") if _checkpoints(p)), key=lambda p: _checkpoints(p)[-1].stat().st_mtime)
@@ -69,13 +71,46 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
 
 
+def _resolve_remote(value: str | bool, output: str, method: str) -> str:
+    """`resolve_resume` for a URI --output or a checkpoint URI (s3://bucket/runs/<run>/checkpoint_...): the
+    same choices, found by listing the store."""
+    if value is True:  # the newest run of `method`: the one whose newest checkpoint was written last
+        newest: dict[str, tuple[str, float]] = {}
+        for rel, is_file, mtime in storage.listing(output, recursive=True):
+            parts = rel.split("/")
+            if (is_file and len(parts) == 3 and parts[0].startswith(f"{method}-") and parts[1].startswith("checkpoint_")
+                    and parts[2] == CHECKPOINT_FILE and parts[1] > newest.get(parts[0], ("", 0.0))[0]):
+                newest[parts[0]] = (parts[1], mtime)
+        if not newest:
+            raise ReidRayError(f"--resume: no earlier {method} run with a checkpoint under {output}; pass its run name "
+                               "or a checkpoint URI")
+        run, (ckpt, _) = max(newest.items(), key=lambda kv: (kv[1][1], kv[1][0]))
+        return str(storage.join(output, run, ckpt))
+    path = value if storage.is_uri(value) else storage.join(output, value)  # a checkpoint or run URI, or a run name
+    if storage.is_file(path) or storage.is_file(storage.join(path, CHECKPOINT_FILE)):
+        return str(path)
+    if not storage.is_dir(path):
+        return value  # check_config names it
+    found = sorted(rel.split("/")[0] for rel, is_file, _ in storage.listing(path, recursive=True)
+                   if is_file and rel.startswith("checkpoint_") and rel.count("/") == 1 and rel.endswith("/" + CHECKPOINT_FILE))
+    if not found:
+        raise ReidRayError(f"--resume {value}: no checkpoint in {path} (a run folder holds checkpoint_*/"
+                           f"{CHECKPOINT_FILE}); pass a checkpoint URI")
+    return str(storage.join(path, found[-1]))
+
+
 def check_config(cfg: TrainConfig) -> None:
     """What can be checked before Ray starts (the data's part: checks.check_run, in the driver)."""
     check_ranges(cfg)
     check_source_models(cfg)
     if cfg.resume:
         path = Path(cfg.resume)
-        if not path.exists():
+        if storage.is_uri(cfg.resume):  # read from this node's copy (cached: a worker here reuses it)
+            path = storage.join(cfg.resume, CHECKPOINT_FILE) if storage.is_dir(cfg.resume) else cfg.resume
+            if not storage.is_file(path):
+                raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
+            path = storage.fetch(path)
+        elif not path.exists():
             raise ReidRayError(f"--resume {cfg.resume}: no such checkpoint directory or file")
         state = load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path, mmap=True)
         if state.get("config", {}).get("method") not in (None, cfg.method):
@@ -83,8 +118,8 @@ def check_config(cfg: TrainConfig) -> None:
                                f"not {cfg.method!r}; pass --method {state['config']['method']}")
         _same_network(state, cfg, f"--resume {cfg.resume}")
     for init in cfg.init:
-        if Path(init).is_file():  # a missing one is named by the driver (driver.source_inits)
-            _same_network(load_checkpoint(init, "--init", mmap=True), cfg, f"--init {init}")
+        if storage.is_file(init):  # a missing one is named by the driver (driver.source_inits); a URI: fetched
+            _same_network(load_checkpoint(storage.fetch(init), "--init", mmap=True), cfg, f"--init {init}")
 
 
 def _same_network(state: dict, cfg: TrainConfig, what: str) -> None:
@@ -109,12 +144,19 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
     console = Console(highlight=False)
     console.print(table)
-    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {out['mlflow_uri']}\n"
-                  f"  mlflow ui --backend-store-uri {out['mlflow_uri']}\ncheckpoint {out['checkpoint']}\n"
+    from reid_ray.tracking import ui_link
+
+    uri = out["mlflow_uri"]
+    ui = "" if uri.startswith(("http://", "https://")) else f"  mlflow ui --backend-store-uri {uri}\n"
+    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {uri}\n{ui}"
+                  f"  {ui_link(uri, cfg.experiment or f'{cfg.source}->{cfg.target}')}\ncheckpoint {out['checkpoint']}\n"
                   f"best checkpoint and CMC plot in {out['run_dir']}", soft_wrap=True)
     if out.get("mlflow_fallback"):
+        where = out["mlflow_fallback"]
+        if storage.is_uri(where):
+            where += " (an SQLite store: download it, then mlflow ui --backend-store-uri sqlite:///<the copy>)"
         console.print(f"[yellow]the tracking server was unreachable at the end: the rest of the run's metrics are in "
-                      f"{out['mlflow_fallback']}[/yellow]")
+                      f"{where}[/yellow]")
 
 
 def build_parser() -> argparse.ArgumentParser:

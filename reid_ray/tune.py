@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from reid_ray import ReidRayError
+from reid_ray import ReidRayError, storage
 from reid_ray.config import TrainConfig, is_synthetic, resolve_config
 from reid_ray.methods import METHODS, method_class
 from reid_ray.search_space import default_path, load_search_space
@@ -30,16 +30,22 @@ from reid_ray.sweep_config import SWEEP_FILE, Sweep, latest_sweep, sweep_dir
 def prepare_sweep(args: argparse.Namespace) -> Sweep:
     """The sweep's settings: new from the flags, or read back from an interrupted sweep's folder."""
     output = args.output or "outputs"
+    if "://" not in output:  # trials run in Tune's own working folders: a relative --output would land there
+        output = str(Path(output).expanduser().resolve())
     if isinstance(args.resume, str):  # --resume NAME or --resume outputs/tune/NAME: the sweep to continue
-        resumed = Path(args.resume).expanduser()
-        if (resumed / SWEEP_FILE).is_file():
-            output, args.name = str(resumed.parent.parent), resumed.name
+        resumed = args.resume if storage.is_uri(args.resume) else Path(args.resume).expanduser()  # or s3://.../tune/NAME
+        if storage.is_file(storage.join(resumed, SWEEP_FILE)):
+            parent, args.name = storage.split(resumed)
+            output = str(storage.split(parent)[0])
+        elif "/" in args.resume:
+            raise ReidRayError(f"--resume {args.resume}: no sweep in that folder (no {SWEEP_FILE}); pass a sweep's "
+                               f"name or its folder under {sweep_dir(output, '')}")
         elif args.name and args.name != args.resume:
             raise ReidRayError(f"--resume {args.resume} and --name {args.name} name two sweeps; pass one of them")
         else:
             args.name = args.resume
     name = args.name or (latest_sweep(output, args.method) if args.resume else None)
-    if name and (sweep_dir(output, name) / SWEEP_FILE).is_file():
+    if name and storage.is_file(sweep_dir(output, name) / SWEEP_FILE):
         sweep = Sweep.load(sweep_dir(output, name))
         print(f"resuming sweep {name} ({sweep.method}: {sweep.base.source} -> {sweep.base.target})")
         sweep.resumed = True

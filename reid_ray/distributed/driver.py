@@ -17,13 +17,13 @@ import os
 import shutil
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from reid_ray import ReidRayError, tracking, write_text_atomic
+from reid_ray import ReidRayError, storage, tracking, write_text_atomic
 from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.console import RunProgress
@@ -69,7 +69,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
                            "import; put it in a module and name it in REID_RAY_METHODS=package.module")
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, name=name, init=source_inits(cfg))
-    output = Path(cfg.output).expanduser().resolve()
+    output = storage.absolute(cfg.output)  # a local folder (made absolute) or a URI Ray Train's storage_path takes
     uri = tracking.resolve_uri(cfg.mlflow_uri)
     tracking.quick_http_failures()
     experiment = cfg.experiment or f"{cfg.source}->{cfg.target}"
@@ -119,13 +119,20 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
             if actor is not None:
                 ray.kill(actor)  # the actors die with their run
     fallback = output / name / "mlflow-fallback.db"  # rank 0's, where the tracking server stayed away (RunWriter)
+    if storage.is_uri(fallback):  # uploaded there by rank 0: a store to download, then open as sqlite:///<copy>
+        fallback_store = str(fallback) if storage.is_file(fallback) else None
+    else:
+        fallback_store = f"sqlite:///{fallback}" if fallback.is_file() else None
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint is not None and storage.is_uri(output):  # Ray's path has lost the URI's scheme
+        checkpoint = str(output / name / PurePosixPath(checkpoint).name)
     try:
         runs = tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key)
     except Exception:  # the server is still down: the run's metrics wait in rank 0's buffer or fallback store
         runs = []
-    return {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    return {"metrics": dict(result.metrics or {}), "checkpoint": checkpoint,
             "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": runs[0].info.run_id if runs else None,
-            "mlflow_fallback": f"sqlite:///{fallback}" if fallback.is_file() else None,
+            "mlflow_fallback": fallback_store,
             "wall_time": time.perf_counter() - t0, "domains": domains, "config": cfg}
 
 
@@ -151,9 +158,9 @@ def source_inits(cfg: TrainConfig) -> list[str]:
               flush=True)
     inits = [path or source_pretraining(dataclasses.replace(cfg, seed=cfg.seed + i)) for i, path in enumerate(given)]
     for path in inits:
-        if not Path(path).is_file():
+        if not storage.is_file(path):
             raise ReidRayError(f"--init {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
-    return [str(Path(path).expanduser().resolve()) for path in inits]
+    return [str(storage.absolute(path)) for path in inits]  # URIs as they are: each worker fetches its copy
 
 
 def source_pretraining(cfg: TrainConfig) -> str:
@@ -170,8 +177,8 @@ def source_pretraining(cfg: TrainConfig) -> str:
     for k in PRETRAIN_IGNORED:
         d.pop(k, None)
     key = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    cached = Path(cfg.output).expanduser().resolve() / "pretrain" / f"baseline-{key}.pt"
-    if cached.is_file():
+    cached = storage.absolute(cfg.output) / "pretrain" / f"baseline-{key}.pt"  # a URI under a URI --output
+    if storage.is_file(cached):
         print(f"source model: cached {cached}", flush=True)
         return str(cached)
     print(f"source model: training the baseline on {cfg.source} first (cached as {cached})", flush=True)
@@ -179,8 +186,12 @@ def source_pretraining(cfg: TrainConfig) -> str:
                      "optim": to_dict(base)["optim"], "epochs": d["epochs"], "eval_every": d["epochs"],
                      "resume": "", "init": []})
     out = run_training(pre)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))}
+    if storage.is_uri(cached):  # each object appears whole; the .pt last, as below
+        storage.write_text(storage.with_suffix(cached, ".json"), json.dumps(metrics, indent=1))
+        storage.copy(storage.join(out["checkpoint"], CHECKPOINT_FILE), cached)
+        return str(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached.with_suffix(".json"), json.dumps(metrics, indent=1))
     tmp = cached.with_suffix(".tmp")
     shutil.copyfile(Path(out["checkpoint"]) / CHECKPOINT_FILE, tmp)
@@ -190,5 +201,5 @@ def source_pretraining(cfg: TrainConfig) -> str:
 
 def pretraining_metrics(init: str) -> dict:
     """The last-epoch metrics of a cached source pretraining (source mAP, direct-transfer target mAP)."""
-    sidecar = Path(init).with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    sidecar = storage.with_suffix(init, ".json")
+    return json.loads(storage.read_text(sidecar)) if storage.is_file(sidecar) else {}

@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from reid_ray import Diverged, ReidRayError, console, tracking
+from reid_ray import Diverged, ReidRayError, console, storage, tracking
 from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, apply_overrides, flatten
 from reid_ray.console import SweepProgress
@@ -146,7 +146,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
     else:
         tuner = tune.Tuner(trainable, param_space=tune_domains(space), tune_config=_tune_config(sweep, base, plan),
                            # Tune's own tables only with --verbose: SweepProgress is the display
-                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder.parent),
+                           run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage.split(folder)[0]),
                                                      verbose=1 if console.verbose() else 0,
                                                      callbacks=[CloseStoppedRuns(uri, experiment, base.epochs),
                                                                 SweepProgress(sweep.name, sweep.num_samples,

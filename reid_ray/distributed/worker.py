@@ -30,7 +30,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from reid_ray import Diverged, ReidRayError, atomic_path, tracking
+from reid_ray import Diverged, ReidRayError, atomic_path, storage, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import verdict
@@ -76,6 +76,9 @@ def _load_state(cfg: TrainConfig) -> dict | None:
         with ckpt.as_directory() as d:
             return load_checkpoint(Path(d) / CHECKPOINT_FILE)
     if cfg.resume:  # checked by the driver before Ray started (train.check_config)
+        if storage.is_uri(cfg.resume):  # a copy on this node (the driver's node has it cached already)
+            path = storage.join(cfg.resume, CHECKPOINT_FILE) if storage.is_dir(cfg.resume) else cfg.resume
+            return load_checkpoint(storage.fetch(path))
         path = Path(cfg.resume)
         return load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
     return None
@@ -120,7 +123,7 @@ def _train(config: dict) -> None:
     domains = load_domains(cfg.source, cfg.target, cfg.data_root)
     method_cls = method_class(cfg.method)
     method = method_cls(cfg, domains, device, rank, world)
-    method.init_states = [method_cls.source_weights(p) for p in cfg.init]
+    method.init_states = [method_cls.source_weights(storage.fetch(p)) for p in cfg.init]  # a URI: fetched to this node
     if method.uses_clustering:
         method.clusterer = _clusterer(method, cfg, config["pseudo_labeler"])
     method.setup(wrap=ray.train.torch.prepare_model)  # [2]
@@ -139,31 +142,56 @@ def _train(config: dict) -> None:
         start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
         last_target = state.get("last_target", 0.0)
         set_rng_state(state["rng"])
+    # the run's own files (best.pt, cmc.png, eval artifacts, a fallback store): written in the run folder, or
+    # under a URI --output in a local folder on rank 0 and uploaded from there (storage.stage)
+    remote = config["run_dir"] if storage.is_uri(config["run_dir"]) else None
+    run_dir = storage.stage(remote) if remote and rank == 0 else Path(config["run_dir"])
     ml = config["mlflow"]
     run = None  # rank 0's MLflow run: its writes survive a tracking server that blinks (tracking.RunWriter)
     if rank == 0:
         run_id = tracking.with_retries(tracking.open_run, ml["uri"], ml["experiment"], ml["run_key"], cfg.name,
                                        flatten(cfg), ml["tags"], config["cfg"])
-        run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], Path(config["run_dir"]))
+        run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], run_dir)
         if not tracking.with_retries(tracking.has_datasets, ml["uri"], run_id):  # a restarted run logged them
             run.log_datasets(tracking.dataset_records(domains))
     try:
-        _epochs(method, cfg, ectx, start, best, last_target, run, Path(config["run_dir"]), upload,
-                state.get("report") if state else None)
+        _epochs(method, cfg, ectx, start, best, last_target, run, run_dir, upload,
+                state.get("report") if state else None, remote)
     except BaseException as e:
         if run:
             note = ("diverged" if isinstance(e, Diverged) else
                     f"error: {e}" if isinstance(e, ReidRayError) else "failed")
             run.set_status("FAILED", note)
             run.close()
+            _unstage(run_dir, remote)
         raise
     if run:
         run.set_status("FINISHED", "completed")
         run.close()
+        _unstage(run_dir, remote)
+
+
+def _publish(run_dir: Path, remote: str | None, name: str) -> None:
+    """A file or folder of the staged run folder uploaded to the run's URI (nothing for a local run)."""
+    if remote and (run_dir / name).exists():
+        storage.upload(run_dir / name, storage.join(remote, name))
+
+
+def _unstage(run_dir: Path, remote: str | None) -> None:
+    """The end of a URI run's staged folder: its fallback store (if MLflow stayed away) uploaded, then removed."""
+    if not remote:
+        return
+    try:
+        _publish(run_dir, remote, "mlflow-fallback.db")
+    except Exception as e:  # the run's outcome stands; its store stays here
+        _say(f"reid-ray: could not upload {run_dir / 'mlflow-fallback.db'} to {remote} ({type(e).__name__}: {e})")
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
-            run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync", last_report: dict | None = None) -> None:
+            run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync", last_report: dict | None = None,
+            remote: str | None = None) -> None:
     domains, rank, curves = method.domains, ectx.rank, {}
     if start >= cfg.epochs and last_report:
         # restarted after its last checkpoint (a sweep resumed after its driver was killed): the run is done,
@@ -182,6 +210,7 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
             last_target = float(metrics["target_mAP"])
             for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}") if run else ():
                 run.log_artifact(path, f"epoch{epoch + 1}")
+            _publish(run_dir, remote, f"epoch{epoch + 1}")
         if rank == 0:
             _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
@@ -206,6 +235,7 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                     run_dir.mkdir(parents=True, exist_ok=True)
                     with atomic_path(run_dir / "best.pt") as part:
                         torch.save(state, part)
+                    _publish(run_dir, remote, "best.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
             ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
@@ -217,6 +247,9 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
         if curves:
             run_dir.mkdir(parents=True, exist_ok=True)
             run.log_figure(tracking.cmc_plot(curves, run_dir / "cmc.png"), "cmc.png")
+            _publish(run_dir, remote, "cmc.png")
+        if remote and not (run_dir / "best.pt").exists() and storage.is_file(storage.join(remote, "best.pt")):
+            storage.download(storage.join(remote, "best.pt"), run_dir / "best.pt")  # staged by an earlier attempt
         if (run_dir / "best.pt").exists():
             run.log_artifact(run_dir / "best.pt", "checkpoints")
             if cfg.log_model:  # the best network as an MLflow model, its metrics linked to it

@@ -72,8 +72,10 @@ def check_source_models(cfg: TrainConfig) -> None:
         count = {0: "no source model", 1: "one source model", 2: "two source models"}.get(n, f"{n} source models")
         raise ReidRayError(f"--init: {cfg.method} starts from {count}, got {len(cfg.init)} checkpoints; "
                            f"pass {n or 'none'}")
+    from reid_ray import storage
+
     for path in cfg.init:
-        if path and not Path(path).expanduser().is_file():
+        if path and not storage.is_file(path):  # a local file or a URI (s3://...)
             raise ReidRayError(f"--init {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
 
 
@@ -227,7 +229,7 @@ def load_checkpoint(path: str | Path, flag: str = "--resume", mmap: bool = False
     except pickle.UnpicklingError as e:
         raise ReidRayError(f"{flag} {path}: refused by the safe checkpoint loader (it holds more than tensors and "
                            f"plain values: {str(e).splitlines()[0][:120]}); only checkpoints written by reid-ray load") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # KeyError: the unpickler, on some text files
         raise ReidRayError(f"{flag} {path}: not a checkpoint torch can read ({type(e).__name__})") from None
     if not isinstance(state, dict) or "method" not in state:
         raise ReidRayError(f"{flag} {path}: not a reid-ray checkpoint (expected a checkpoint.pt written by reid-ray train)")
