@@ -175,9 +175,11 @@ def load_config_file(path: str | Path) -> tuple[str | None, str | None, str | No
     (method, source, target, dotted overrides). Run-specific fields (name, resume) are dropped."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
+    from reid_ray import storage
+
+    if not storage.is_file(path):  # a local file, or one under a URI (a sweep's best_config.yaml on s3://)
         raise ReidRayError(f"--config {path}: no such file")
+    p = storage.fetch(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

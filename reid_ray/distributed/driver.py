@@ -26,8 +26,8 @@ from ray.train.torch import TorchTrainer
 from reid_ray import ReidRayError, storage, tracking, write_text_atomic
 from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
-from reid_ray.console import RunProgress
 from reid_ray.data.domains import ensure_data
+from reid_ray.distributed.progress import RunProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
 from reid_ray.distributed.runtime import gpus_requested, init_ray
 from reid_ray.distributed.verdict import create_verdict, raise_recorded

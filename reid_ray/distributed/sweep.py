@@ -27,9 +27,9 @@ from ray.tune.search.optuna import OptunaSearch
 from reid_ray import Diverged, ReidRayError, console, storage, tracking
 from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, apply_overrides, flatten
-from reid_ray.console import SweepProgress
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits
+from reid_ray.distributed.progress import SweepProgress
 from reid_ray.distributed.resources import ACTOR_GPU, ResourcePlan, cpus_per_gpu, plan_resources
 from reid_ray.distributed.runtime import gpus_requested, init_ray
 from reid_ray.methods import method_class
