@@ -230,7 +230,8 @@ def load_checkpoint(path: str | Path, flag: str = "--resume", mmap: bool = False
         raise ReidRayError(f"{flag} {path}: refused by the safe checkpoint loader (it holds more than tensors and "
                            f"plain values: {str(e).splitlines()[0][:120]}); only checkpoints written by reid-ray load") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # KeyError: the unpickler, on some text files
-        raise ReidRayError(f"{flag} {path}: not a checkpoint torch can read ({type(e).__name__})") from None
+        raise ReidRayError(f"{flag} {path}: not a checkpoint torch can read ({type(e).__name__}); pass a "
+                           "checkpoint.pt written by reid-ray train") from None
     if not isinstance(state, dict) or "method" not in state:
         raise ReidRayError(f"{flag} {path}: not a reid-ray checkpoint (expected a checkpoint.pt written by reid-ray train)")
     return state
