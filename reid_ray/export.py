@@ -124,7 +124,9 @@ def file_digest(path: Path) -> str:
 
 
 def _is_reid_net(state) -> bool:
-    return isinstance(state, dict) and "bnneck.weight" in state and "classifier.weight" in state
+    """A ReIDNet's weights: a BNNeck (and its classifier, except where the method drops it: SpCL classifies
+    against its memory)."""
+    return isinstance(state, dict) and "bnneck.weight" in state and "bnneck.running_mean" in state
 
 
 def network_states(method_state: dict) -> tuple[dict[str, dict], list[str]]:
@@ -179,6 +181,8 @@ def _checkpoint_config(path: Path, state: dict):
 
 def load_embedder(checkpoint: str | Path, net: str | None = None, device: str | torch.device = "cpu") -> Embedder:
     """The retrieval network of a reid-ray checkpoint (see the module's docstring for which), in eval mode."""
+    from torch import nn
+
     from reid_ray.methods.base import load_checkpoint
     from reid_ray.models.reid_net import ReIDNet
 
@@ -201,7 +205,10 @@ def load_embedder(checkpoint: str | Path, net: str | None = None, device: str | 
     weights = nets[name]
     model_cfg = dataclasses.replace(cfg.model, pretrained="none")  # the checkpoint holds every weight
     try:
-        model = ReIDNet(model_cfg, int(weights["classifier.weight"].shape[0]))
+        classifier = weights.get("classifier.weight")
+        model = ReIDNet(model_cfg, int(classifier.shape[0]) if classifier is not None else 1)
+        if classifier is None:
+            model.classifier = nn.Identity()  # not used by the embedder
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ReidRayError(f"--checkpoint {path}: its {name} weights do not fit its config's model.arch="

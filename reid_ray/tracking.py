@@ -199,10 +199,14 @@ def log_model(uri: str, run_id: str, checkpoint: str, metrics: dict, step: int, 
 
     from reid_ray.export import load_embedder
 
-    emb = load_embedder(checkpoint)
-    example = torch.rand(2, 3, *emb.size)  # two images: torch.export keeps the batch dynamic
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), emb.module(example).numpy())
+    try:
+        emb = load_embedder(checkpoint)
+        example = torch.rand(2, 3, *emb.size)  # two images: torch.export keeps the batch dynamic
+        with torch.no_grad():
+            signature = infer_signature(example.numpy(), emb.module(example).numpy())
+    except Exception as e:  # a network the embedder cannot rebuild: the run and its other records stand
+        _warn(f"the best network of {checkpoint} was not logged as an MLflow model ({' '.join(str(e).split())[:200]})")
+        return ""
     client = _client(uri)
     run = client.get_run(run_id)
     model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,

@@ -293,3 +293,21 @@ def test_bad_input_is_one_line_and_exit_2(case, baseline, tiny_synth, tmp_path, 
     err = _one_error_line(capsys)
     assert all(e in err for e in expect), err
     assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob("*.onnx"))  # nothing half-written
+
+
+def test_a_network_without_its_classifier_is_found_and_embeds(tmp_path):
+    """SpCL classifies against its memory: its checkpoint's network has a BNNeck and no classifier."""
+    from reid_ray.config import resolve_config, to_dict
+    from reid_ray.export import load_embedder
+    from reid_ray.models.reid_net import build_reid_net
+
+    cfg = resolve_config("spcl")
+    torch.manual_seed(0)
+    net = build_reid_net(cfg.model, 5).eval()
+    net.classifier = torch.nn.Identity()
+    torch.save({"method": {"models": {"net": net.state_dict()}}, "config": to_dict(cfg)}, tmp_path / "c.pt")
+    emb = load_embedder(tmp_path / "c.pt")
+    x = torch.rand(2, 3, *emb.size)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(net(x), dim=1)
+        assert emb.network == "net" and torch.allclose(emb.module(x), expected, atol=1e-6)
