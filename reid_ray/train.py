@@ -40,63 +40,38 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def resolve_resume(value: str | None, output: str, method: str) -> str | None:
+def resolve_resume(value: str | bool | None, output: str, method: str) -> str | None:
     """`--resume` as a checkpoint: a checkpoint file or directory (as before), a run's folder or its run name
-    under --output (its newest checkpoint), or no value: the newest run of --method under --output."""
+    under --output (its newest checkpoint), or no value: the newest run of --method under --output. A local
+    folder or a URI alike (reid_ray.storage)."""
     if value is None or value == "":
         return value
-    if storage.is_uri(value) or storage.is_uri(output) and (value is True or "/" not in value and not Path(value).exists()):
-        return _resolve_remote(value, output, method)
-    root = Path(output).expanduser()
-    if value is True:  # bare --resume
-        runs = sorted((p for p in root.glob(f"{method}-*") if _checkpoints(p)), key=lambda p: _checkpoints(p)[-1].stat().st_mtime)
-        if not runs:
-            raise ReidRayError(f"--resume: no earlier {method} run with a checkpoint under {root}; pass its run name "
+    if value is True:  # bare --resume: the run whose newest checkpoint was written last
+        newest = {run: found[-1] for run, is_file, _ in storage.listing(output)
+                  if not is_file and run.startswith(f"{method}-") and (found := _checkpoints(storage.join(output, run)))}
+        if not newest:
+            raise ReidRayError(f"--resume: no earlier {method} run with a checkpoint under {output}; pass its run name "
                                "or a checkpoint path")
-        return str(_checkpoints(runs[-1])[-1])
-    path = Path(value).expanduser()
-    if not path.exists() and "/" not in value and (root / value).is_dir():
-        path = root / value  # a run name
-    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
+        run, (ckpt, _) = max(newest.items(), key=lambda kv: (kv[1][1], kv[1][0]))
+        return str(storage.join(output, run, ckpt))
+    path = value if storage.is_uri(value) else Path(value).expanduser()
+    if not storage.exists(path) and "/" not in value and storage.is_dir(storage.join(output, value)):
+        path = storage.join(output, value)  # a run name
+    if storage.is_dir(path) and not storage.is_file(storage.join(path, CHECKPOINT_FILE)):
         found = _checkpoints(path)
         if not found:
             raise ReidRayError(f"--resume {value}: no checkpoint in {path} (a run folder holds checkpoint_*/"
                                f"{CHECKPOINT_FILE}); pass a checkpoint path")
-        return str(found[-1])
-    return value if not path.exists() else str(path)
+        return str(storage.join(path, found[-1][0]))
+    return str(path) if storage.exists(path) else value  # a missing one: check_config names it
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    """A run folder's Ray Train checkpoints, oldest first (their names are their timestamps)."""
-    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
-
-
-def _resolve_remote(value: str | bool, output: str, method: str) -> str:
-    """`resolve_resume` for a URI --output or a checkpoint URI (s3://bucket/runs/<run>/checkpoint_...): the
-    same choices, found by listing the store."""
-    if value is True:  # the newest run of `method`: the one whose newest checkpoint was written last
-        newest: dict[str, tuple[str, float]] = {}
-        for rel, is_file, mtime in storage.listing(output, recursive=True):
-            parts = rel.split("/")
-            if (is_file and len(parts) == 3 and parts[0].startswith(f"{method}-") and parts[1].startswith("checkpoint_")
-                    and parts[2] == CHECKPOINT_FILE and parts[1] > newest.get(parts[0], ("", 0.0))[0]):
-                newest[parts[0]] = (parts[1], mtime)
-        if not newest:
-            raise ReidRayError(f"--resume: no earlier {method} run with a checkpoint under {output}; pass its run name "
-                               "or a checkpoint URI")
-        run, (ckpt, _) = max(newest.items(), key=lambda kv: (kv[1][1], kv[1][0]))
-        return str(storage.join(output, run, ckpt))
-    path = value if storage.is_uri(value) else storage.join(output, value)  # a checkpoint or run URI, or a run name
-    if storage.is_file(path) or storage.is_file(storage.join(path, CHECKPOINT_FILE)):
-        return str(path)
-    if not storage.is_dir(path):
-        return value  # check_config names it
-    found = sorted(rel.split("/")[0] for rel, is_file, _ in storage.listing(path, recursive=True)
-                   if is_file and rel.startswith("checkpoint_") and rel.count("/") == 1 and rel.endswith("/" + CHECKPOINT_FILE))
-    if not found:
-        raise ReidRayError(f"--resume {value}: no checkpoint in {path} (a run folder holds checkpoint_*/"
-                           f"{CHECKPOINT_FILE}); pass a checkpoint URI")
-    return str(storage.join(path, found[-1]))
+def _checkpoints(run_dir) -> list[tuple[str, float]]:
+    """A run folder's Ray Train checkpoints (name, when its checkpoint file was written), oldest first (their
+    names are their timestamps)."""
+    return sorted((rel.split("/")[0], mtime) for rel, is_file, mtime in storage.listing(run_dir, recursive=True)
+                  if is_file and rel.startswith("checkpoint_") and rel.count("/") == 1
+                  and rel.endswith("/" + CHECKPOINT_FILE))
 
 
 def check_config(cfg: TrainConfig) -> None:
