@@ -96,12 +96,20 @@ def evaluate_method(method: Method, dataset: ReIDDataset, cfg: TrainConfig, pref
 def evaluate_model(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device,
                    flip: bool = False) -> dict[str, float | np.ndarray]:
     """mAP, R1, R5, R10 (as percentages) and the CMC curve of `model` on a dataset's query/gallery."""
-    feats = {}
-    for split in ("query", "gallery"):
-        loader = build_test_loader(dataset.split(split), cfg.transform, cfg.loader)
-        feats[split] = extract_features(model, loader, flip=flip, device=device)
-    (qf, qp, qc), (gf, gp, gc) = feats["query"], feats["gallery"]
-    cmc, mAP = evaluate_rank(pairwise_distance(qf, gf), qp, gp, qc, gc, max_rank=50)
+    (qf, qp, qc), (gf, gp, gc) = query_gallery_features(model, dataset, cfg, device, flip)
+    return rank_metrics(pairwise_distance(qf, gf), qp, gp, qc, gc)
+
+
+def query_gallery_features(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device,
+                           flip: bool = False) -> list[tuple]:
+    """[(features, pids, camids) of the query, ... of the gallery] through the test transform."""
+    return [extract_features(model, build_test_loader(dataset.split(split), cfg.transform, cfg.loader), flip=flip,
+                             device=device) for split in ("query", "gallery")]
+
+
+def rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids) -> dict[str, float | np.ndarray]:
+    """Market-1501's mAP, R1, R5, R10 (as percentages) and CMC curve of a query x gallery distance matrix."""
+    cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50)
     return {"mAP": 100 * mAP, "R1": 100 * float(cmc[0]), "R5": 100 * float(cmc[4]),
             "R10": 100 * float(cmc[9]), "cmc": cmc}
 

@@ -523,27 +523,18 @@ def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, r
     import torch
 
     from reid_ray.data.readers import read_dataset
-    from reid_ray.engine import evaluate_model
+    from reid_ray.engine import query_gallery_features, rank_metrics
+    from reid_ray.evaluation import pairwise_distance, re_ranking
 
     ds = read_dataset(dataset, data_root)
     cfg = dataclasses.replace(emb.cfg, loader=dataclasses.replace(emb.cfg.loader, in_memory=False))
-    device = torch.device(device)
     out = {"dataset": ds.name, "query": ds.split("query").num_rows, "gallery": ds.split("gallery").num_rows}
-    if not rerank:
-        out["plain"] = evaluate_model(emb.net, ds, cfg, device)
-        return out
-    from reid_ray.data.loader import build_test_loader
-    from reid_ray.evaluation import evaluate_rank, extract_features, pairwise_distance, re_ranking
-
-    (qf, qp, qc), (gf, gp, gc) = [extract_features(emb.net, build_test_loader(ds.split(s), cfg.transform, cfg.loader),
-                                                   device=device) for s in ("query", "gallery")]
+    (qf, qp, qc), (gf, gp, gc) = query_gallery_features(emb.net, ds, cfg, torch.device(device))
     qg = pairwise_distance(qf, gf)
-    for key, dist in (("plain", qg), ("rerank", None)):
-        if dist is None:
-            dist = re_ranking(qg, pairwise_distance(qf, qf), pairwise_distance(gf, gf), k1, k2, lambda_value)
-        cmc, mAP = evaluate_rank(dist, qp, gp, qc, gc, max_rank=50)
-        out[key] = {"mAP": 100 * mAP, "R1": 100 * float(cmc[0]), "R5": 100 * float(cmc[4]), "R10": 100 * float(cmc[9]),
-                    "cmc": cmc}
+    out["plain"] = rank_metrics(qg, qp, gp, qc, gc)  # = engine.evaluate_model, from the same features
+    if rerank:
+        out["rerank"] = rank_metrics(re_ranking(qg, pairwise_distance(qf, qf), pairwise_distance(gf, gf), k1, k2,
+                                                lambda_value), qp, gp, qc, gc)
     return out
 
 
