@@ -223,11 +223,10 @@ def print_results(out: SweepOutcome) -> None:
     if out.best_config:
         console.print(f"best config: {out.best_config}\n  python -m reid_ray.train --config {out.best_config}",
                       soft_wrap=True)
-    from reid_ray.tracking import ui_link
+    from reid_ray.tracking import ui_hint
 
-    ui = "" if out.uri.startswith(("http://", "https://")) else f"  mlflow ui --backend-store-uri {out.uri}\n"
-    link = ui_link(out.uri, base.experiment or f"{base.source}->{base.target}")
-    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}\n{ui}  {link}\n"
+    console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}\n"
+                  f"{ui_hint(out.uri, base.experiment or f'{base.source}->{base.target}')}\n"
                   f"summary: {out.folder / 'summary.md'}", soft_wrap=True)
 
 

@@ -105,16 +105,19 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def ui_link(uri: str, experiment: str) -> str:
-    """The experiment's runs in the MLflow UI's model-training view. MLflow 3.17's UI keeps its GenAI / Model
-    training switch in the browser (the experiment's kind tag does not set it), so the link carries
-    `workflowType=machine_learning`. A local store's link is for `mlflow ui` on its default port."""
+def ui_hint(uri: str, experiment: str) -> str:
+    """How to look at the experiment (indented lines for the summaries): `mlflow ui` over a local store, and the
+    link to its runs in the UI's model-training view. MLflow 3.17's UI keeps its GenAI / Model training switch
+    in the browser (the experiment's kind tag does not set it), so the link carries
+    `workflowType=machine_learning`; a local store's link is for `mlflow ui` on its default port."""
     try:
         exp_id = _experiment_id(_client(uri), experiment, create=False)
     except Exception:  # a server that is down: the summary still prints
         exp_id = None
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning" if exp_id else base
+    server = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if server else "http://127.0.0.1:5000"
+    link = f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning" if exp_id else base
+    return ("" if server else f"  mlflow ui --backend-store-uri {uri}\n") + f"  {link}"
 
 
 def system_tags() -> dict[str, str]:

@@ -119,12 +119,11 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
     console = Console(highlight=False)
     console.print(table)
-    from reid_ray.tracking import ui_link
+    from reid_ray.tracking import ui_hint
 
     uri = out["mlflow_uri"]
-    ui = "" if uri.startswith(("http://", "https://")) else f"  mlflow ui --backend-store-uri {uri}\n"
-    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {uri}\n{ui}"
-                  f"  {ui_link(uri, cfg.experiment or f'{cfg.source}->{cfg.target}')}\ncheckpoint {out['checkpoint']}\n"
+    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {uri}\n"
+                  f"{ui_hint(uri, cfg.experiment or f'{cfg.source}->{cfg.target}')}\ncheckpoint {out['checkpoint']}\n"
                   f"best checkpoint and CMC plot in {out['run_dir']}", soft_wrap=True)
     if out.get("mlflow_fallback"):
         where = out["mlflow_fallback"]
