@@ -30,8 +30,7 @@ from reid_ray.sweep_config import SWEEP_FILE, Sweep, latest_sweep, sweep_dir
 def prepare_sweep(args: argparse.Namespace) -> Sweep:
     """The sweep's settings: new from the flags, or read back from an interrupted sweep's folder."""
     output = args.output or "outputs"
-    if "://" not in output:  # trials run in Tune's own working folders: a relative --output would land there
-        output = str(Path(output).expanduser().resolve())
+    output = str(storage.absolute(output))  # trials run in Tune's own working folders: a relative one would land there
     if isinstance(args.resume, str):  # --resume NAME or --resume outputs/tune/NAME: the sweep to continue
         resumed = args.resume if storage.is_uri(args.resume) else Path(args.resume).expanduser()  # or s3://.../tune/NAME
         if storage.is_file(storage.join(resumed, SWEEP_FILE)):
