@@ -174,23 +174,3 @@ def test_memory_and_losses_identical_on_two_ddp_ranks_and_equal_one_process(tiny
     assert torch.allclose(upd.sum(1), torch.ones(16), atol=1e-5)  # rows stay distributions
     w = F.normalize(single.eval_model().classifier.weight.detach(), dim=1)
     assert torch.allclose(w, F.normalize(r0["weight"], dim=1), atol=1e-4)
-
-
-# ----------------------------------------------------------------------------- end to end under Ray
-
-@pytest.mark.ray
-def test_mar_end_to_end_on_two_workers(ray_local, tmp_path):
-    from reid_ray.config import resolve_config
-    from reid_ray.data.synthetic import SynthConfig, generate_synthetic
-    from reid_ray.distributed.driver import run_training
-
-    root = tmp_path / "data"
-    generate_synthetic(root, SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3),
-                                         num_cameras=3, camstyle=False, texture=False))
-    cfg = resolve_config("mar", sets=["num_identities=8", "pretrain_epochs=1"], flags=dict(
-        data_root=str(root), output=str(tmp_path / "out"), epochs=2, eval_every=2, workers=2,
-        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    m = run_training(cfg)["metrics"]
-    for key in ("loss", "mdl", "cml", "al", "rj", "mdl_pos_pairs", "mdl_threshold", "target_mAP", "target_R1"):
-        assert key in m, key
-    assert m["epoch"] == 2 and 0 <= m["target_mAP"] <= 100 and math.isfinite(m["loss"])

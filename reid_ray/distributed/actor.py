@@ -76,7 +76,7 @@ class ActorClusterer:
             if distributed:
                 dist.barrier()
             t1 = time.perf_counter()
-            res = ray.get(self.handle.cluster.remote(epoch, world))
+            res = self._cluster(epoch, world)
             ok = [res is not None]
             if distributed:  # retry together: a rank that got nothing makes every rank resend
                 flags = [None] * world
@@ -89,3 +89,8 @@ class ActorClusterer:
                 check_same_across_ranks(res)
                 return res
         raise RuntimeError(f"pseudo-label refresh for epoch {epoch} failed {self.retries} times")
+
+    def _cluster(self, epoch: int, world: int) -> ClusterResult | None:
+        """The actor's clustering of `epoch`, once every rank's shard is in; None where the actor lost them
+        (restarted: Ray retries the call on the new process, which has no shards)."""
+        return ray.get(self.handle.cluster.remote(epoch, world))

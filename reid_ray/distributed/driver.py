@@ -29,7 +29,7 @@ from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.progress import RunProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
-from reid_ray.distributed.runtime import gpus_requested, init_ray
+from reid_ray.distributed.runtime import gpus_requested, init_ray, train_env_defaults
 from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
@@ -81,6 +81,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         labeler = create_pseudo_labeler(method_cls.cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
                                         plan.actor, plan.actor_threads)
     progress = RunProgress(name, cfg.epochs) if show_progress else contextlib.nullcontext()
+    train_env_defaults()
     trainer = TorchTrainer(
         train_loop_per_worker,
         # the config becomes a dict here, once, and a TrainConfig again in each worker
