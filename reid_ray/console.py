@@ -16,6 +16,7 @@ import math
 import os
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _state = {"verbose": False}
@@ -56,9 +57,18 @@ def console() -> Console:
 
 
 def make_progress(con: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=con, transient=False)
+    """The one live bar of reid-ray. On a narrow terminal the name and the status give way (an ellipsis), never
+    the times. Off a terminal (a log file, `ray job logs`, CI) no bar is drawn: rich would render it once, at
+    the end, cut to the log's width; the per-epoch lines printed through `progress.console` are the record."""
+    def fixed(width: int = 0) -> Column:
+        return Column(no_wrap=True, min_width=width or None)
+
+    return Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                    BarColumn(bar_width=24), MofNCompleteColumn(table_column=fixed()),
+                    TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=2)),
+                    TimeElapsedColumn(table_column=fixed(7)), TextColumn("eta", table_column=fixed()),
+                    TimeRemainingColumn(table_column=fixed(7)), console=con, transient=False,
+                    disable=not con.is_terminal)
 
 
 def number(metrics: dict, key: str) -> float | None:

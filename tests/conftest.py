@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 # before torch starts OpenMP: passive waiting, as train.init_ray gives Ray's workers (see there)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -35,3 +39,57 @@ def ray_local():
     init_ray()
     yield
     ray.shutdown()
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m ...` in a fresh process, as a user runs it: none of the test's Ray or pytest variables, an
+    80-column terminal, its own cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST"))}
+    env.update(COLUMNS="80", REID_RAY_CACHE=str(cwd / "cache"))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class CliRun:
+    """One CLI run that several tests read: its folder, argv, MLflow store and what it printed."""
+
+    root: Path
+    argv: list[str]
+    uri: str
+    proc: subprocess.CompletedProcess
+
+    @property
+    def text(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+
+@pytest.fixture(scope="session")
+def cli_training(tiny_synth, tmp_path_factory) -> CliRun:
+    """`python -m reid_ray.train` (the baseline, 2 epochs): the console tests read its output, the Ray Train
+    tests its checkpoint and MLflow run (one run instead of one per test: most of a run is Ray's fixed cost)."""
+    root = tmp_path_factory.mktemp("cli_training")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    argv = ["-m", "reid_ray.train", "--data-root", str(tiny_synth), "--epochs", "2", "--eval-every", "1",
+            "--output", str(root / "out"), "--mlflow-uri", uri, "--name", "quiet", "--set", "num_identities=4",
+            "--set", "warmup_epochs=1", "--set", "log_model=false"]
+    return CliRun(root, argv, uri, run_cli(argv, root))
+
+
+@pytest.fixture(scope="session")
+def cli_sweep(tmp_path_factory) -> CliRun:
+    """`python -m reid_ray.tune --method mmt` (2 trials of 2 epochs, Optuna + ASHA, two source models): the
+    console tests read its output, the sweep tests its folder, MLflow store and Optuna study."""
+    root = tmp_path_factory.mktemp("cli_sweep")
+    data = root / "data"
+    generate_synthetic(data, SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3),
+                                         num_cameras=3, camstyle=False, texture=False))
+    space = root / "space.yaml"
+    space.write_text("params:\n  params.num_clusters: {distribution: int, low: 8, high: 16}\n"
+                     "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                     "fixed:\n  loader.num_identities: 8\n  pretrain_epochs: 2\n")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    argv = ["-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(data), "--search-space", str(space),
+            "--num-samples", "2", "--epochs", "2", "--grace-period", "1", "--output", str(root / "out"),
+            "--mlflow-uri", uri, "--name", "t", "--optuna-storage", f"sqlite:///{root / 'optuna.db'}",
+            "--set", "two_sources=true"]  # the demo's default is one source model
+    return CliRun(root, argv, uri, run_cli(argv, root))

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -101,19 +98,10 @@ def test_epoch_lines_carry_the_loss_target_map_and_time():
     assert status_text({"loss": float("nan")}) == ""
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST"))}
-    env.update(COLUMNS="80", REID_RAY_CACHE=str(cwd / "cache"))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.ray
-def test_a_training_run_shows_each_epoch_once_and_nothing_else_of_ray(tiny_synth, tmp_path):
-    out = _run(["-m", "reid_ray.train", "--data-root", str(tiny_synth), "--epochs", "2", "--eval-every", "1",
-                "--output", str(tmp_path / "out"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "--name", "quiet", "--set", "num_identities=4", "--set", "log_model=false"], tmp_path)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text
+def test_a_training_run_shows_each_epoch_once_and_nothing_else_of_ray(cli_training):
+    text = cli_training.text
+    assert cli_training.proc.returncode == 0, text
     assert [line.count("quiet  epoch 1/2") for line in text.splitlines() if "epoch 1/2" in line] == [1], text
     assert sum("epoch 2/2" in line for line in text.splitlines()) == 1, text
     assert not NOISE.findall(text), NOISE.findall(text)
@@ -121,22 +109,33 @@ def test_a_training_run_shows_each_epoch_once_and_nothing_else_of_ray(tiny_synth
 
 
 @pytest.mark.ray
-def test_a_sweep_shows_its_trials_and_nothing_else_of_ray_or_tune(tiny_synth, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("params:\n  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
-                     "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  log_model: false\n")
-    out = _run(["-m", "reid_ray.tune", "--method", "baseline", "--data-root", str(tiny_synth), "--search-space",
-                str(space), "--num-samples", "2", "--epochs", "1", "--scheduler", "none", "--name", "s",
-                "--output", str(tmp_path / "out"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}"], tmp_path)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text
+def test_a_sweep_shows_its_trials_and_nothing_else_of_ray_or_tune(cli_sweep):
+    text = cli_sweep.text
+    assert cli_sweep.proc.returncode == 0, text
     assert not NOISE.findall(text), NOISE.findall(text)
-    ended = [line for line in text.splitlines() if re.match(r"trial \w+: completed after 1 epochs", line)]
+    ended = [line for line in text.splitlines() if re.match(r"trial \w+: (completed|stopped by ASHA) after \d epochs",
+                                                            line)]
     assert len(ended) == 2, text
     assert "best config:" in text and "…" not in text
 
     import optuna
 
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{cli_sweep.root / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+
+
+def test_the_bar_keeps_its_times_on_a_narrow_terminal_and_is_not_drawn_into_a_log():
+    import io
+
+    from rich.console import Console
+
+    from reid_ray.console import make_progress
+
+    buf = io.StringIO()
+    progress = make_progress(Console(file=buf, force_terminal=True, width=80, color_system=None))
+    task = progress.add_task("pretrain-11a7155b2567", total=2, status="loss 4.722  target mAP 13.1")
+    progress.update(task, completed=1)
+    progress.console.print(progress.get_renderable())
+    line = buf.getvalue().rstrip("\n")
+    assert len(line) <= 80 and re.search(r"1/2 .* \d:\d\d:\d\d eta ", line) and "…" not in line, line
+    assert make_progress(Console(file=io.StringIO())).disable  # a log gets the epoch lines only

@@ -7,6 +7,7 @@ from reid_ray.config import from_dict, resolve_config
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
 from reid_ray.distributed.driver import run_training
 from reid_ray.train import main
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.ray
 SMALL = SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3), num_cameras=3,
@@ -26,30 +27,37 @@ def cfg_for(tmp_path, data_root, **kw):
         **{"epochs": 2, "eval_every": 1, **kw}))
 
 
-def test_trains_reports_checkpoints_tracks_and_resumes(ray_local, data_root, tmp_path):
+def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
+    """The CLI run of conftest (baseline, 2 epochs), then `--resume` from its checkpoint to a third epoch."""
     from mlflow.tracking import MlflowClient
 
-    out = run_training(cfg_for(tmp_path, data_root))
-    m = out["metrics"]
+    assert cli_training.proc.returncode == 0, cli_training.text
+    client = MlflowClient(cli_training.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("synth-a->synth-b").experiment_id])
+    m = run.data.metrics
     for key in ("loss", "ce", "triplet", "lr", "images_per_s", "epoch_time", "source_mAP", "target_mAP",
                 "target_R1", "target_R5", "target_R10"):
         assert key in m, key
     assert m["epoch"] == 2 and 0 <= m["target_mAP"] <= 100
-    state = torch.load(f"{out['checkpoint']}/checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 1 and {"method", "rng", "best"} <= set(state)
-    client = MlflowClient(out["mlflow_uri"])
-    run = client.get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "baseline"
     assert run.data.params["optim.lr"] == "0.00035"
     assert len(client.get_metric_history(run.info.run_id, "target_mAP")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "cmc.png", "checkpoints"} <= artifacts
+    (checkpoint,) = [line.split(" ", 1)[1] for line in cli_training.proc.stdout.splitlines()
+                     if line.startswith("checkpoint ")]
+    state = torch.load(f"{checkpoint}/checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and {"method", "rng", "best"} <= set(state)
 
     # --resume continues from the saved epoch: only epoch 3 runs (its checkpoint uploaded asynchronously)
-    resumed = run_training(cfg_for(tmp_path, data_root, epochs=3, resume=out["checkpoint"], checkpoint_upload="async"))
-    hist = MlflowClient(resumed["mlflow_uri"]).get_metric_history(resumed["mlflow_run_id"], "epoch")
-    assert [h.value for h in hist] == [3.0]
-    resumed_state = torch.load(f"{resumed['checkpoint']}/checkpoint.pt", weights_only=False)
+    argv = [*cli_training.argv, "--epochs", "3", "--resume", checkpoint, "--name", "resumed",
+            "--set", "checkpoint_upload=async"]
+    resumed = run_cli(argv, cli_training.root)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (again,) = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name == "resumed"]
+    assert [h.value for h in client.get_metric_history(again.info.run_id, "epoch")] == [3.0]
+    (checkpoint,) = [line.split(" ", 1)[1] for line in resumed.stdout.splitlines() if line.startswith("checkpoint ")]
+    resumed_state = torch.load(f"{checkpoint}/checkpoint.pt", weights_only=False)
     assert resumed_state["epoch"] == 2 and from_dict(resumed_state["config"]).epochs == 3
 
 

@@ -11,6 +11,7 @@ from reid_ray import ReidRayError
 from reid_ray.config import load_config_file, resolve_config
 from reid_ray.distributed.resources import plan_resources
 from reid_ray.search_space import default_path, load_search_space
+from tests.conftest import run_cli
 
 
 def write(tmp_path, text, name="space.yaml"):
@@ -116,31 +117,20 @@ def test_config_file_round_trip_and_errors(tmp_path):
 # --------------------------------------------------------------------------- end to end under Ray
 
 @pytest.mark.ray
-def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
+def test_two_trial_sweep_end_to_end(cli_sweep, tmp_path):
+    """The CLI sweep of conftest (Optuna + ASHA, 2 MMT trials), then the same command again: it resumes."""
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.data.synthetic import SynthConfig, generate_synthetic
     from reid_ray.report import report_experiment
-    from reid_ray.tune import main
 
-    data = tmp_path / "data"
-    generate_synthetic(data, SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3),
-                                         num_cameras=3, camstyle=False, texture=False))
-    space = write(tmp_path, "params:\n  params.num_clusters: {distribution: int, low: 8, high: 16}\n"
-                            "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
-                            "fixed:\n  loader.num_identities: 8\n  pretrain_epochs: 2\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["--method", "mmt", "--data-root", str(data), "--search-space", str(space), "--num-samples", "2",
-            "--epochs", "2", "--grace-period", "1", "--output", str(tmp_path / "out"), "--mlflow-uri", uri,
-            "--name", "t", "--set", "two_sources=true"]  # the demo's default is one source model
-    assert main(argv) == 0
-
-    folder = tmp_path / "out" / "tune" / "t"
+    assert cli_sweep.proc.returncode == 0, cli_sweep.text
+    uri, out = cli_sweep.uri, cli_sweep.root / "out"
+    folder = out / "tune" / "t"
     best = yaml.safe_load((folder / "best_config.yaml").read_text())
     assert best["method"] == "mmt" and 8 <= best["params"]["num_clusters"] <= 16 and best["epochs"] == 2
     # both source models were pretrained once, before the trials, and the trials started from them
     assert len(best["init"]) == 2 and best["init"][0] != best["init"][1] and all(
-        (tmp_path / "out" / "pretrain" / Path(p).name).is_file() for p in best["init"])
+        (out / "pretrain" / Path(p).name).is_file() for p in best["init"])
     assert "| trial |" in (folder / "summary.md").read_text()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("synth-a->synth-b")
@@ -192,7 +182,8 @@ def test_two_trial_sweep_end_to_end(ray_local, tmp_path):
     assert "## mmt" in text and "## baseline" in text and (tmp_path / "report" / "target_map_by_method.png").exists()
 
     # rerunning with the same name resumes: finished trials are not rerun
-    assert main(argv) == 0
+    again = run_cli(cli_sweep.argv, cli_sweep.root)
+    assert again.returncode == 0, again.stdout + again.stderr
     assert len([r for r in client.search_runs([exp.experiment_id])
                 if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 2
 
