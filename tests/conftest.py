@@ -41,12 +41,18 @@ def ray_local():
     ray.shutdown()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`python -m ...` in a fresh process, as a user runs it: none of the test's Ray or pytest variables, an
-    80-column terminal, its own cache."""
+def cli_env(cwd: Path) -> dict[str, str]:
+    """A user's environment: none of the test's Ray or pytest variables, an 80-column terminal, a cache of
+    its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST"))}
     env.update(COLUMNS="80", REID_RAY_CACHE=str(cwd / "cache"))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m ...` in a fresh process, as a user runs it (cli_env)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=cli_env(cwd), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @dataclass

@@ -93,6 +93,44 @@ def test_a_server_stopped_mid_run_buffers_then_flushes_then_falls_back(server, t
     assert "stayed unreachable" in capsys.readouterr().err
 
 
+@pytest.mark.ray
+@pytest.mark.faults
+def test_a_training_run_outlives_a_tracking_server_that_blinks(server, tiny_synth, tmp_path):
+    """`python -m reid_ray.train` against a real `mlflow server` that is stopped once epoch 1 is committed and
+    started again after epoch 2: training goes on, the console shows one warning, the run finishes, and
+    every epoch's metrics reach the server (rank 0 buffered them, then flushed them in order)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import cli_env
+    from tests.ray_helpers import committed_epoch
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "reid_ray.train", "--data-root", str(tiny_synth), "--epochs", "4",
+            "--eval-every", "2", "--workers", "1", "--output", str(out), "--mlflow-uri", server.uri,
+            "--experiment", "blink", "--name", "blink", "--set", "num_identities=4", "--set", "log_model=false"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while committed_epoch(out / "blink") < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    server.stop()
+    while committed_epoch(out / "blink") < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped_for = committed_epoch(out / "blink")
+    server.start()
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    assert stopped_for >= 2  # the server was down while epoch 2 trained and reported
+    assert text.count("the MLflow tracking server is unreachable") == 1, text
+    client = MlflowClient(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("blink").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "target_mAP")) == [2, 4]
+    assert not (out / "blink" / "mlflow-fallback.db").exists()  # nothing was left for the fallback store
+
+
 def _hammer(uri: str, run_id: str, worker: int, n: int) -> None:
     for i in range(n):
         tracking.with_retries(tracking.log_metrics, uri, run_id, {f"m{worker}": float(i)}, i)
