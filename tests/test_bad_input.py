@@ -155,6 +155,22 @@ def test_the_readme_table_lists_every_case():
     assert not missing, missing
 
 
+def test_every_fault_the_readme_promises_names_a_test_that_exists():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("**What survives what**", 1)[1].split("**Resuming:**", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py")),
+                             re.MULTILINE))
+    assert len(rows) >= 10
+    for row in rows:
+        cited = [name.rstrip("_") for name in re.findall(r"`(test_\w+)", row.rsplit("|", 2)[1])]
+        assert cited, row
+        for name in cited:  # a cited name may be cut short with an ellipsis: a prefix of the test's name
+            assert any(d.startswith(name) for d in defined), f"README cites {name}, which no test defines"
+
+
 def test_a_damaged_image_names_its_path(tmp_path):
     from reid_ray import ReidRayError
     from reid_ray.data.loader import ImageDataset

@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.cluster import DBSCAN
 
 from reid_ray import ReidRayError
 from reid_ray.clustering.kmeans import ClusterResult, _as_float32, knn
@@ -53,6 +52,8 @@ def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int =
 
 def dbscan_labels(features, eps: float = 0.6, min_samples: int = 4, k1: int = 30, k2: int = 6) -> ClusterResult:
     """Cluster by DBSCAN on the Jaccard distance; outliers get label -1."""
+    from sklearn.cluster import DBSCAN  # here: ~1 s to import, in every process that imports the methods
+
     dist = jaccard_distance(features, k1, k2)
     labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(dist).astype(np.int64)
     sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, int)

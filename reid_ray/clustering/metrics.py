@@ -7,7 +7,6 @@ Cluster-vs-camera NMI flags camera-driven clusters (../shared/SYNTHETIC_NOTES.md
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import normalized_mutual_info_score
 
 
 def _pairs_same(labels: np.ndarray) -> float:
@@ -18,6 +17,9 @@ def _pairs_same(labels: np.ndarray) -> float:
 
 
 def cluster_quality(pred: np.ndarray, truth: np.ndarray, cameras: np.ndarray | None = None) -> dict[str, float]:
+    # imported here: scikit-learn takes ~1 s to import, and every Ray worker process imports this module
+    from sklearn.metrics import normalized_mutual_info_score
+
     pred, truth = np.asarray(pred), np.asarray(truth)
     # outliers become their own singletons for NMI
     pred_nmi = np.where(pred >= 0, pred, pred.max(initial=0) + 1 + np.arange(len(pred)))

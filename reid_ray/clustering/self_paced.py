@@ -23,7 +23,6 @@ the paper (followed here) compares every point to the global β-threshold.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import DBSCAN
 
 from reid_ray.clustering.kmeans import ClusterResult
 
@@ -31,6 +30,8 @@ from reid_ray.clustering.kmeans import ClusterResult
 def self_paced_dbscan(features, eps: float = 0.6, eps_gap: float = 0.02, min_samples: int = 4, k1: int = 30,
                       k2: int = 6) -> ClusterResult:
     """DBSCAN on one Jaccard distance matrix at eps, eps - gap (tight) and eps + gap (loose)."""
+    from sklearn.cluster import DBSCAN  # here: ~1 s to import, in every process that imports the methods
+
     from reid_ray.clustering.dbscan import jaccard_distance
 
     dist = jaccard_distance(features, k1, k2)
