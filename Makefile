@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-faults install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m reid_ray.demo
 
+# the suite, without the fault-injection tests (marker `faults`: they kill workers, actors, drivers, nodes and
+# servers, and take about a third of the time); CI runs both
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not faults"
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults
 
 clean:
 	rm -rf $(VENV) *.egg-info

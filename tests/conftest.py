@@ -92,7 +92,7 @@ def cli_sweep(tmp_path_factory) -> CliRun:
     space = root / "space.yaml"
     space.write_text("params:\n  params.num_clusters: {distribution: int, low: 8, high: 16}\n"
                      "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
-                     "fixed:\n  loader.num_identities: 8\n  pretrain_epochs: 2\n")
+                     "fixed:\n  loader.num_identities: 8\n  pretrain_epochs: 1\n")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     argv = ["-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(data), "--search-space", str(space),
             "--num-samples", "2", "--epochs", "2", "--grace-period", "1", "--output", str(root / "out"),

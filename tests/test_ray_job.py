@@ -73,7 +73,7 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
     out = tmp_path / "out"
     tune = [sys.executable, "-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(tiny_synth), "--output", str(out),
             "--mlflow-uri", uri, "--search-space", str(space), "--num-samples", "2", "--max-concurrent", "1",
-            "--epochs", "3", "--scheduler", "none", "--name", "job", "--experiment", "job"]
+            "--epochs", "2", "--scheduler", "none", "--name", "job", "--experiment", "job"]
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
     deadline = time.monotonic() + 120
     while True:  # the head (started with --block) and its job agent come up within seconds
