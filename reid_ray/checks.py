@@ -18,6 +18,7 @@ from reid_ray.config import TrainConfig, flatten
 MINIMUM: dict[str, tuple[float, str, str]] = {
     "epochs": (1, "--epochs", "epochs to train"),
     "eval_every": (1, "--eval-every", "epochs between evaluations"),
+    "checkpoint_every": (1, "--set checkpoint_every=N", "epochs between checkpoints"),
     "workers": (1, "--workers", "Ray Train workers"),
     "pretrain_epochs": (0, "--set pretrain_epochs=N", "source pretraining epochs (0: the baseline's)"),
     "max_failures": (-1, "--set max_failures=N", "worker failures tolerated (-1: no limit)"),

@@ -78,6 +78,8 @@ class TrainConfig:
     amp: bool = True                   # mixed precision (GPU only): bf16 where supported, else fp16 + GradScaler
     checkpoint_upload: str = "auto"    # sync | async (Ray Train uploads while the next epoch runs) | auto:
                                        # async on GPUs, sync on CPU
+    checkpoint_every: int = 1          # epochs between checkpoints (the last epoch always has one); a restart
+                                       # after a lost worker repeats up to this many epochs, exactly
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
     log_model: bool = True             # the best network as an MLflow model at the end (reid_ray.export's embedder)
     max_nonfinite_steps: int = 10      # NaN/inf losses in a row (each step skipped) before the run stops "diverged"

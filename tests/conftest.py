@@ -71,13 +71,15 @@ class CliRun:
 
 @pytest.fixture(scope="session")
 def cli_training(tiny_synth, tmp_path_factory) -> CliRun:
-    """`python -m reid_ray.train` (the baseline, 2 epochs): the console tests read its output, the Ray Train
-    tests its checkpoint and MLflow run (one run instead of one per test: most of a run is Ray's fixed cost)."""
+    """`python -m reid_ray.train` (the baseline, 2 epochs, one checkpoint: checkpoint_every 2): the console tests
+    read its output, the Ray Train tests its checkpoint and MLflow run (one run instead of one per test: most
+    of a run is Ray's fixed cost)."""
     root = tmp_path_factory.mktemp("cli_training")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     argv = ["-m", "reid_ray.train", "--data-root", str(tiny_synth), "--epochs", "2", "--eval-every", "1",
             "--output", str(root / "out"), "--mlflow-uri", uri, "--name", "quiet", "--set", "num_identities=4",
-            "--set", "warmup_epochs=1", "--set", "log_model=false"]
+            "--set", "warmup_epochs=1", "--set", "log_model=false",
+            "--set", "checkpoint_every=2"]
     return CliRun(root, argv, uri, run_cli(argv, root))
 
 

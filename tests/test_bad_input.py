@@ -45,6 +45,8 @@ CASES = [
     ("--set without =", "train", lambda t, d: ["--set", "epochs"], "expected key=value"),
     ("--epochs 0", "train", lambda t, d: ["--epochs", "0"], "epochs=0: epochs to train must be at least 1"),
     ("--eval-every 0", "train", lambda t, d: ["--eval-every", "0"], "eval_every=0"),
+    ("checkpoint_every 0", "train", lambda t, d: ["--set", "checkpoint_every=0"],
+     "checkpoint_every=0: epochs between checkpoints must be at least 1"),
     ("--workers 0", "train", lambda t, d: ["--workers", "0"], "workers=0: Ray Train workers must be at least 1"),
     ("negative learning rate", "train", lambda t, d: ["--set", "optim.lr=-1"], "optim.lr=-1.0: must be a positive"),
     ("milestones out of order", "train", lambda t, d: ["--set", "optim.milestones=[70,40]"], "must increase"),

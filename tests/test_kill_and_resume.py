@@ -31,7 +31,9 @@ from reid_ray.methods import register_method
 from reid_ray.methods.mmt import MMT
 from tests.ray_helpers import committed_epoch
 
-pytestmark = pytest.mark.ray
+# `faults` for the whole module: its end-to-end tests are the uninterrupted twins of its kill tests, so
+# `-m "not faults"` skips both rather than running the calm runs twice
+pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
 SETS = {
     "mmt": ["num_clusters=10", "iters=12"],
@@ -186,7 +188,6 @@ def _history(out: dict, key: str) -> dict[int, list[float]]:
     return steps
 
 
-@pytest.mark.faults
 def test_mmt_survives_its_actor_killed_mid_refresh_and_a_killed_worker_and_ends_as_if_uninterrupted(runs):
     calm = runs.calm("mmt")
     out, killed = _killed_run(runs, "mmt-actor-kill", "mmt")
@@ -201,7 +202,6 @@ def test_mmt_survives_its_actor_killed_mid_refresh_and_a_killed_worker_and_ends_
     assert _history(out, "epoch").keys() == {1, 2, 3}
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("method", ["ecn", "mar"])
 def test_a_killed_worker_resumes_the_memories_and_ends_as_if_uninterrupted(runs, method):
     """ECN's exemplar memory and MAR's multilabel memory and agents come back from the checkpoint."""

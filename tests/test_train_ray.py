@@ -1,5 +1,7 @@
 """End-to-end under Ray Train on a tiny synthetic benchmark (one shared local Ray)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,6 +50,9 @@ def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
                      if line.startswith("checkpoint ")]
     state = torch.load(f"{checkpoint}/checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and {"method", "rng", "best"} <= set(state)
+    # checkpoint_every=2: epoch 1 reported without a checkpoint, epoch 2 with one (and best.pt when it improved)
+    assert [p.name for p in Path(checkpoint).parent.glob("checkpoint_*") if p.is_dir()] == [Path(checkpoint).name]
+    assert (Path(checkpoint).parent / "best.pt").is_file()
 
     # --resume continues from the saved epoch: only epoch 3 runs (its checkpoint uploaded asynchronously)
     argv = [*cli_training.argv, "--epochs", "3", "--resume", checkpoint, "--name", "resumed",

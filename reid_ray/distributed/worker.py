@@ -227,16 +227,21 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 improved = metrics.get("target_mAP", -1) > best["target_mAP"]
                 if improved:
                     best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
-                state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
-                         "last_target": last_target, "rng": rng_state(), "config": to_dict(cfg),
-                         "report": {k: float(v) for k, v in report.items()}}
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                # the whole state, in a Ray Train checkpoint every checkpoint_every epochs and at the last one
+                # (a restart resumes exactly from the latest), and as best.pt whenever the target mAP improves
+                keep = (epoch + 1) % cfg.checkpoint_every == 0 or last
+                if keep or improved:
+                    state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
+                             "last_target": last_target, "rng": rng_state(), "config": to_dict(cfg),
+                             "report": {k: float(v) for k, v in report.items()}}
+                if keep:
+                    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if improved:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     with atomic_path(run_dir / "best.pt") as part:
                         torch.save(state, part)
                     _publish(run_dir, remote, "best.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
             mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
             ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                              delete_local_checkpoint_after_upload=True)  # [4]
