@@ -39,9 +39,9 @@ def init_ray() -> None:
     ray.init(address="local", dashboard_port=port, runtime_env={"env_vars": env}, **quiet)
 
 
-# How often Ray Train's controller polls its workers (Ray's default: 2 s). A report, the end of the training
-# function and a failure are each seen at the next poll, so every epoch and every run waited up to one interval:
-# 0.5 s took 5 s off a 2-epoch run on 2 cores (bench/RESULTS.md, "Ray Train overhead"). The polls themselves
+# How often Ray Train's controller polls its workers (Ray's default: 2 s). The end of the training function is
+# seen two polls late (bench_ray_fixed_cost: 2.05 s at 2 s, 1.04 s at 0.5 s), and a failure at the next poll;
+# 0.5 s took 5 s off a 2-epoch CLI run on 2 cores (bench/RESULTS.md, "Ray Train overhead"). The polls themselves
 # are a few small actor calls. The user's own value is kept.
 TRAIN_POLL_S = "0.5"
 
