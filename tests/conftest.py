@@ -101,3 +101,14 @@ def cli_sweep(tmp_path_factory) -> CliRun:
             "--mlflow-uri", uri, "--name", "t", "--optuna-storage", f"sqlite:///{root / 'optuna.db'}",
             "--set", "two_sources=true"]  # the demo's default is one source model
     return CliRun(root, argv, uri, run_cli(argv, root))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault tests' record of Ray's deaths (tests/ray_helpers.RECORDS), last: where CI's log is cut, its
+    end is kept."""
+    from tests.ray_helpers import RECORDS
+
+    if RECORDS:
+        terminalreporter.section("Ray's record of unexpected deaths in fault tests")
+        for rec in RECORDS:
+            terminalreporter.write_line(rec)

@@ -29,7 +29,7 @@ from reid_ray.config import resolve_config
 from reid_ray.distributed.actor import ActorClusterer
 from reid_ray.methods import register_method
 from reid_ray.methods.mmt import MMT
-from tests.ray_helpers import committed_epoch
+from tests.ray_helpers import RECORDS, committed_epoch, failure_decisions, fault_record
 
 # `faults` for the whole module: its end-to-end tests are the uninterrupted twins of its kill tests, so
 # `-m "not faults"` skips both rather than running the calm runs twice
@@ -40,6 +40,7 @@ SETS = {
     "ecn": ["target_batch=16", "iters=6", "features=32", "neighbour_start_epoch=1"],
     "mar": [],
 }
+EXTRA_FAILURES = 2  # worker-group failures tolerated beyond the one a kill test causes (see _killed_run)
 COMPARED = {"mmt": ("target_mAP", "loss", "soft_ce", "pseudo_nmi"),
             "ecn": ("target_mAP", "loss", "exemplar", "camera"),
             "mar": ("target_mAP", "loss", "mdl", "cml")}
@@ -81,8 +82,8 @@ class Runs:
         self.data, self.out, self.calm_runs = data, out, {}
         self.uri = f"sqlite:///{out / 'mlflow.db'}"
 
-    def cfg(self, method: str, name: str, base: str | None = None):
-        return resolve_config(method, sets=["num_identities=4", "pretrain_epochs=1", "max_failures=2",
+    def cfg(self, method: str, name: str, base: str | None = None, max_failures: int = 2):
+        return resolve_config(method, sets=["num_identities=4", "pretrain_epochs=1", f"max_failures={max_failures}",
                                             "checkpoint_upload=sync", *SETS[base or method]],
                               flags=dict(data_root=str(self.data), output=str(self.out), epochs=3, eval_every=3,
                                          name=name, mlflow_uri=self.uri))
@@ -161,13 +162,25 @@ def _kill_a_worker_in_epoch_3(run_dir: Path, killed: dict) -> threading.Thread:
 
 
 def _killed_run(runs: Runs, method: str, base: str) -> tuple[dict, dict]:
+    """The killed twin, with room for `EXTRA_FAILURES` group failures beyond the one the test causes: a
+    2-core CI machine once saw two more (cause unknown: CI keeps no Ray logs). Any failure beyond the test's
+    own, and any run that fails, prints Ray's record of its deaths at the end of the pytest run."""
     from reid_ray.distributed.driver import run_training
 
     killed: dict = {}
     name = f"killed-{method}"
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    before = len(failure_decisions(session))
     thread = _kill_a_worker_in_epoch_3(runs.out / name, killed)
-    out = run_training(runs.cfg(method, name, base=base))
+    try:
+        out = run_training(runs.cfg(method, name, base=base, max_failures=1 + EXTRA_FAILURES))
+    except BaseException:
+        RECORDS.append(fault_record(session, f"{name}: the run failed"))
+        raise
     thread.join(30)
+    failures = len(failure_decisions(session)) - before
+    if failures != 1:
+        RECORDS.append(fault_record(session, f"{name}: {failures} worker-group failures where the test caused 1"))
     assert "worker" in killed, "the run ended before its worker could be killed"
     return out, killed
 

@@ -26,9 +26,10 @@ import torch
 from reid_ray import ReidRayError
 
 
-def _as_tensor(x, dtype=None) -> torch.Tensor:
-    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.to(dtype) if dtype is not None else t
+def _as_tensor(x, dtype=None, device=None) -> torch.Tensor:
+    """A torch view of `x`, kept where it is (a GPU tensor stays on its GPU) unless `device` is given."""
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device=device, dtype=dtype)
 
 
 def _match_tables(q_pids, g_pids, q_camids, g_camids):
@@ -41,7 +42,7 @@ def _match_tables(q_pids, g_pids, q_camids, g_camids):
     uniq, counts = torch.unique_consecutive(g_pids[g_order], return_counts=True)
     width = int(counts.max()) if len(counts) else 1
     starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(width)
+    col = torch.arange(width, device=g_pids.device)
     # groups[k, :counts[k]] = gallery indices of pid uniq[k]
     groups = torch.where(col[None, :] < counts[:, None],
                          g_order[(starts[:, None] + col[None, :]).clamp(max=len(g_order) - 1)], -1)
@@ -56,7 +57,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
                   chunk_size: int = 512) -> tuple[np.ndarray, float]:
     """CMC curve (length `max_rank`, fractions in [0, 1]) and mAP (a fraction).
 
-    distmat: (Q, G) distances (smaller = more similar), numpy or torch.
+    distmat: (Q, G) distances (smaller = more similar), numpy or torch. A torch tensor on a GPU is
+    evaluated there (every step is a torch op; only CUHK03's sampled CMC goes through the CPU).
     q_pids, q_camids: (Q,) ints; g_pids, g_camids: (G,) ints.
     use_metric_cuhk03: CUHK03's single-gallery-shot CMC (one random gallery image
     per identity, averaged over `num_repeats` seeded draws); AP stays Market's.
@@ -64,8 +66,9 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     dist = _as_tensor(distmat)
     if not dist.is_floating_point():
         dist = dist.double()
-    q_pids, g_pids = _as_tensor(q_pids, torch.int64), _as_tensor(g_pids, torch.int64)
-    q_camids, g_camids = _as_tensor(q_camids, torch.int64), _as_tensor(g_camids, torch.int64)
+    dev = dist.device
+    q_pids, g_pids = _as_tensor(q_pids, torch.int64, dev), _as_tensor(g_pids, torch.int64, dev)
+    q_camids, g_camids = _as_tensor(q_camids, torch.int64, dev), _as_tensor(g_camids, torch.int64, dev)
     num_q, num_g = dist.shape
     if (len(q_pids), len(q_camids), len(g_pids), len(g_camids)) != (num_q, num_q, num_g, num_g):
         raise ReidRayError(f"evaluate_rank: distmat is {num_q}x{num_g} but got {len(q_pids)} query pids, "
@@ -84,25 +87,26 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
             continue
         d, pos, rm = dist[sl][valid], pos[valid], removed[sl][valid]
         position, num_rel = _positions(d, pos, rm)
-        hit_no = torch.arange(1, position.shape[1] + 1, dtype=torch.float64)
+        hit_no = torch.arange(1, position.shape[1] + 1, dtype=torch.float64, device=dev)
         ap = torch.where(position > 0, hit_no / position.clamp(min=1), 0.0).sum(1) / num_rel
         all_ap.append(ap)
         if use_metric_cuhk03:
             keep = ~((g_pids[None, :] == q_pids[sl][valid, None]) & (g_camids[None, :] == q_camids[sl][valid, None]))
-            all_cmc.append(_cuhk03_cmc(d, keep, q_pids[sl][valid], g_pids, max_rank, num_repeats, rng))
+            all_cmc.append(_cuhk03_cmc(d.cpu(), keep.cpu(), q_pids[sl][valid].cpu(), g_pids.cpu(), max_rank,
+                                       num_repeats, rng).to(dev))
         else:
             first = position[:, 0]  # 1-based position of the first match
-            all_cmc.append((first[:, None] <= torch.arange(1, max_rank + 1)[None, :]).double())
+            all_cmc.append((first[:, None] <= torch.arange(1, max_rank + 1, device=dev)[None, :]).double())
     if not all_ap:
         raise ReidRayError("evaluate_rank: no query has a match in the gallery (check pids and cameras)")
-    return torch.cat(all_cmc).mean(0).numpy().astype(np.float32), float(torch.cat(all_ap).mean())
+    return torch.cat(all_cmc).mean(0).cpu().numpy().astype(np.float32), float(torch.cat(all_ap).mean())
 
 
 def _sorted_thresholds(d, pos):
     """Distances of each row's matches sorted by (distance, gallery index); +inf padding last."""
     present = pos >= 0
     idx = pos.clamp(min=0)
-    thr = torch.where(present, d.gather(1, idx), torch.tensor(float("inf"), dtype=d.dtype))
+    thr = torch.where(present, d.gather(1, idx), torch.tensor(float("inf"), dtype=d.dtype, device=d.device))
     tiebreak = torch.where(present, idx, d.shape[1])
     order = torch.argsort(tiebreak, dim=1, stable=True)
     thr, tiebreak = thr.gather(1, order), tiebreak.gather(1, order)
@@ -118,22 +122,30 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor):
     Returns (positions (B, P) float64, 0 where padded; number of matches (B,)).
     """
     b, g = d.shape
+    dev = d.device
+    d = d.contiguous()
     thr, tiebreak, num_rel = _sorted_thresholds(d, pos)
     p = thr.shape[1]
     # entry g is ranked before match j if d_g < t_j, i.e. j >= #(thresholds <= d_g):
     # one batched binary search and one histogram over every entry of the block
-    bins = torch.searchsorted(thr, d.contiguous(), right=True, out_int32=True)  # (B, G) in [0, P]
-    offsets = torch.arange(0, b * (p + 1), p + 1, dtype=torch.int32)[:, None]
-    hist = torch.bincount((bins + offsets).view(-1), minlength=b * (p + 1)).view(b, p + 1)
+    bins = torch.searchsorted(thr, d, right=True, out_int32=True)  # (B, G) in [0, P]
+    # row-major (B, P + 1) slots, int32: the histogram's bins and, below, the tie lookup's index
+    flat = (bins + torch.arange(0, b * (p + 1), p + 1, dtype=torch.int32, device=dev)[:, None]).view(-1)
+    hist = torch.bincount(flat, minlength=b * (p + 1)).view(b, p + 1)
     # the removed entries were counted too: take them out (there are few)
     r_on = removed >= 0
     if r_on.any():
         r_bins = torch.searchsorted(thr, d.gather(1, removed.clamp(min=0)).contiguous(), right=True)
-        hist.view(-1).index_add_(0, (r_bins + offsets)[r_on].long(), torch.full((int(r_on.sum()),), -1, dtype=hist.dtype))
+        offsets = torch.arange(0, b * (p + 1), p + 1, device=dev)[:, None]
+        hist.view(-1).index_add_(0, (r_bins + offsets)[r_on], torch.full((int(r_on.sum()),), -1, dtype=hist.dtype,
+                                                                          device=dev))
     before = torch.cumsum(hist, 1)[:, :p]
     # ties (d_g == t_j): g is before match j only if g < idx_j. Every match ties with itself.
-    thr_low = torch.cat([torch.full((b, 1), -torch.inf, dtype=d.dtype), thr], 1)  # thr_low[k] = t_{k-1}
-    rows, cols = (thr_low.gather(1, bins.long()) == d).nonzero(as_tuple=True)
+    thr_low = torch.cat([torch.full((b, 1), -torch.inf, dtype=d.dtype, device=dev), thr], 1)  # [k] = t_{k-1}
+    # the threshold just below each entry, looked up by the int32 slots (index_select takes them as they are;
+    # gather would need an int64 copy of the whole block)
+    below = thr_low.view(-1).index_select(0, flat).view(b, g)
+    rows, cols = (below == d).nonzero(as_tuple=True)
     not_removed = ~((removed[rows] == cols[:, None]) & r_on[rows]).any(1)
     rows, cols = rows[not_removed], cols[not_removed]
     tb, dv = bins[rows, cols].long(), d[rows, cols]
