@@ -38,3 +38,26 @@ def test_rejects_bad_shapes_and_k():
         re_ranking(z, np.zeros((3, 3)), np.zeros((4, 4)))
     with pytest.raises(ReidRayError, match="k1"):
         re_ranking(z, np.zeros((3, 3)), np.zeros((5, 5)), k1=20)
+
+
+def test_rows_read_the_references_original_dist_bit_for_bit():
+    """`_Rows.block` (tiled transposes), `_Rows.at` (single entries, read from the inputs) and
+    `_Rows.query_gallery` give the reference's row-normalised squared distances exactly, on inputs that are
+    not symmetric (so a row of D and a column of D differ)."""
+    import torch
+
+    from reid_ray.evaluation.rerank import _columns_as_rows, _Rows
+
+    rng = np.random.default_rng(3)
+    q, g = 5, 11
+    qg, qq, gg = (rng.random(s).astype(np.float32) for s in ((q, g), (q, q), (g, g)))
+    d = np.block([[qq, qg], [qg.T, gg]]) ** 2
+    original = (d / d.max(0)).T  # the reference's original_dist
+    m = torch.from_numpy(gg)
+    assert torch.equal(_columns_as_rows(m, slice(2, 9), rows=3), m[:, 2:9].T)
+    rows = _Rows(qg, qq, gg)
+    blocks_ = torch.cat([rows.block(lo, min(lo + 4, q + g)) for lo in range(0, q + g, 4)])
+    assert torch.equal(blocks_, torch.from_numpy(original.astype(np.float32)))
+    i, j = torch.meshgrid(torch.arange(q + g), torch.arange(q + g), indexing="ij")
+    assert torch.equal(rows.at(i.flatten(), j.flatten()).view(q + g, q + g), blocks_)
+    assert torch.equal(rows.query_gallery(1, 4), blocks_[1:4, q:])

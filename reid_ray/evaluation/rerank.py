@@ -35,28 +35,55 @@ def _t(x) -> torch.Tensor:
     return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
+def _columns_as_rows(m: torch.Tensor, c: slice, rows: int = 256) -> torch.Tensor:
+    """m[:, c] transposed into a contiguous (len(c), m.shape[0]) block, copied `rows` rows of m at a time
+    (a cache-sized tile: a whole strided transpose is ~4x slower)."""
+    out = torch.empty(c.stop - c.start, m.shape[0], dtype=m.dtype)
+    for r in range(0, m.shape[0], rows):
+        out[:, r:r + rows] = m[r:r + rows, c].T
+    return out
+
+
 class _Rows:
     """Row blocks of the reference's `original_dist`, computed on demand from the three blocks.
 
     The reference stacks D = [[qq, qg], [qgᵀ, gg]], squares it, divides each column by its
-    max and transposes: row i is column i of D², over that column's max.
+    max and transposes: row i is column i of D², over that column's max. `block` returns such rows and
+    records each row's max, after which `at` reads single entries without building a block again.
     """
 
     def __init__(self, q_g, q_q, g_g):
         self.q_g, self.q_q, self.g_g = _t(q_g), _t(q_q), _t(g_g)
         self.nq, self.ng = self.q_g.shape
         self.n = self.nq + self.ng
+        self.row_max = torch.empty(self.n, dtype=torch.float32)
 
     def block(self, lo: int, hi: int) -> torch.Tensor:
         parts = []
         if lo < self.nq:  # columns lo..min(hi,nq) of D: q_q[:, c] over q_g[c, :]
             c = slice(lo, min(hi, self.nq))
-            parts.append(torch.cat([self.q_q[:, c].T, self.q_g[c, :]], 1))
+            parts.append(torch.cat([_columns_as_rows(self.q_q, c), self.q_g[c, :]], 1))
         if hi > self.nq:  # columns of the gallery part: q_g[:, c] over g_g[:, c]
             c = slice(max(lo, self.nq) - self.nq, hi - self.nq)
-            parts.append(torch.cat([self.q_g[:, c].T, self.g_g[:, c].T], 1))
+            parts.append(torch.cat([_columns_as_rows(self.q_g, c), _columns_as_rows(self.g_g, c)], 1))
         rows = torch.cat(parts, 0).pow(2).float()
-        return rows / rows.max(1, keepdim=True).values
+        top = rows.max(1, keepdim=True).values
+        self.row_max[lo:hi] = top[:, 0]
+        return rows / top
+
+    def at(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """original_dist[i, j] for index tensors i, j of one shape (rows i must have been through `block`):
+        D[j, i] from whichever input holds it, with the block's arithmetic, so bit for bit the same."""
+        nq, out = self.nq, torch.empty(i.shape, dtype=self.q_g.dtype)
+        qi, qj = i < nq, j < nq
+        for m, src, a, b in ((qi & qj, self.q_q, j, i), (~qi & qj, self.q_g, j, i - nq),
+                             (qi & ~qj, self.q_g, i, j - nq), (~qi & ~qj, self.g_g, j - nq, i - nq)):
+            out[m] = src[a[m], b[m]]
+        return out.pow(2).float() / self.row_max[i]
+
+    def query_gallery(self, lo: int, hi: int) -> torch.Tensor:
+        """original_dist[lo:hi, nq:] for query rows: q_g's rows, squared, over their rows' max."""
+        return self.q_g[lo:hi].pow(2).float() / self.row_max[lo:hi, None]
 
 
 def _nearest(block: torch.Tensor, k: int) -> torch.Tensor:
@@ -178,18 +205,15 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     # 2. k1-reciprocal sets, expanded by the k1/2-reciprocal sets of their members
     e_idx = expanded_reciprocal_sets(rank, k1, chunk_size)
 
-    # 3. V: Gaussian kernel weights over each expanded set (rows sum to 1), then local query expansion
+    # 3. V: Gaussian kernel weights over each expanded set (rows sum to 1), then local query expansion;
+    # the distances at the sets' entries are read from the inputs (no second pass over the blocks)
     present = e_idx >= 0
-    weights, final_orig = [], []
-    for lo in range(0, n, chunk_size):
-        hi = min(lo + chunk_size, n)
-        blk = rows.block(lo, hi)
-        weights.append(torch.where(present[lo:hi], -blk.gather(1, e_idx[lo:hi].clamp(min=0)), -torch.inf))
-        if lo < nq:
-            final_orig.append(blk[: max(0, min(hi, nq) - lo), nq:])
-    v = encoding_matrix(e_idx, torch.cat(weights), rank, k2)
+    weights = torch.full(e_idx.shape, -torch.inf)
+    weights[present] = -rows.at(torch.arange(n)[:, None].expand_as(e_idx)[present], e_idx[present])
+    v = encoding_matrix(e_idx, weights, rank, k2)
 
-    # 4. Jaccard distance of each query to every gallery image, over V's non-zeros
+    # 4. Jaccard distance of each query to every gallery image, over V's non-zeros,
+    # 5. blended with the original distances, one block of queries at a time
     final = torch.empty(nq, rows.ng, dtype=torch.float32)
     for q_lo, q_hi, i, j, m in min_overlaps(v, nq, pairs_per_chunk):
         temp_min = torch.zeros((q_hi - q_lo) * rows.ng, dtype=torch.float32)
@@ -197,8 +221,6 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
         temp_min.index_add_(0, i[gal] * rows.ng + (j[gal] - nq), m[gal])
         temp_min = temp_min.view(q_hi - q_lo, rows.ng)
         final[q_lo:q_hi] = 1 - temp_min / (2 - temp_min)
-
-    # 5. blend with the original distances
-    if lambda_value:
-        final = final * (1 - lambda_value) + torch.cat(final_orig) * lambda_value
+        if lambda_value:
+            final[q_lo:q_hi] = final[q_lo:q_hi] * (1 - lambda_value) + rows.query_gallery(q_lo, q_hi) * lambda_value
     return final.numpy()
