@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick install clean
+.PHONY: demo test test-quick bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 # servers, and run the uninterrupted twins they are compared with): an estimated 15 of its 25 minutes on 2 cores
 test-quick: $(STAMP)
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q -m "not faults"
+
+# every CPU benchmark, side by side with its peers, at several sizes (about 15 min on 2 cores): rewrites the
+# generated section of bench/RESULTS.md and its plots. Cython builds the peer evaluator (torchreid's rank_cy).
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[cpu,bench]'
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) *.egg-info

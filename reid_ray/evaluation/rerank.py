@@ -157,8 +157,9 @@ def encoding_matrix(e_idx: torch.Tensor, logits: torch.Tensor, rank: torch.Tenso
     return v
 
 
-def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_000):
-    """Σ_k min(V_ik, V_jk) for rows i < num_rows and every j sharing a column with i (Eq. 11-12).
+def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_000, partners_from: int = 0):
+    """Σ_k min(V_ik, V_jk) for rows i < num_rows and every j >= partners_from sharing a column with i
+    (Eq. 11-12).
 
     Yields (lo, hi, i - lo, j, min) blocks of rows [lo, hi): unaggregated triples, one per
     shared column, sized to about `pairs_per_chunk`. Only V's non-zeros are visited.
@@ -166,10 +167,14 @@ def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_0
     n = v.shape[0]
     v_rows, v_cols = v.indices()
     v_vals = v.values()
-    by_col = torch.argsort(v_cols, stable=True)
-    col_rows, col_vals = v_rows[by_col], v_vals[by_col]
+    p_rows, p_cols, p_vals = v_rows, v_cols, v_vals  # the partners j: V's entries in rows >= partners_from
+    if partners_from:
+        keep = v_rows >= partners_from
+        p_rows, p_cols, p_vals = v_rows[keep], v_cols[keep], v_vals[keep]
+    by_col = torch.argsort(p_cols, stable=True)
+    col_rows, col_vals = p_rows[by_col], p_vals[by_col]
     col_ptr = torch.zeros(n + 1, dtype=torch.int64)
-    col_ptr[1:] = torch.cumsum(torch.bincount(v_cols, minlength=n), 0)
+    col_ptr[1:] = torch.cumsum(torch.bincount(p_cols, minlength=n), 0)
     row_ptr = torch.zeros(n + 1, dtype=torch.int64)
     row_ptr[1:] = torch.cumsum(torch.bincount(v_rows, minlength=n), 0)
     col_len = col_ptr[1:] - col_ptr[:-1]
@@ -181,10 +186,10 @@ def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_0
         nz = slice(int(row_ptr[lo]), int(row_ptr[hi]))
         qi, qk, qv = v_rows[nz] - lo, v_cols[nz], v_vals[nz]
         seg = col_len[qk]
-        starts = col_ptr[qk].repeat_interleave(seg)
-        within = torch.arange(len(starts)) - (torch.cumsum(seg, 0) - seg).repeat_interleave(seg)
-        pos = starts + within
-        yield lo, hi, qi.repeat_interleave(seg), col_rows[pos], torch.minimum(qv.repeat_interleave(seg), col_vals[pos])
+        src = torch.repeat_interleave(seg)  # the entry (i, k) of each triple
+        # position in the column lists: the column's start plus the triple's rank within its entry's run
+        pos = torch.arange(len(src)) + (col_ptr[qk] - (torch.cumsum(seg, 0) - seg))[src]
+        yield lo, hi, qi[src], col_rows[pos], torch.minimum(qv[src], col_vals[pos])
         lo = hi
 
 
@@ -215,10 +220,9 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     # 4. Jaccard distance of each query to every gallery image, over V's non-zeros,
     # 5. blended with the original distances, one block of queries at a time
     final = torch.empty(nq, rows.ng, dtype=torch.float32)
-    for q_lo, q_hi, i, j, m in min_overlaps(v, nq, pairs_per_chunk):
+    for q_lo, q_hi, i, j, m in min_overlaps(v, nq, pairs_per_chunk, partners_from=nq):
         temp_min = torch.zeros((q_hi - q_lo) * rows.ng, dtype=torch.float32)
-        gal = j >= nq
-        temp_min.index_add_(0, i[gal] * rows.ng + (j[gal] - nq), m[gal])
+        temp_min.index_add_(0, i * rows.ng + (j - nq), m)
         temp_min = temp_min.view(q_hi - q_lo, rows.ng)
         final[q_lo:q_hi] = 1 - temp_min / (2 - temp_min)
         if lambda_value:
