@@ -25,8 +25,11 @@ def market_like(q: int, g: int, seed: int = 0):
     g_cams = rng.integers(0, 6, g)
     q_pids = rng.integers(1, num_ids + 1, q)
     q_cams = rng.integers(0, 6, q)
-    # distances that carry some identity signal, so the ranks are not uniform
-    dist = rng.random((q, g), dtype=np.float32) + 0.15 * (g_pids[None, :] != q_pids[:, None])
+    # distances that carry some identity signal, so the ranks are not uniform; float32, as features give
+    # (built in place: at MSMT17's size one such matrix is 3.8 GB)
+    dist = rng.random((q, g), dtype=np.float32)
+    for lo in range(0, q, 1024):
+        dist[lo:lo + 1024] += np.float32(0.15) * (g_pids[None, :] != q_pids[lo:lo + 1024, None])
     return dist, q_pids, g_pids, q_cams, g_cams
 
 

@@ -316,19 +316,34 @@ def section_ray(repeats: int, out: Path) -> list[str]:
 SECTIONS = ("eval", "rerank", "kmeans", "dbscan", "ray")
 
 
-def write_results(body: list[str], results: Path = RESULTS) -> None:
-    """The generated section of RESULTS.md replaced (or added after the file's preamble), atomically."""
+def _marks(section: str) -> tuple[str, str]:
+    return f"<!-- bench.run section {section} -->", f"<!-- bench.run section {section} end -->"
+
+
+def write_results(header: list[str], sections: dict[str, list[str]], results: Path = RESULTS) -> None:
+    """The generated part of RESULTS.md: its header, and each section run replaced in place (the sections not
+    run keep their last figures, each with its own date); added after the file's preamble the first time.
+    Written atomically."""
     from reid_ray import write_text_atomic
 
     text = results.read_text() if results.is_file() else "# Benchmark results\n"
-    block = "\n".join([BEGIN, *body, END])
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+        old, tail = rest.split(END, 1)
     else:
         first = text.find("\n## ")
-        text = (text + "\n\n" + block + "\n") if first < 0 else (text[:first + 1] + block + "\n" + text[first:])
-    write_text_atomic(results, text)
+        head, old, tail = (text + "\n\n", "", "\n") if first < 0 else (text[:first + 1], "", "\n" + text[first:])
+    kept = {}
+    for name in SECTIONS:
+        a, b = _marks(name)
+        if a in old and b in old:
+            kept[name] = old.split(a, 1)[1].split(b, 1)[0].strip("\n").splitlines()
+    kept.update(sections)
+    body = [BEGIN, *header]
+    for name in SECTIONS:
+        if name in kept:
+            body += [_marks(name)[0], *kept[name], _marks(name)[1], ""]
+    write_text_atomic(results, head + "\n".join([*body, END]) + tail)
 
 
 def main(argv=None) -> None:
@@ -357,27 +372,29 @@ def main(argv=None) -> None:
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
     import numpy
     import torch
-    body = [f"## `make bench` ({datetime.date.today().isoformat()})", "",
-            f"`python -m bench.run{' --quick' if args.quick else ''} --only {','.join(only)}` on "
-            f"{os.cpu_count()} cores ({cpu}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
-            f"GiB, Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}; "
-            f"load average {load0:.2f} at the start. Figures: median (min-max, runs); LOADED = load average above "
-            "the core count while it ran.", ""]
+    header = ["## `make bench`", "",
+              f"`python -m bench.run` on {os.cpu_count()} cores ({cpu}), "
+              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python "
+              f"{platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}. Figures: median "
+              "(min-max, runs); LOADED = load average above the core count while it ran. Each section names the "
+              "date, command and starting load of its last run.", ""]
+    run_fns = {"eval": lambda: section_eval(pick(EVAL_SIZES), repeats, out),
+               "rerank": lambda: section_rerank(pick(RERANK_SIZES), repeats, out),
+               "kmeans": lambda: section_kmeans(pick(KMEANS_SIZES), repeats, out),
+               "dbscan": lambda: section_dbscan(pick(DBSCAN_SIZES), repeats, out),
+               "ray": lambda: section_ray(repeats, out)}
+    sections = {}
     for s in only:
-        if s == "eval":
-            body += section_eval(pick(EVAL_SIZES), repeats, out)
-        elif s == "rerank":
-            body += section_rerank(pick(RERANK_SIZES), repeats, out)
-        elif s == "kmeans":
-            body += section_kmeans(pick(KMEANS_SIZES), repeats, out)
-        elif s == "dbscan":
-            body += section_dbscan(pick(DBSCAN_SIZES), repeats, out)
-        elif s == "ray":
-            body += section_ray(repeats, out)
-    body.append(f"The whole run took {(time.time() - t0) / 60:.1f} min.")
+        t1, load1 = time.time(), _load()
+        lines = run_fns[s]()
+        stamp = (f"*{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, `python -m bench.run --only {s}"
+                 f"{' --quick' if args.quick else ''}`, load average {load1:.2f} at its start, "
+                 f"{(time.time() - t1) / 60:.1f} min.*")
+        sections[s] = [*lines[:1], "", stamp, *lines[1:]]
+    print(f"bench.run: {len(only)} section(s) in {(time.time() - t0) / 60:.1f} min (load average {load0:.2f} "
+          "at the start)")
     if not args.no_write:
-        write_results(body, results)
-    print("\n".join(body[-1:]))
+        write_results(header, sections, results)
 
 
 if __name__ == "__main__":

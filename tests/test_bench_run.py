@@ -24,6 +24,11 @@ def test_a_quick_run_rewrites_only_its_own_section_and_draws_its_plot(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| 1,500 × 256, k = 100 |"))
     assert "failed" not in row and row.count(" s (1 run)") == 2 and row.rstrip().endswith("× |")
     assert (tmp_path / "bench-kmeans.png").stat().st_size > 1000
+    # a run of another section adds it and keeps k-means' figures
+    run.write_results(["## `make bench`", ""], {"dbscan": ["### DBSCAN", "", "| 1 | 2 |"]}, results)
+    text2 = results.read_text()
+    assert row in text2 and "### DBSCAN" in text2 and text2.count(run.BEGIN) == 1
+    assert text2.index("k-means: faiss") < text2.index("### DBSCAN") < text2.index("## Older figures")
 
 
 def test_a_figure_names_its_spread_and_a_loaded_machine(monkeypatch):

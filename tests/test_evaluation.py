@@ -96,3 +96,29 @@ def test_cuhk03_single_shot_is_at_least_market_cmc():
 def test_pairwise_distance_is_squared_euclidean():
     x, y = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([[3.0, 4.0]])
     assert pairwise_distance(x, y).flatten().tolist() == pytest.approx([25.0, 13.0])
+
+
+def test_one_pass_feeds_several_models_as_separate_passes_would():
+    from reid_ray.evaluation import extract_features
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4), torch.nn.BatchNorm1d(4)) for _ in range(2)]
+    nets[1].train()
+    batches = [{"img": torch.randn(5, 3, 2, 2), "pid": torch.arange(5), "camid": torch.zeros(5, dtype=torch.long)}
+               for _ in range(3)]
+    decoded = []
+
+    class Loader:  # counts the passes over the data
+        def __iter__(self):
+            decoded.append(1)
+            return iter(batches)
+
+    both = extract_features(nets, Loader(), flip=True)
+    assert len(decoded) == 1 and nets[1].training and nets[0].training  # modes restored (a new Module trains)
+    for net, (f, pid, _cam) in zip(nets, both):
+        alone, pid1, _ = extract_features(net, Loader(), flip=True)
+        assert torch.equal(f, alone) and torch.equal(pid, pid1) and f.shape == (15, 4)
+        # ordinary tensors (not inference tensors): a memory can be updated in place, a loss can use them
+        assert not f.is_inference()
+        f.mul_(0.5)
+        (torch.nn.Parameter(torch.ones(4)) * f).sum().backward()

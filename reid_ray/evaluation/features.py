@@ -6,29 +6,42 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, loader, *, flip: bool = False, device: str | torch.device = "cpu",
-                     normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def extract_features(model, loader, *, flip: bool = False, device: str | torch.device = "cpu",
+                     normalize: bool = True):
     """(features (N, D) float32 on CPU, pids (N,), camids (N,)), in loader order.
 
     The model is called in eval mode on batches of images and must return (B, D)
     features. `flip=True` averages the features of each image and its mirror.
+    `model` may be a list of models: one pass over the loader (each batch decoded and
+    transformed once) feeds them all, and a list of such triples comes back.
+    The forward passes run under `torch.inference_mode` (no autograd bookkeeping at all); the
+    features are joined outside it, so they come back as ordinary tensors that a memory may update in
+    place or a loss may use.
     """
-    was_training = model.training
-    model.eval()
-    feats, pids, camids = [], [], []
-    for batch in loader:
-        img = batch["img"].to(device, non_blocking=True)
-        f = model(img)
-        if flip:
-            f = f + model(torch.flip(img, dims=[3]))
-        if normalize:
-            f = F.normalize(f, dim=1)
-        feats.append(f.float().cpu())
-        pids.append(batch["pid"])
-        camids.append(batch["camid"])
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(pids), torch.cat(camids)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    feats: list[list[torch.Tensor]] = [[] for _ in models]
+    pids, camids = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            img = batch["img"].to(device, non_blocking=True)
+            flipped = torch.flip(img, dims=[3]) if flip else None
+            for m, out in zip(models, feats):
+                f = m(img)
+                if flip:
+                    f = f + m(flipped)
+                if normalize:
+                    f = F.normalize(f, dim=1)
+                out.append(f.float().cpu())
+            pids.append(batch["pid"])
+            camids.append(batch["camid"])
+    for m, training in zip(models, was_training):
+        m.train(training)
+    pid, camid = torch.cat(pids), torch.cat(camids)
+    res = [(torch.cat(f), pid, camid) for f in feats]
+    return res if isinstance(model, (list, tuple)) else res[0]
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -77,22 +77,23 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         raise ReidRayError("evaluate_rank: distmat contains NaN (check the features for NaN/inf)")
     max_rank = min(max_rank, num_g)
     positives, removed = _match_tables(q_pids, g_pids, q_camids, g_camids)
+    # queries in order of their number of matches (Market's protocol: CUHK03's draws follow query order), so
+    # that each block's tables are only as wide as its own widest row; queries without a match are skipped
+    counts = (positives >= 0).sum(1)
+    order = torch.arange(num_q, device=dev) if use_metric_cuhk03 else torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0]
     all_cmc, all_ap = [], []
     rng = np.random.default_rng(seed)
-    for lo in range(0, num_q, chunk_size):
-        sl = slice(lo, min(lo + chunk_size, num_q))
-        pos = positives[sl]
-        valid = (pos >= 0).any(1)
-        if not valid.any():
-            continue
-        d, pos, rm = dist[sl][valid], pos[valid], removed[sl][valid]
+    for lo in range(0, len(order), chunk_size):
+        idx = order[lo:lo + chunk_size]
+        d, pos, rm = dist[idx], _packed(positives[idx]), _packed(removed[idx])
         position, num_rel = _positions(d, pos, rm)
         hit_no = torch.arange(1, position.shape[1] + 1, dtype=torch.float64, device=dev)
         ap = torch.where(position > 0, hit_no / position.clamp(min=1), 0.0).sum(1) / num_rel
         all_ap.append(ap)
         if use_metric_cuhk03:
-            keep = ~((g_pids[None, :] == q_pids[sl][valid, None]) & (g_camids[None, :] == q_camids[sl][valid, None]))
-            all_cmc.append(_cuhk03_cmc(d.cpu(), keep.cpu(), q_pids[sl][valid].cpu(), g_pids.cpu(), max_rank,
+            keep = ~((g_pids[None, :] == q_pids[idx, None]) & (g_camids[None, :] == q_camids[idx, None]))
+            all_cmc.append(_cuhk03_cmc(d.cpu(), keep.cpu(), q_pids[idx].cpu(), g_pids.cpu(), max_rank,
                                        num_repeats, rng).to(dev))
         else:
             first = position[:, 0]  # 1-based position of the first match
@@ -100,6 +101,12 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     if not all_ap:
         raise ReidRayError("evaluate_rank: no query has a match in the gallery (check pids and cameras)")
     return torch.cat(all_cmc).mean(0).cpu().numpy().astype(np.float32), float(torch.cat(all_ap).mean())
+
+
+def _packed(table: torch.Tensor) -> torch.Tensor:
+    """A -1 padded index table with each row's entries first, cut to its widest row (at least 1 column)."""
+    table = torch.sort(table, dim=1, descending=True).values
+    return table[:, :max(1, int((table >= 0).sum(1).max()))] if len(table) else table
 
 
 def _sorted_thresholds(d, pos):

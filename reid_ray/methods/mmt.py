@@ -171,12 +171,11 @@ class MMT(Method):
             if ctx.epoch == 0 and self.train_loader is None and self.p.adabn_init:
                 for ema in self.emas:
                     adapt_bn(ema, self.extract_loader, self.device)
-            feats = 0
             for ema in self.emas:
                 sync_buffers(ema)
-                f, _, _ = extract_features(ema, self.extract_loader, device=self.device)
-                feats = feats + f
-            res = self.clusterer.refresh((feats / 2).numpy(), ctx.epoch)
+            # one pass over this rank's shard feeds both mean nets (each image decoded once)
+            (f1, _, _), (f2, _, _) = extract_features(self.emas, self.extract_loader, device=self.device)
+            res = self.clusterer.refresh(((f1 + f2) / 2).numpy(), ctx.epoch)
             cent = torch.tensor(res.centroids, device=self.device)  # a copy: Ray's arrays are read-only
             rows = unwrap(self.models["net1"]).classifier.weight.shape[0]
             if not 0 < len(cent) <= rows:
