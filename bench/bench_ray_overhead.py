@@ -1,8 +1,9 @@
 """Ray Train overhead: the same epochs in a bare torch loop and under Ray Train (1 worker).
 
-    python -m bench.bench_ray_overhead [--epochs 3] [--data-root data]
+    python -m bench.bench_ray_overhead [--epochs 3] [--data-root data] [--checkpoint-every 1]
 
 Both run the baseline on the synthetic default (synth-a), same config and seed.
+The bare loop runs with the OpenMP wait settings the workers get (reid_ray.distributed.runtime.omp_env).
 Prints per-epoch time of each (first epoch excluded: warm-up), the overhead ratio
 of epoch time, and the fixed cost of a Ray Train run (wall time minus epochs).
 """
@@ -13,23 +14,32 @@ import argparse
 import os
 import time
 
-import torch
+from reid_ray.distributed.runtime import omp_env
 
-from reid_ray.config import resolve_config
-from reid_ray.data.domains import ensure_data
-from reid_ray.distributed.driver import run_training
-from reid_ray.distributed.resources import plan_resources
-from reid_ray.engine import train_epoch
-from reid_ray.methods import METHODS, EpochContext
+# the bare loop waits in OpenMP as the Ray workers will (set before torch starts OpenMP): comparing a spinning
+# bare loop with passive workers measured the wait policy (+35-54 %), not Ray (bench/RESULTS.md)
+for _k, _v in omp_env().items():
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+from reid_ray.config import resolve_config  # noqa: E402
+from reid_ray.data.domains import ensure_data  # noqa: E402
+from reid_ray.distributed.driver import run_training  # noqa: E402
+from reid_ray.distributed.resources import plan_resources  # noqa: E402
+from reid_ray.engine import train_epoch  # noqa: E402
+from reid_ray.methods import METHODS, EpochContext  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--data-root", default="data")
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="the run's checkpoint_every (the last epoch always)")
     args = ap.parse_args()
-    cfg = resolve_config("baseline", flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
-                                                output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db"))
+    cfg = resolve_config("baseline", sets=[f"checkpoint_every={args.checkpoint_every}"],
+                         flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
+                                    output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db"))
     domains = ensure_data(cfg)
     threads = plan_resources({"CPU": os.cpu_count()}, 1, 0, False, max_concurrent=1).threads
     torch.set_num_threads(threads)  # the same thread count the Ray worker will get

@@ -100,3 +100,18 @@ def test_pseudo_labeler_actor_clusters_and_survives_a_restart(ray_local):
     again = client.refresh(feats.astype(np.float32), epoch=1)
     assert len(again.labels) == 200 and again.stats["refresh_attempts"] >= 1
     ray.kill(handle)
+
+
+@pytest.mark.parametrize("user, workers", [
+    ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"GOMP_SPINCOUNT": "10000"}, {"GOMP_SPINCOUNT": "10000"}),  # a short spin, not PASSIVE on top of it
+    ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "5"}),
+])
+def test_the_workers_get_the_users_openmp_wait_settings_or_passive(monkeypatch, user, workers):
+    from reid_ray.distributed.runtime import omp_env
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in user.items():
+        monkeypatch.setenv(key, value)
+    assert omp_env() == workers

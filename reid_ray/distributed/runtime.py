@@ -32,11 +32,19 @@ def init_ray() -> None:
     # the cluster through the state API: with a second local Ray on the machine, "auto" is ambiguous
     # and the cleaner fails, so the next trial waits forever. Name this instance's API server for it.
     port = _free_port()
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    env = {**omp_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     # address="local": a new instance, even where a `ray start` cluster runs on this machine (plain ray.init()
     # would join that one); RAY_ADDRESS=auto joins it
     ray.init(address="local", dashboard_port=port, runtime_env={"env_vars": env}, **quiet)
+
+
+def omp_env() -> dict[str, str]:
+    """The OpenMP wait settings Ray's workers get: the user's own OMP_WAIT_POLICY and GOMP_SPINCOUNT where
+    set, else OMP_WAIT_POLICY=PASSIVE. A short spin before sleeping (GOMP_SPINCOUNT=10000, OMP_WAIT_POLICY
+    unset) took 24 % off a 1-worker epoch on 2 cores and changed nothing measurable with 2 workers
+    (bench/RESULTS.md, "Ray Train overhead"); an unbounded spin (ACTIVE) made the same epoch 7x slower."""
+    mine = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(k)}
+    return mine or {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # How often Ray Train's controller polls its workers (Ray's default: 2 s). The end of the training function is
