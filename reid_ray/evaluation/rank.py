@@ -137,15 +137,15 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor):
     # one batched binary search and one histogram over every entry of the block
     bins = torch.searchsorted(thr, d, right=True, out_int32=True)  # (B, G) in [0, P]
     # row-major (B, P + 1) slots, int32: the histogram's bins and, below, the tie lookup's index
-    flat = (bins + torch.arange(0, b * (p + 1), p + 1, dtype=torch.int32, device=dev)[:, None]).view(-1)
+    row_start = torch.arange(0, b * (p + 1), p + 1, dtype=torch.int32, device=dev)[:, None]
+    flat = (bins + row_start).view(-1)
     hist = torch.bincount(flat, minlength=b * (p + 1)).view(b, p + 1)
     # the removed entries were counted too: take them out (there are few)
     r_on = removed >= 0
     if r_on.any():
         r_bins = torch.searchsorted(thr, d.gather(1, removed.clamp(min=0)).contiguous(), right=True)
-        offsets = torch.arange(0, b * (p + 1), p + 1, device=dev)[:, None]
-        hist.view(-1).index_add_(0, (r_bins + offsets)[r_on], torch.full((int(r_on.sum()),), -1, dtype=hist.dtype,
-                                                                          device=dev))
+        hist.view(-1).index_add_(0, (r_bins + row_start)[r_on], torch.full((int(r_on.sum()),), -1, dtype=hist.dtype,
+                                                                            device=dev))
     before = torch.cumsum(hist, 1)[:, :p]
     # ties (d_g == t_j): g is before match j only if g < idx_j. Every match ties with itself.
     thr_low = torch.cat([torch.full((b, 1), -torch.inf, dtype=d.dtype, device=dev), thr], 1)  # [k] = t_{k-1}

@@ -224,7 +224,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
         temp_min = torch.zeros((q_hi - q_lo) * rows.ng, dtype=torch.float32)
         temp_min.index_add_(0, i * rows.ng + (j - nq), m)
         temp_min = temp_min.view(q_hi - q_lo, rows.ng)
-        final[q_lo:q_hi] = 1 - temp_min / (2 - temp_min)
-        if lambda_value:
-            final[q_lo:q_hi] = final[q_lo:q_hi] * (1 - lambda_value) + rows.query_gallery(q_lo, q_hi) * lambda_value
+        jaccard = 1 - temp_min / (2 - temp_min)
+        final[q_lo:q_hi] = (jaccard * (1 - lambda_value) + rows.query_gallery(q_lo, q_hi) * lambda_value
+                            if lambda_value else jaccard)
     return final.numpy()
