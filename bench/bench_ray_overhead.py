@@ -1,6 +1,6 @@
 """Ray Train overhead: the same epochs in a bare torch loop and under Ray Train (1 worker).
 
-    python -m bench.bench_ray_overhead [--epochs 3] [--data-root data] [--checkpoint-every 1]
+    python -m bench.bench_ray_overhead [--epochs 3] [--data-root data] [--checkpoint-every 1] [--json]
 
 Both run the baseline on the synthetic default (synth-a), same config and seed.
 The bare loop runs with the OpenMP wait settings the workers get (reid_ray.distributed.runtime.omp_env).
@@ -11,6 +11,7 @@ of epoch time, and the fixed cost of a Ray Train run (wall time minus epochs).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -31,12 +32,13 @@ from reid_ray.engine import train_epoch  # noqa: E402
 from reid_ray.methods import METHODS, EpochContext  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="the run's checkpoint_every (the last epoch always)")
-    args = ap.parse_args()
+    ap.add_argument("--json", action="store_true", help="also one JSON line with the figures (for make bench)")
+    args = ap.parse_args(argv)
     cfg = resolve_config("baseline", sets=[f"checkpoint_every={args.checkpoint_every}"],
                          flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
                                     output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db"))
@@ -62,6 +64,9 @@ def main() -> None:
     print(f"Ray Train epoch       {r:7.2f} s  (epochs: {', '.join(f'{x:.2f}' for x in ray_epochs)})")
     print(f"epoch-time overhead   {100 * (r / b - 1):+7.1f} %")
     print(f"Ray Train run wall    {wall:7.1f} s, of which fixed cost ~{wall - sum(ray_epochs):.1f} s")
+    if args.json:
+        print(json.dumps({"bare_epochs": bare, "ray_epochs": ray_epochs, "bare_s": b, "ray_s": r, "overhead": r / b - 1,
+                          "wall_s": wall, "fixed_s": wall - sum(ray_epochs), "omp": omp_env()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Records the device and its versions, then times (each a median of repeats after 
      tensors already on the device, so an epoch's bound is known;
   3. one MMT epoch (two nets + two mean nets, 400 iterations) and its pseudo-label refresh at Market size;
   4. faiss k-means on 12,936 x 2,048 with k = 500, on the GPU (faiss-gpu) and on the CPU;
-  5. evaluation and k-reciprocal re-ranking at Market size (3,368 x 15,913).
+  5. evaluation and k-reciprocal re-ranking at Market size (3,368 x 15,913), on the CPU and on the GPU (the torch
+     path of both), the GPU's numbers checked against the CPU's.
 Writes `gpu.json` and `gpu.md` (a table for bench/RESULTS.md) into --out. --tiny shrinks every size
 (a 20-id Market-shaped set, the `small` backbone at 64x32, few steps) so the whole script runs on a CPU
 in about a minute: it checks the script, not the machine.
@@ -241,6 +242,8 @@ def bench_kmeans(sizes: Sizes) -> dict:
 
 
 def bench_eval(sizes: Sizes) -> dict:
+    """evaluate_rank and re_ranking at Market size on the CPU and, where there is one, on the GPU (the torch
+    path: the distance matrices are CUDA tensors); the GPU's numbers are checked against the CPU's."""
     from reid_ray.evaluation import evaluate_rank, pairwise_distance, re_ranking
 
     nq, ng, d = sizes.eval
@@ -251,13 +254,20 @@ def bench_eval(sizes: Sizes) -> dict:
     cams = rng.integers(0, 6, nq + ng)
     qf, gf = feats[:nq], feats[nq:]
     out = {"shape": [nq, ng, d]}
-    dist = pairwise_distance(qf, gf)
-    t, s = timed(lambda: evaluate_rank(dist, ids[:nq], ids[nq:], cams[:nq], cams[nq:]), sizes.repeats)
-    out["evaluate_rank_s"], out["evaluate_rank_spread_s"] = t, s
-    t, s = timed(lambda: re_ranking(dist, pairwise_distance(qf, qf), pairwise_distance(gf, gf)), 1)
-    out["re_ranking_s"], out["re_ranking_spread_s"] = t, s
-    print(f"evaluate_rank {nq} x {ng}: {out['evaluate_rank_s']:.2f} s; re-ranking: {out['re_ranking_s']:.1f} s",
-          flush=True)
+    dists = (pairwise_distance(qf, gf), pairwise_distance(qf, qf), pairwise_distance(gf, gf))
+    results = {}
+    for where in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        qg, qq, gg = (x.to(where) for x in dists)
+        t, s = timed(lambda qg=qg: evaluate_rank(qg, ids[:nq], ids[nq:], cams[:nq], cams[nq:]), sizes.repeats)
+        out[f"evaluate_rank_{where}_s"], out[f"evaluate_rank_{where}_spread_s"] = t, s
+        t, s = timed(lambda qg=qg, qq=qq, gg=gg: re_ranking(qg, qq, gg), 1)
+        out[f"re_ranking_{where}_s"], out[f"re_ranking_{where}_spread_s"] = t, s
+        results[where] = (evaluate_rank(qg, ids[:nq], ids[nq:], cams[:nq], cams[nq:])[1], re_ranking(qg, qq, gg))
+        print(f"{where}: evaluate_rank {nq} x {ng}: {out[f'evaluate_rank_{where}_s']:.2f} s; re-ranking: "
+              f"{out[f're_ranking_{where}_s']:.1f} s", flush=True)
+    if "cuda" in results:
+        out["cuda_vs_cpu_mAP_diff"] = abs(results["cuda"][0] - results["cpu"][0])
+        out["cuda_vs_cpu_re_ranking_max_diff"] = float(np.abs(results["cuda"][1] - results["cpu"][1]).max())
     return out
 
 
@@ -283,8 +293,15 @@ def markdown(rec: dict) -> str:
             lines.append(f"| faiss k-means {km['shape'][0]} x {km['shape'][1]}, k = {km['shape'][2]}, {where.upper()} | "
                          f"{km[f'{where}_s']:.2f} s |")
     ev = rec["eval"]
-    lines.append(f"| evaluate_rank {ev['shape'][0]} x {ev['shape'][1]} | {ev['evaluate_rank_s']:.2f} s |")
-    lines.append(f"| k-reciprocal re-ranking {ev['shape'][0]} x {ev['shape'][1]} | {ev['re_ranking_s']:.1f} s |")
+    for where in ("cuda", "cpu"):
+        if f"evaluate_rank_{where}_s" in ev:
+            lines.append(f"| evaluate_rank {ev['shape'][0]} x {ev['shape'][1]}, {where.upper()} | "
+                         f"{ev[f'evaluate_rank_{where}_s']:.2f} s |")
+            lines.append(f"| k-reciprocal re-ranking {ev['shape'][0]} x {ev['shape'][1]}, {where.upper()} | "
+                         f"{ev[f're_ranking_{where}_s']:.1f} s |")
+    if "cuda_vs_cpu_re_ranking_max_diff" in ev:
+        lines.append(f"| GPU vs CPU: mAP diff / re-ranking max diff | {ev['cuda_vs_cpu_mAP_diff']:.1e} / "
+                     f"{ev['cuda_vs_cpu_re_ranking_max_diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

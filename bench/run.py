@@ -13,7 +13,14 @@ else one run):
            (clustered, unstructured), ours up to Market's 3,368 x 15,913, with the peak memory above the inputs;
   kmeans   faiss (the refresh's k-means) vs scikit-learn's KMeans, 20 forced Lloyd iterations, 3 sizes;
   dbscan   our Jaccard-distance DBSCAN (k-reciprocal Jaccard on faiss kNN + scikit-learn's DBSCAN), 3 sizes;
-  ray      the fixed cost of a Ray Train run by phase (bench/bench_ray_fixed_cost.py).
+  ray      the fixed cost of a Ray Train run by phase (bench/bench_ray_fixed_cost.py);
+  pipeline the BoT train loader alone against the training step alone, on the embedded benchmark and on
+           256x128 JPEGs with ResNet-50 (bench/bench_pipeline.py): which of the two bounds an epoch;
+  mmt      one MMT epoch under Ray Train (2 workers, the PseudoLabeler actor) at 2 target-set sizes: the
+           refresh, its parts and its share of the epoch, measured at the embedded 40 iterations and
+           projected to the paper's 400 (bench/bench_refresh.py);
+  overhead Ray Train's per-epoch overhead against a bare torch loop, with the default passive OpenMP waits
+           and with GOMP_SPINCOUNT=10000, side by side (bench/bench_ray_overhead.py).
 
 Every measurement runs in its own process (`--measure`), one at a time, so that peaks and caches do not
 leak between figures; the inputs are generated in the child from a seed, identically for both sides.
@@ -44,6 +51,7 @@ RERANK_SIZES = [(500, 2500), (1000, 5000), (2000, 9000), (3368, 15913)]
 RERANK_REFERENCE_MAX = 6000  # Q + G beyond which the dense reference is not run (minutes, N x N float64)
 KMEANS_SIZES = [(1500, 256, 100), (5000, 1024, 250), (12936, 2048, 500)]
 DBSCAN_SIZES = [1500, 5000, 12936]
+MMT_SIZES = [("data", 150, 100), ("bench/out/mmt-t300", 300, 200)]  # (benchmark, training ids, k): 1,500 and 3,000 target images
 
 
 # --------------------------------------------------------------------------- measurements (child processes)
@@ -313,7 +321,108 @@ def section_ray(repeats: int, out: Path) -> list[str]:
     return ["### The fixed cost of one Ray Train run (`python -m bench.bench_ray_fixed_cost`)" + note, "", *body, ""]
 
 
-SECTIONS = ("eval", "rerank", "kmeans", "dbscan", "ray")
+def _script(module: str, args: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
+    """Run a bench script in its own process; its last output line, a JSON record, with the load it ran under."""
+    before = _load()
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        return {"error": (proc.stderr.strip().splitlines() or lines or ["(no output)"])[-1][:300], "load": before}
+    return {**json.loads(lines[-1]), "load": max(before, _load())}
+
+
+def _script_row(lines: list[str], module: str, args: list[str], first: str, columns: int, fmt, env=None) -> dict:
+    """Run a bench script (`_script`), turn its record into a table row with `fmt` (or a failed row of `columns`
+    cells after `first`), and add the row to `lines` as it lands."""
+    r = _script(module, args, env)
+    row = (f"| {first} | failed: {r['error']} |" + " |" * (columns - 2)) if "error" in r else fmt(r)
+    lines.append(row)
+    print(row, flush=True)
+    return r
+
+
+def _span(xs: list[float]) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
+def _loaded(res: dict) -> str:
+    return " LOADED" if res["load"] > (os.cpu_count() or 1) else ""
+
+
+def _rate(res: dict, key: str, times: str) -> str:
+    """'images/s (min-max over runs)' with LOADED as in _fig."""
+    n = res["batches"] * res["batch"]
+    xs = res[times]
+    return f"{res[key]:,.0f} img/s ({n / max(xs):,.0f}-{n / min(xs):,.0f}, {len(xs)} runs){_loaded(res)}"
+
+
+def _pipeline_row(r: dict) -> str:
+    fast, slow = sorted((r["loader_img_s"], r["step_img_s"]), reverse=True)
+    return (f"| {r['data']} ({r['hw'][0]}×{r['hw'][1]}) | {r['arch']} | {r['loader_processes']} | "
+            f"{_rate(r, 'loader_img_s', 'loader_times')} | {_rate(r, 'step_img_s', 'step_times')} | "
+            f"**{r['bound']}** ({fast / slow:.1f}× slower) |")
+
+
+def section_pipeline(repeats: int, out: Path, quick: bool, data_root: str = "data", sets: tuple[str, ...] = ()) -> list[str]:
+    lines = ["### The data pipeline: the loader alone against the training step alone", "",
+             "The BoT baseline's own train loader (P×K 16×4, flip, pad + crop, normalise, random erasing, collate) "
+             "and its step (label-smoothed CE + batch-hard triplet, Adam) through `engine.train_epoch` on batches "
+             "already loaded; one process, every core for torch. *embedded*: synth-a in memory, 64×32, the `small` "
+             "backbone; *JPEG*: Market-shaped 256×128 JPEGs decoded from disk each time (a 40-identity subset), "
+             "ResNet-50. The slower of the two bounds the epoch.", "",
+             "| data | model | loader processes | loader alone | step alone | bound |", "|---|---|---|---|---|---|"]
+    for data in ("embedded",) if quick else ("embedded", "jpeg"):
+        args = ["--data", data, "--repeats", str(repeats), "--data-root", data_root, *(f"--set={x}" for x in sets)]
+        args += ["--batches", "2"] if quick else []
+        _script_row(lines, "bench.bench_pipeline", args, data, 6, _pipeline_row)
+    return [*lines, ""]
+
+
+def section_mmt(out: Path, quick: bool) -> list[str]:
+    lines = ["### One MMT epoch at two target-set sizes: the pseudo-label refresh and its share", "",
+             "`python -m bench.bench_refresh --paths actor --epochs 2` (2 Ray Train workers, the PseudoLabeler actor, "
+             "k-means, the embedded 40 iterations an epoch; epoch 2's figures; the second benchmark is "
+             "`reid-ray synth DIR --train-ids 300` started from the first's source model). Refresh = both mean "
+             "nets' features from one pass over the target set (sharded over the workers) + gather + k-means + "
+             "return. Goal: ≤ 5 % of an epoch at the paper's 400 iterations (projected from the measured refresh "
+             "and per-iteration time; 400 iterations take ~4.5 min an epoch here).", "",
+             "| target images | k | refresh | gather / cluster / return | 40 iterations | share at 40 | "
+             "projected at 400 |", "|---|---|---|---|---|---|---|"]
+    pts: dict = {}
+    init = None
+    for root, ids, k in MMT_SIZES[:1] if quick else MMT_SIZES:
+        if not (ROOT / root / "synth-b").is_dir():
+            subprocess.run([sys.executable, "-m", "reid_ray", "synth", root, "--train-ids", str(ids), "--no-camstyle",
+                            "--no-texture"], cwd=ROOT, check=True, capture_output=True)
+        args = ["--paths", "actor", "--epochs", "2", "--data-root", root, "--json", "--set", f"params.num_clusters={k}"]
+        r = _script_row(lines, "bench.bench_refresh", args + (["--init", init] if init else []), root, 7,
+                        lambda r, k=k: (f"| {r['target_images']:,} | {k} | {r['refresh_time']:.2f} s{_loaded(r)} | "
+                                        f"{r['pseudo_gather_time']:.2f} / {r['pseudo_cluster_time']:.2f} / "
+                                        f"{r['pseudo_return_time']:.2f} s | {r['epoch_time']:.2f} s | "
+                                        f"{100 * r['share']:.1f} % | {100 * r['projected_at_400']:.1f} % |"))
+        if "error" not in r:
+            init = init or r["init"]
+            pts.setdefault("refresh", []).append((r["target_images"], r["refresh_time"]))
+            pts.setdefault("40 iterations", []).append((r["target_images"], r["epoch_time"]))
+    return _finish(lines, out, "mmt", "MMT epoch", "target images", pts)
+
+
+def section_overhead(out: Path) -> list[str]:
+    lines = ["### Ray Train's per-epoch overhead against a bare torch loop", "",
+             "`python -m bench.bench_ray_overhead --epochs 4 --checkpoint-every 4` (the baseline on synth-a, 1 "
+             "worker, the same thread count and OpenMP wait settings in both loops; epochs 2-4). Goal: ≤ 5 %.", "",
+             "| OpenMP wait | bare epoch | Ray Train epoch | overhead | run wall (fixed cost) |", "|---|---|---|---|---|"]
+    for name, env in (("passive (default)", {}), ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"})):
+        _script_row(lines, "bench.bench_ray_overhead", ["--epochs", "4", "--checkpoint-every", "4", "--json"], name, 5,
+                    lambda r, name=name: (f"| {name} | {r['bare_s']:.2f} s ({_span(r['bare_epochs'][1:])}) | "
+                                          f"{r['ray_s']:.2f} s ({_span(r['ray_epochs'][1:])}) | "
+                                          f"**{100 * r['overhead']:+.1f} %**{_loaded(r)} | {r['wall_s']:.1f} s "
+                                          f"({r['fixed_s']:.1f} s) |"), env)
+    return [*lines, ""]
+
+
+SECTIONS = ("eval", "rerank", "kmeans", "dbscan", "ray", "pipeline", "mmt", "overhead")
 
 
 def _marks(section: str) -> tuple[str, str]:
@@ -382,7 +491,10 @@ def main(argv=None) -> None:
                "rerank": lambda: section_rerank(pick(RERANK_SIZES), repeats, out),
                "kmeans": lambda: section_kmeans(pick(KMEANS_SIZES), repeats, out),
                "dbscan": lambda: section_dbscan(pick(DBSCAN_SIZES), repeats, out),
-               "ray": lambda: section_ray(repeats, out)}
+               "ray": lambda: section_ray(repeats, out),
+               "pipeline": lambda: section_pipeline(repeats, out, args.quick),
+               "mmt": lambda: section_mmt(out, args.quick),
+               "overhead": lambda: section_overhead(out)}
     sections = {}
     for s in only:
         t1, load1 = time.time(), _load()

@@ -43,3 +43,39 @@ def test_an_unknown_section_is_one_line_and_exit_2():
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--only", "evall"], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "evall" in proc.stderr
+
+
+def test_the_pipeline_section_names_the_bound(tmp_path, tiny_synth):
+    """A real (quick) run of the loader-against-step section, on the tests' small benchmark."""
+    lines = run.section_pipeline(1, tmp_path, quick=True, data_root=str(tiny_synth), sets=("loader.num_identities=4",))
+    row = next(line for line in lines if line.startswith("| embedded (64×32) | small |"))
+    assert "failed" not in row and row.count("img/s") == 2 and ("**loader**" in row or "**step**" in row)
+
+
+def test_the_ray_sections_tabulate_their_scripts_records(tmp_path, monkeypatch):
+    """The MMT and overhead sections read their scripts' JSON records (canned here: those scripts train under
+    Ray for minutes; they are run by make bench, not by the suite)."""
+    calls = []
+
+    def fake(module, args, env=None, timeout=0):
+        calls.append((module, args, env))
+        if module == "bench.bench_refresh":
+            n = 1500 if "data" in args else 3000
+            return {"target_images": n, "refresh_time": n / 1000, "pseudo_gather_time": 0.1, "pseudo_cluster_time": 0.02,
+                    "pseudo_return_time": 0.01, "epoch_time": 20.0, "share": 0.07, "projected_at_400": 0.008,
+                    "init": "/src.pt", "load": 0.5}
+        return {"bare_s": 4.0, "ray_s": 4.2, "bare_epochs": [5, 4, 4, 4], "ray_epochs": [6, 4.2, 4.1, 4.3],
+                "overhead": 0.05, "wall_s": 40.0, "fixed_s": 22.0, "load": 3.0}
+
+    monkeypatch.setattr(run, "_script", fake)
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(run, "MMT_SIZES", [("data", 150, 100), ("data", 300, 200)])
+    mmt = run.section_mmt(tmp_path, quick=False)
+    assert "| 1,500 | 100 | 1.50 s | 0.10 / 0.02 / 0.01 s | 20.00 s | 7.0 % | 0.8 % |" in mmt
+    # the second size starts from the first's source model
+    assert calls[1][1][-2:] == ["--init", "/src.pt"] and "--init" not in calls[0][1]
+    assert (tmp_path / "bench-mmt.png").stat().st_size > 1000
+    over = run.section_overhead(tmp_path)
+    assert any(line.startswith("| GOMP_SPINCOUNT=10000 | 4.00 s (4.00-4.00) | 4.20 s (4.10-4.30) | **+5.0 %** LOADED")
+               for line in over)
+    assert calls[-1][2] == {"GOMP_SPINCOUNT": "10000"} and calls[-2][2] == {}

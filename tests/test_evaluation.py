@@ -70,6 +70,19 @@ def test_matches_the_per_query_reference(seed):
     assert ap_t == pytest.approx(ap, abs=1e-12)
 
 
+
+def test_every_tensor_is_made_on_the_distance_matrix_device():
+    """The GPU path, checked on a CPU: under a default device of `meta`, any tensor created without the
+    distance matrix's device would be a meta tensor meeting CPU ones, and fail (Market's protocol)."""
+    rng = np.random.default_rng(11)
+    qp, gp, qc, gc = rng.integers(0, 15, 30), rng.integers(0, 15, 200), rng.integers(0, 4, 30), rng.integers(0, 4, 200)
+    d = rng.random((30, 200)).astype(np.float32)
+    cmc, ap = evaluate_rank(d, qp, gp, qc, gc, max_rank=10, chunk_size=7)
+    with torch.device("meta"):
+        cmc_t, ap_t = evaluate_rank(torch.from_numpy(d), qp, gp, qc, gc, max_rank=10, chunk_size=7)
+    np.testing.assert_allclose(cmc_t, cmc)
+    assert ap_t == pytest.approx(ap, abs=1e-12)
+
 def test_cuhk03_single_shot_equals_market_when_one_image_per_identity():
     rng = np.random.default_rng(0)
     gp = np.arange(30)  # one gallery image per identity: sampling changes nothing

@@ -61,3 +61,22 @@ def test_rows_read_the_references_original_dist_bit_for_bit():
     i, j = torch.meshgrid(torch.arange(q + g), torch.arange(q + g), indexing="ij")
     assert torch.equal(rows.at(i.flatten(), j.flatten()).view(q + g, q + g), blocks_)
     assert torch.equal(rows.query_gallery(1, 4), blocks_[1:4, q:])
+
+
+def test_every_tensor_is_made_on_the_inputs_device():
+    """The GPU path, checked on a CPU: under a default device of `meta`, any tensor created without the inputs'
+    device would be a meta tensor meeting CPU ones, and fail; the numbers must be the NumPy path's."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(60, 16)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    qg, qq, gg = blocks(f, 12)
+    expected = re_ranking(qg, qq, gg, k1=10, k2=3, chunk_size=16, pairs_per_chunk=200)
+    with torch.device("meta"):
+        out = re_ranking(torch.from_numpy(qg), torch.from_numpy(qq), torch.from_numpy(gg), k1=10, k2=3,
+                         chunk_size=16, pairs_per_chunk=200)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    # an explicit device moves NumPy inputs there
+    np.testing.assert_allclose(re_ranking(qg, qq, gg, k1=10, k2=3, device="cpu"), expected, atol=1e-6)

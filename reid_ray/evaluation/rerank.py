@@ -19,6 +19,10 @@ The reference builds several dense N×N matrices and loops in Python over every
 image; here neighbours come from a chunked top-k, the sets are fixed-width index
 tables, V is a sparse matrix and the Jaccard sums run over V's non-zeros only, so
 memory grows with N·k1² rather than N², and there is no per-image Python loop.
+
+Every step is a torch operation on one device: the inputs' own when they are torch tensors (a CUDA
+distance matrix is re-ranked on its GPU), the CPU for NumPy arrays, or `device` when given. The result
+is a NumPy array either way.
 """
 
 from __future__ import annotations
@@ -31,14 +35,24 @@ import torch
 from reid_ray import ReidRayError
 
 
-def _t(x) -> torch.Tensor:
-    return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+def _t(x, device) -> torch.Tensor:
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device)
+
+
+def _device(device, *xs) -> torch.device:
+    """`device` if given, else the first torch input's device, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return next((x.device for x in xs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
 def _columns_as_rows(m: torch.Tensor, c: slice, rows: int = 256) -> torch.Tensor:
     """m[:, c] transposed into a contiguous (len(c), m.shape[0]) block, copied `rows` rows of m at a time
-    (a cache-sized tile: a whole strided transpose is ~4x slower)."""
-    out = torch.empty(c.stop - c.start, m.shape[0], dtype=m.dtype)
+    on a CPU (a cache-sized tile: a whole strided transpose is ~4x slower there), at once on a GPU."""
+    if m.device.type != "cpu":
+        return m[:, c].T.contiguous()
+    out = torch.empty(c.stop - c.start, m.shape[0], dtype=m.dtype, device=m.device)
     for r in range(0, m.shape[0], rows):
         out[:, r:r + rows] = m[r:r + rows, c].T
     return out
@@ -52,11 +66,12 @@ class _Rows:
     records each row's max, after which `at` reads single entries without building a block again.
     """
 
-    def __init__(self, q_g, q_q, g_g):
-        self.q_g, self.q_q, self.g_g = _t(q_g), _t(q_q), _t(g_g)
+    def __init__(self, q_g, q_q, g_g, device: torch.device = torch.device("cpu")):
+        self.q_g, self.q_q, self.g_g = _t(q_g, device), _t(q_q, device), _t(g_g, device)
         self.nq, self.ng = self.q_g.shape
         self.n = self.nq + self.ng
-        self.row_max = torch.empty(self.n, dtype=torch.float32)
+        self.device = device
+        self.row_max = torch.empty(self.n, dtype=torch.float32, device=device)
 
     def block(self, lo: int, hi: int) -> torch.Tensor:
         parts = []
@@ -74,7 +89,7 @@ class _Rows:
     def at(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """original_dist[i, j] for index tensors i, j of one shape (rows i must have been through `block`):
         D[j, i] from whichever input holds it, with the block's arithmetic, so bit for bit the same."""
-        nq, out = self.nq, torch.empty(i.shape, dtype=self.q_g.dtype)
+        nq, out = self.nq, torch.empty(i.shape, dtype=self.q_g.dtype, device=self.device)
         qi, qj = i < nq, j < nq
         for m, src, a, b in ((qi & qj, self.q_q, j, i), (~qi & qj, self.q_g, j, i - nq),
                              (qi & ~qj, self.q_g, i, j - nq), (~qi & ~qj, self.g_g, j - nq, i - nq)):
@@ -105,7 +120,7 @@ def _nearest(block: torch.Tensor, k: int) -> torch.Tensor:
 def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
     """Mask (N, k+1): rank[i, a] is a k-reciprocal neighbour of i (i is in its top k+1 too)."""
     fwd = rank[:, : k + 1]
-    me = torch.arange(len(rank))[:, None, None]
+    me = torch.arange(len(rank), device=rank.device)[:, None, None]
     return (rank[fwd, : k + 1] == me).any(2)
 
 
@@ -141,16 +156,17 @@ def encoding_matrix(e_idx: torch.Tensor, logits: torch.Tensor, rank: torch.Tenso
 
     logits: (N, W) = -distance at e_idx (-inf where padded); V_i = softmax over i's set.
     """
-    n = len(e_idx)
+    n, dev = len(e_idx), e_idx.device
     present = e_idx >= 0
     w = torch.softmax(logits, dim=1)
-    r_idx = torch.arange(n)[:, None].expand_as(e_idx)
-    v = torch.sparse_coo_tensor(torch.stack([r_idx[present], e_idx[present]]), w[present], (n, n),
+    r_idx = torch.arange(n, device=dev)[:, None].expand_as(e_idx)
+    v = torch.sparse_coo_tensor(torch.stack([r_idx[present], e_idx[present]]), w[present], (n, n), device=dev,
                                 check_invariants=False).coalesce()
     if k2 != 1:
-        qe_rows = torch.arange(n).repeat_interleave(k2)
+        qe_rows = torch.arange(n, device=dev).repeat_interleave(k2)
         a = torch.sparse_coo_tensor(torch.stack([qe_rows, rank[:, :k2].reshape(-1)]),
-                                    torch.full((n * k2,), 1.0 / k2), (n, n), check_invariants=False).coalesce()
+                                    torch.full((n * k2,), 1.0 / k2, device=dev), (n, n), device=dev,
+                                    check_invariants=False).coalesce()
         with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta
             warnings.simplefilter("ignore", UserWarning)
             v = torch.sparse.mm(a, v).coalesce()
@@ -164,7 +180,7 @@ def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_0
     Yields (lo, hi, i - lo, j, min) blocks of rows [lo, hi): unaggregated triples, one per
     shared column, sized to about `pairs_per_chunk`. Only V's non-zeros are visited.
     """
-    n = v.shape[0]
+    n, dev = v.shape[0], v.device
     v_rows, v_cols = v.indices()
     v_vals = v.values()
     p_rows, p_cols, p_vals = v_rows, v_cols, v_vals  # the partners j: V's entries in rows >= partners_from
@@ -173,12 +189,12 @@ def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_0
         p_rows, p_cols, p_vals = v_rows[keep], v_cols[keep], v_vals[keep]
     by_col = torch.argsort(p_cols, stable=True)
     col_rows, col_vals = p_rows[by_col], p_vals[by_col]
-    col_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    col_ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
     col_ptr[1:] = torch.cumsum(torch.bincount(p_cols, minlength=n), 0)
-    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
     row_ptr[1:] = torch.cumsum(torch.bincount(v_rows, minlength=n), 0)
     col_len = col_ptr[1:] - col_ptr[:-1]
-    cost = torch.zeros(n, dtype=torch.int64).index_add_(0, v_rows, col_len[v_cols])[:num_rows]
+    cost = torch.zeros(n, dtype=torch.int64, device=dev).index_add_(0, v_rows, col_len[v_cols])[:num_rows]
     lo = 0
     while lo < num_rows:
         hi = lo + 1 + int(torch.searchsorted(torch.cumsum(cost[lo + 1:], 0), max(0, pairs_per_chunk - int(cost[lo]))))
@@ -188,15 +204,17 @@ def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_0
         seg = col_len[qk]
         src = torch.repeat_interleave(seg)  # the entry (i, k) of each triple
         # position in the column lists: the column's start plus the triple's rank within its entry's run
-        pos = torch.arange(len(src)) + (col_ptr[qk] - (torch.cumsum(seg, 0) - seg))[src]
+        pos = torch.arange(len(src), device=dev) + (col_ptr[qk] - (torch.cumsum(seg, 0) - seg))[src]
         yield lo, hi, qi[src], col_rows[pos], torch.minimum(qv[src], col_vals[pos])
         lo = hi
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               chunk_size: int = 2048, pairs_per_chunk: int = 20_000_000) -> np.ndarray:
-    """Re-ranked (Q, G) float32 distances from query-gallery, query-query and gallery-gallery ones."""
-    rows = _Rows(q_g_dist, q_q_dist, g_g_dist)
+               chunk_size: int = 2048, pairs_per_chunk: int = 20_000_000, device=None) -> np.ndarray:
+    """Re-ranked (Q, G) float32 distances from query-gallery, query-query and gallery-gallery ones, computed
+    on `device` (default: the inputs' device when they are torch tensors, else the CPU)."""
+    dev = _device(device, q_g_dist, q_q_dist, g_g_dist)
+    rows = _Rows(q_g_dist, q_q_dist, g_g_dist, dev)
     n, nq = rows.n, rows.nq
     if rows.q_q.shape != (nq, nq) or rows.g_g.shape != (rows.ng, rows.ng):
         raise ReidRayError(f"re_ranking: shapes do not fit: q_g {tuple(rows.q_g.shape)}, "
@@ -213,18 +231,18 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     # 3. V: Gaussian kernel weights over each expanded set (rows sum to 1), then local query expansion;
     # the distances at the sets' entries are read from the inputs (no second pass over the blocks)
     present = e_idx >= 0
-    weights = torch.full(e_idx.shape, -torch.inf)
-    weights[present] = -rows.at(torch.arange(n)[:, None].expand_as(e_idx)[present], e_idx[present])
+    weights = torch.full(e_idx.shape, -torch.inf, device=dev)
+    weights[present] = -rows.at(torch.arange(n, device=dev)[:, None].expand_as(e_idx)[present], e_idx[present])
     v = encoding_matrix(e_idx, weights, rank, k2)
 
     # 4. Jaccard distance of each query to every gallery image, over V's non-zeros,
     # 5. blended with the original distances, one block of queries at a time
-    final = torch.empty(nq, rows.ng, dtype=torch.float32)
+    final = torch.empty(nq, rows.ng, dtype=torch.float32, device=dev)
     for q_lo, q_hi, i, j, m in min_overlaps(v, nq, pairs_per_chunk, partners_from=nq):
-        temp_min = torch.zeros((q_hi - q_lo) * rows.ng, dtype=torch.float32)
+        temp_min = torch.zeros((q_hi - q_lo) * rows.ng, dtype=torch.float32, device=dev)
         temp_min.index_add_(0, i * rows.ng + (j - nq), m)
         temp_min = temp_min.view(q_hi - q_lo, rows.ng)
         jaccard = 1 - temp_min / (2 - temp_min)
         final[q_lo:q_hi] = (jaccard * (1 - lambda_value) + rows.query_gallery(q_lo, q_hi) * lambda_value
                             if lambda_value else jaccard)
-    return final.numpy()
+    return final.cpu().numpy()
