@@ -95,12 +95,12 @@ def measure(data: str, batches: int, repeats: int, data_root: str = "data", sets
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", choices=("embedded", "jpeg"), default="embedded")
-    ap.add_argument("--batches", type=int, default=None, help="batches a run (default: 20 embedded, 3 jpeg)")
+    ap.add_argument("--batches", type=int, default=None, help="batches a run (default: 20 embedded, 2 jpeg)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-root", default="data", help="the embedded benchmark's folder (written there when absent)")
     ap.add_argument("--set", action="append", default=[], help="a config override, as in reid-ray train")
     args = ap.parse_args(argv)
-    batches = args.batches or (20 if args.data == "embedded" else 3)
+    batches = args.batches or (20 if args.data == "embedded" else 2)
     print(json.dumps(measure(args.data, batches, args.repeats, args.data_root, tuple(args.set))))
 
 

@@ -24,8 +24,10 @@ else one run):
 
 Every measurement runs in its own process (`--measure`), one at a time, so that peaks and caches do not
 leak between figures; the inputs are generated in the child from a seed, identically for both sides.
-The load average is read before and after each figure; a figure taken with a load above the core count
-is marked LOADED.
+A figure is marked LOADED when other processes than its own used at least OTHERS_LOADED cores on average
+while it ran: the machine's CPU time over the figure (/proc/stat) less the figure's own (its process and
+every descendant it waited for). The load average, which counts the figure's own threads and decays over a
+minute, flagged figures that ran alone on a quiet machine.
 """
 
 from __future__ import annotations
@@ -168,31 +170,59 @@ def measure(kind: str, p: dict) -> dict:
 
 # --------------------------------------------------------------------------- the parent
 
+OTHERS_LOADED = 0.5  # cores used by other processes, on average over a figure, from which it is marked LOADED
+
+
 def _load() -> float:
     return os.getloadavg()[0]
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every state of /proc/stat's cpu line but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of the children (and their descendants) it has waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _run(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run one figure's process; with the cores other processes used meanwhile, and the load average."""
+    t, busy, own, load = time.perf_counter(), _busy_cpu_s(), _own_cpu_s(), _load()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    wall = max(time.perf_counter() - t, 1e-9)
+    others = max(0.0, (_busy_cpu_s() - busy) - (_own_cpu_s() - own)) / wall
+    return proc, {"others": others, "load": max(load, _load())}
+
+
+def _error(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["(no output)"]
+    return lines[-1][:300]
+
+
 def _child(kind: str, params: dict, timeout: int = 1800) -> dict:
-    before = _load()
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--measure", kind, json.dumps(params)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc, seen = _run([sys.executable, "-m", "bench.run", "--measure", kind, json.dumps(params)], timeout=timeout)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300], "load": before}
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["load"] = max(before, _load())
-    return res
+        return {"error": _error(proc), **seen}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), **seen}
+
+
+def _loaded(res: dict) -> str:
+    return " LOADED" if res.get("others", 0.0) >= OTHERS_LOADED else ""
 
 
 def _fig(res: dict) -> str:
-    """'median s (min-max, n runs)' with LOADED where the load average exceeded the cores."""
+    """'median s (min-max, n runs)', with LOADED where other processes took the cores (`_loaded`)."""
     if "error" in res:
         return f"failed: {res['error']}"
     xs = res["times"]
     med = statistics.median(xs)
     spread = f" ({min(xs):.2f}-{max(xs):.2f}, {len(xs)} runs)" if len(xs) > 1 else " (1 run)"
-    loaded = " LOADED" if res["load"] > (os.cpu_count() or 1) else ""
-    return f"{med:.2f} s{spread}{loaded}"
+    return f"{med:.2f} s{spread}{_loaded(res)}"
 
 
 def _ratio(peer: dict, ours: dict) -> str:
@@ -311,25 +341,20 @@ def section_dbscan(sizes, repeats: int, out: Path) -> list[str]:
 
 
 def section_ray(repeats: int, out: Path) -> list[str]:
-    before = _load()
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_ray_fixed_cost", "--repeats", str(repeats)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    body = proc.stdout.strip().splitlines() if proc.returncode == 0 else [
-        f"failed: {(proc.stderr.strip().splitlines() or ['(no output)'])[-1][:300]}"]
+    proc, seen = _run([sys.executable, "-m", "bench.bench_ray_fixed_cost", "--repeats", str(repeats)])
+    body = proc.stdout.strip().splitlines() if proc.returncode == 0 else [f"failed: {_error(proc)}"]
     print("\n".join(body), flush=True)
-    note = " LOADED" if max(before, _load()) > (os.cpu_count() or 1) else ""
-    return ["### The fixed cost of one Ray Train run (`python -m bench.bench_ray_fixed_cost`)" + note, "", *body, ""]
+    return ["### The fixed cost of one Ray Train run (`python -m bench.bench_ray_fixed_cost`)" + _loaded(seen), "",
+            *body, f"Other processes used {seen['others']:.2f} cores on average meanwhile.", ""]
 
 
 def _script(module: str, args: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
-    """Run a bench script in its own process; its last output line, a JSON record, with the load it ran under."""
-    before = _load()
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    """Run a bench script in its own process; its last output line, a JSON record, with what else ran (`_run`)."""
+    proc, seen = _run([sys.executable, "-m", module, *args], env, timeout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
-        return {"error": (proc.stderr.strip().splitlines() or lines or ["(no output)"])[-1][:300], "load": before}
-    return {**json.loads(lines[-1]), "load": max(before, _load())}
+        return {"error": _error(proc), **seen}
+    return {**json.loads(lines[-1]), **seen}
 
 
 def _script_row(lines: list[str], module: str, args: list[str], first: str, columns: int, fmt, env=None) -> dict:
@@ -344,10 +369,6 @@ def _script_row(lines: list[str], module: str, args: list[str], first: str, colu
 
 def _span(xs: list[float]) -> str:
     return f"{min(xs):.2f}-{max(xs):.2f}"
-
-
-def _loaded(res: dict) -> str:
-    return " LOADED" if res["load"] > (os.cpu_count() or 1) else ""
 
 
 def _rate(res: dict, key: str, times: str) -> str:
@@ -485,7 +506,8 @@ def main(argv=None) -> None:
               f"`python -m bench.run` on {os.cpu_count()} cores ({cpu}), "
               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python "
               f"{platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}. Figures: median "
-              "(min-max, runs); LOADED = load average above the core count while it ran. Each section names the "
+              f"(min-max, runs); LOADED = other processes used ≥ {OTHERS_LOADED} cores on average while it ran (the "
+              "machine's CPU time less the figure's own). Each section names the "
               "date, command and starting load of its last run.", ""]
     run_fns = {"eval": lambda: section_eval(pick(EVAL_SIZES), repeats, out),
                "rerank": lambda: section_rerank(pick(RERANK_SIZES), repeats, out),

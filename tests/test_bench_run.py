@@ -33,10 +33,23 @@ def test_a_quick_run_rewrites_only_its_own_section_and_draws_its_plot(tmp_path):
 
 def test_a_figure_names_its_spread_and_a_loaded_machine(monkeypatch):
     monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
-    assert run._fig({"times": [1.0, 3.0, 2.0], "load": 0.5}) == "2.00 s (1.00-3.00, 3 runs)"
-    assert run._fig({"times": [70.0], "load": 2.5}) == "70.00 s (1 run) LOADED"
-    assert run._fig({"error": "no Cython", "load": 0}) == "failed: no Cython"
-    assert run._ratio({"times": [4.0]}, {"times": [2.0]}) == "2.00×"
+    assert run._fig({"times": [1.0, 3.0, 2.0], "others": 0.1, "load": 2.5}) == "2.00 s (1.00-3.00, 3 runs)"
+    assert run._fig({"times": [70.0], "others": 0.8, "load": 0.5}) == "70.00 s (1 run) LOADED"
+    assert run._fig({"error": "no Cython", "others": 0}) == "failed: no Cython"
+
+
+def test_loaded_counts_other_processes_not_the_figures_own(monkeypatch):
+    """Other processes' cores = (the machine's busy CPU time - the figure's own) / wall; the figure's own CPU
+    time (a child that does a fixed amount of work) is seen through its rusage."""
+    before = run._own_cpu_s()
+    subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
+    assert run._own_cpu_s() - before > 0.3  # the child's CPU seconds, whatever else the machine runs
+    busy, own, clock = iter([100.0, 103.0]), iter([5.0, 6.5]), iter([0.0, 1.5])
+    monkeypatch.setattr(run, "_busy_cpu_s", lambda: next(busy))
+    monkeypatch.setattr(run, "_own_cpu_s", lambda: next(own))
+    monkeypatch.setattr(run.time, "perf_counter", lambda: next(clock))
+    _, seen = run._run([sys.executable, "-c", "pass"])
+    assert seen["others"] == 1.0 and run._loaded(seen) == " LOADED"  # 3 s busy, 1.5 s of it the figure's
 
 
 def test_an_unknown_section_is_one_line_and_exit_2():
@@ -63,9 +76,9 @@ def test_the_ray_sections_tabulate_their_scripts_records(tmp_path, monkeypatch):
             n = 1500 if "data" in args else 3000
             return {"target_images": n, "refresh_time": n / 1000, "pseudo_gather_time": 0.1, "pseudo_cluster_time": 0.02,
                     "pseudo_return_time": 0.01, "epoch_time": 20.0, "share": 0.07, "projected_at_400": 0.008,
-                    "init": "/src.pt", "load": 0.5}
+                    "init": "/src.pt", "others": 0.1}
         return {"bare_s": 4.0, "ray_s": 4.2, "bare_epochs": [5, 4, 4, 4], "ray_epochs": [6, 4.2, 4.1, 4.3],
-                "overhead": 0.05, "wall_s": 40.0, "fixed_s": 22.0, "load": 3.0}
+                "overhead": 0.05, "wall_s": 40.0, "fixed_s": 22.0, "others": 0.9}
 
     monkeypatch.setattr(run, "_script", fake)
     monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
