@@ -1,6 +1,6 @@
 """Ray Train overhead: the same epochs in a bare torch loop and under Ray Train (1 worker).
 
-    python -m bench.bench_ray_overhead [--epochs 3] [--data-root data] [--checkpoint-every 1] [--json]
+    python -m bench.bench_ray_overhead [--epochs 3] [--data-root data] [--checkpoint-every 1] [--threads N] [--json]
 
 Both run the baseline on the synthetic default (synth-a), same config and seed.
 The bare loop runs with the OpenMP wait settings the workers get (reid_ray.distributed.runtime.omp_env).
@@ -11,6 +11,7 @@ of epoch time, and the fixed cost of a Ray Train run (wall time minus epochs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -37,14 +38,17 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="the run's checkpoint_every (the last epoch always)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in both loops (default: the worker's planned share of the cores)")
     ap.add_argument("--json", action="store_true", help="also one JSON line with the figures (for make bench)")
     args = ap.parse_args(argv)
     cfg = resolve_config("baseline", sets=[f"checkpoint_every={args.checkpoint_every}"],
                          flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
                                     output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db"))
     domains = ensure_data(cfg)
-    threads = plan_resources({"CPU": os.cpu_count()}, 1, 0, False, max_concurrent=1).threads
-    torch.set_num_threads(threads)  # the same thread count the Ray worker will get
+    plan = plan_resources({"CPU": os.cpu_count()}, 1, 0, False, max_concurrent=1)
+    plan = dataclasses.replace(plan, threads=args.threads or plan.threads)
+    torch.set_num_threads(plan.threads)  # the same thread count the Ray worker gets
 
     method = METHODS["baseline"](cfg, domains, torch.device("cpu"))
     method.setup()
@@ -54,7 +58,7 @@ def main(argv=None) -> None:
         ctx.epoch = e
         bare.append(train_epoch(method, ctx)["epoch_time"])
     t0 = time.perf_counter()
-    out = run_training(cfg)
+    out = run_training(cfg, plan=plan)
     wall = time.perf_counter() - t0
     import mlflow.tracking
     hist = mlflow.tracking.MlflowClient(out["mlflow_uri"]).get_metric_history(out["mlflow_run_id"], "epoch_time")
@@ -66,7 +70,8 @@ def main(argv=None) -> None:
     print(f"Ray Train run wall    {wall:7.1f} s, of which fixed cost ~{wall - sum(ray_epochs):.1f} s")
     if args.json:
         print(json.dumps({"bare_epochs": bare, "ray_epochs": ray_epochs, "bare_s": b, "ray_s": r, "overhead": r / b - 1,
-                          "wall_s": wall, "fixed_s": wall - sum(ray_epochs), "omp": omp_env()}), flush=True)
+                          "wall_s": wall, "fixed_s": wall - sum(ray_epochs), "omp": omp_env(),
+                          "threads": plan.threads}), flush=True)
 
 
 if __name__ == "__main__":

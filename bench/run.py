@@ -19,8 +19,9 @@ else one run):
   mmt      one MMT epoch under Ray Train (2 workers, the PseudoLabeler actor) at 2 target-set sizes: the
            refresh, its parts and its share of the epoch, measured at the embedded 40 iterations and
            projected to the paper's 400 (bench/bench_refresh.py);
-  overhead Ray Train's per-epoch overhead against a bare torch loop, with the default passive OpenMP waits
-           and with GOMP_SPINCOUNT=10000, side by side (bench/bench_ray_overhead.py).
+  overhead Ray Train's per-epoch overhead against a bare torch loop, with the default passive OpenMP waits,
+           with GOMP_SPINCOUNT=10000, and with one torch thread (a core left to Ray's own processes), side by
+           side (bench/bench_ray_overhead.py).
 
 Every measurement runs in its own process (`--measure`), one at a time, so that peaks and caches do not
 leak between figures; the inputs are generated in the child from a seed, identically for both sides.
@@ -431,11 +432,14 @@ def section_mmt(out: Path, quick: bool) -> list[str]:
 
 def section_overhead(out: Path) -> list[str]:
     lines = ["### Ray Train's per-epoch overhead against a bare torch loop", "",
-             "`python -m bench.bench_ray_overhead --epochs 4 --checkpoint-every 4` (the baseline on synth-a, 1 "
-             "worker, the same thread count and OpenMP wait settings in both loops; epochs 2-4). Goal: ≤ 5 %.", "",
+             "`python -m bench.bench_ray_overhead --epochs 4 --checkpoint-every 4 [--threads 1]` (the baseline on "
+             "synth-a, 1 worker, the same thread count (the worker's planned share: 2 here, unless 1 is named) and "
+             "OpenMP wait settings in both loops; epochs 2-4). Goal: ≤ 5 %.", "",
              "| OpenMP wait | bare epoch | Ray Train epoch | overhead | run wall (fixed cost) |", "|---|---|---|---|---|"]
-    for name, env in (("passive (default)", {}), ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"})):
-        _script_row(lines, "bench.bench_ray_overhead", ["--epochs", "4", "--checkpoint-every", "4", "--json"], name, 5,
+    for name, env, threads in (("passive (default)", {}, []), ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}, []),
+                               ("passive, 1 torch thread (a core left to Ray's processes)", {}, ["--threads", "1"])):
+        _script_row(lines, "bench.bench_ray_overhead", ["--epochs", "4", "--checkpoint-every", "4", "--json", *threads],
+                    name, 5,
                     lambda r, name=name: (f"| {name} | {r['bare_s']:.2f} s ({_span(r['bare_epochs'][1:])}) | "
                                           f"{r['ray_s']:.2f} s ({_span(r['ray_epochs'][1:])}) | "
                                           f"**{100 * r['overhead']:+.1f} %**{_loaded(r)} | {r['wall_s']:.1f} s "

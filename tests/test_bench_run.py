@@ -91,4 +91,4 @@ def test_the_ray_sections_tabulate_their_scripts_records(tmp_path, monkeypatch):
     over = run.section_overhead(tmp_path)
     assert any(line.startswith("| GOMP_SPINCOUNT=10000 | 4.00 s (4.00-4.00) | 4.20 s (4.10-4.30) | **+5.0 %** LOADED")
                for line in over)
-    assert calls[-1][2] == {"GOMP_SPINCOUNT": "10000"} and calls[-2][2] == {}
+    assert calls[-2][2] == {"GOMP_SPINCOUNT": "10000"} and calls[-3][2] == {} and calls[-1][1][-2:] == ["--threads", "1"]
