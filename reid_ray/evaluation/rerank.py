@@ -33,11 +33,7 @@ import numpy as np
 import torch
 
 from reid_ray import ReidRayError
-
-
-def _t(x, device) -> torch.Tensor:
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return t.to(device)
+from reid_ray.evaluation.rank import _as_tensor
 
 
 def _device(device, *xs) -> torch.device:
@@ -67,7 +63,7 @@ class _Rows:
     """
 
     def __init__(self, q_g, q_q, g_g, device: torch.device = torch.device("cpu")):
-        self.q_g, self.q_q, self.g_g = _t(q_g, device), _t(q_q, device), _t(g_g, device)
+        self.q_g, self.q_q, self.g_g = (_as_tensor(x, device=device) for x in (q_g, q_q, g_g))
         self.nq, self.ng = self.q_g.shape
         self.n = self.nq + self.ng
         self.device = device
