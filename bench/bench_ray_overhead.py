@@ -5,7 +5,9 @@
 Both run the baseline on the synthetic default (synth-a), same config and seed.
 The bare loop runs with the OpenMP wait settings the workers get (reid_ray.distributed.runtime.omp_env).
 Prints per-epoch time of each (first epoch excluded: warm-up), the overhead ratio
-of epoch time, and the fixed cost of a Ray Train run (wall time minus epochs).
+of epoch time, and the fixed cost of a Ray Train run (wall time minus epochs); and who used the cores
+during epochs 2.. of each loop (bench/proc_cpu.py: the benchmark's own process, Ray's train worker, its
+other actors, its daemons, anything else), to tell Ray's per-epoch work from contention for the cores.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ for _k, _v in omp_env().items():
 
 import torch  # noqa: E402
 
+from bench.proc_cpu import ProcessCPU  # noqa: E402
 from reid_ray.config import resolve_config  # noqa: E402
 from reid_ray.data.domains import ensure_data  # noqa: E402
 from reid_ray.distributed.driver import run_training  # noqa: E402
@@ -42,6 +45,7 @@ def main(argv=None) -> None:
                     help="torch threads in both loops (default: the worker's planned share of the cores)")
     ap.add_argument("--json", action="store_true", help="also one JSON line with the figures (for make bench)")
     args = ap.parse_args(argv)
+    os.makedirs("bench/out", exist_ok=True)  # the MLflow database's folder (a fresh checkout has none)
     cfg = resolve_config("baseline", sets=[f"checkpoint_every={args.checkpoint_every}"],
                          flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
                                     output="bench/out/ray_overhead", mlflow_uri="sqlite:///bench/out/mlflow.db"))
@@ -53,25 +57,35 @@ def main(argv=None) -> None:
     method = METHODS["baseline"](cfg, domains, torch.device("cpu"))
     method.setup()
     ctx = EpochContext(0)
-    bare = []
-    for e in range(cfg.epochs):
-        ctx.epoch = e
-        bare.append(train_epoch(method, ctx)["epoch_time"])
+    bare, ends = [], []
+    with ProcessCPU() as bare_cpu:
+        for e in range(cfg.epochs):
+            ctx.epoch = e
+            bare.append(train_epoch(method, ctx)["epoch_time"])
+            ends.append(time.time())
     t0 = time.perf_counter()
-    out = run_training(cfg, plan=plan)
+    with ProcessCPU() as ray_cpu:
+        out = run_training(cfg, plan=plan)
     wall = time.perf_counter() - t0
     import mlflow.tracking
-    hist = mlflow.tracking.MlflowClient(out["mlflow_uri"]).get_metric_history(out["mlflow_run_id"], "epoch_time")
-    ray_epochs = [h.value for h in sorted(hist, key=lambda h: h.step)]
+    hist = sorted(mlflow.tracking.MlflowClient(out["mlflow_uri"]).get_metric_history(out["mlflow_run_id"],
+                                                                                      "epoch_time"),
+                  key=lambda h: h.step)
+    ray_epochs = [h.value for h in hist]
+    # epochs 2..: from the end of the first to the end of the last (each epoch's metric is logged as it ends)
+    cores = {"bare": bare_cpu.cores(ends[0], ends[-1]),
+             "ray": ray_cpu.cores(hist[0].timestamp / 1000, hist[-1].timestamp / 1000)}
     b, r = sum(bare[1:]) / len(bare[1:]), sum(ray_epochs[1:]) / len(ray_epochs[1:])
     print(f"bare torch epoch      {b:7.2f} s  (epochs: {', '.join(f'{x:.2f}' for x in bare)})")
     print(f"Ray Train epoch       {r:7.2f} s  (epochs: {', '.join(f'{x:.2f}' for x in ray_epochs)})")
     print(f"epoch-time overhead   {100 * (r / b - 1):+7.1f} %")
     print(f"Ray Train run wall    {wall:7.1f} s, of which fixed cost ~{wall - sum(ray_epochs):.1f} s")
+    for loop, c in cores.items():
+        print(f"cores used, {loop:4s} epochs 2..: " + ", ".join(f"{k} {v:.2f}" for k, v in c.items() if v >= 0.005))
     if args.json:
         print(json.dumps({"bare_epochs": bare, "ray_epochs": ray_epochs, "bare_s": b, "ray_s": r, "overhead": r / b - 1,
                           "wall_s": wall, "fixed_s": wall - sum(ray_epochs), "omp": omp_env(),
-                          "threads": plan.threads}), flush=True)
+                          "threads": plan.threads, "cores": cores}), flush=True)
 
 
 if __name__ == "__main__":

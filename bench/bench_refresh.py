@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=[], help="a config override, as in reid-ray train")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    Path("bench/out").mkdir(parents=True, exist_ok=True)  # the MLflow database's folder (none in a fresh checkout)
     for path in args.paths.split(","):
         cfg = resolve_config("mmt", sets=["two_sources=false", *args.set], flags=dict(
             data_root=args.data_root, init=[args.init] if args.init else [], clustering=path, epochs=args.epochs,

@@ -3,8 +3,10 @@ here is timed: the figures are whatever this machine gives; the test checks what
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench import run
@@ -92,3 +94,35 @@ def test_the_ray_sections_tabulate_their_scripts_records(tmp_path, monkeypatch):
     assert any(line.startswith("| GOMP_SPINCOUNT=10000 | 4.00 s (4.00-4.00) | 4.20 s (4.10-4.30) | **+5.0 %** LOADED")
                for line in over)
     assert calls[-2][2] == {"GOMP_SPINCOUNT": "10000"} and calls[-3][2] == {} and calls[-1][1][-2:] == ["--threads", "1"]
+
+
+def test_the_overhead_section_shows_who_used_the_cores(tmp_path, monkeypatch):
+    """With bench_ray_overhead's per-class cores, the row shows the bare loop's cores and the Ray worker's +
+    Ray's other processes'; LOADED counts only processes outside the benchmark and Ray."""
+    cores = {"bare": {"driver": 1.5, "other": 0.01}, "ray": {"driver": 0.04, "ray actors": 0.11, "ray daemons": 0.07,
+                                                            "train worker": 1.3, "other": 0.02}}
+    record = {"bare_s": 4.0, "ray_s": 4.8, "bare_epochs": [5, 4, 4, 4], "ray_epochs": [6, 4.8, 4.8, 4.8],
+              "overhead": 0.2, "wall_s": 40.0, "fixed_s": 22.0, "others": 0.9, "cores": cores}
+    monkeypatch.setattr(run, "_script", lambda module, args, env=None, timeout=0: record)
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    over = run.section_overhead(tmp_path)
+    row = next(line for line in over if line.startswith("| passive (default) |"))
+    assert "| **+20.0 %** | 1.50; 1.30 + 0.22 |" in row  # Ray's own 0.9 cores of "others" are not LOADED
+    cores["ray"]["other"] = 0.6
+    assert "**+20.0 %** LOADED |" in run.section_overhead(tmp_path)[-4]
+
+
+def test_process_cpu_classes_processes_and_sees_a_childs_cpu_time():
+    from bench.proc_cpu import ProcessCPU, classify
+
+    assert classify(os.getpid(), "python -m bench.x") == "driver"
+    assert classify(1, "ray::_RayTrainWorker__execute.get_next") == "train worker"
+    assert classify(1, "ray::TrainController.run") == "ray actors"
+    assert classify(1, "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --node") == "ray daemons"
+    assert classify(1, "sshd: user") == "other"
+    with ProcessCPU(interval=0.05) as cpu:
+        t0 = time.time()
+        subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
+        t1 = time.time()
+    seen = cpu.cores(t0, t1)
+    assert seen["other"] * (t1 - t0) > 0.3  # the child's CPU seconds, which it keeps after it exits
