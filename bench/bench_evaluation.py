@@ -18,7 +18,7 @@ import numpy as np
 from reid_ray.evaluation import evaluate_rank
 
 
-def market_like(q: int, g: int, seed: int = 0):
+def market_like(q: int, g: int, seed: int = 0, outlier: bool = False):
     rng = np.random.default_rng(seed)
     num_ids = 750
     g_pids = rng.integers(0, num_ids + 1, g)  # pid 0 = distractors
@@ -30,6 +30,11 @@ def market_like(q: int, g: int, seed: int = 0):
     dist = rng.random((q, g), dtype=np.float32)
     for lo in range(0, q, 1024):
         dist[lo:lo + 1024] += np.float32(0.15) * (g_pids[None, :] != q_pids[lo:lo + 1024, None])
+    if outlier:  # one match of every query far out (a junk image): its range is mostly empty
+        for i in range(q):
+            m = np.flatnonzero((g_pids == q_pids[i]) & (g_cams != q_cams[i]))
+            if len(m):
+                dist[i, m[0]] = np.float32(1e3)
     return dist, q_pids, g_pids, q_cams, g_cams
 
 

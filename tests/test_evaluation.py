@@ -71,6 +71,35 @@ def test_matches_the_per_query_reference(seed):
 
 
 
+@pytest.mark.parametrize(("cells", "max_shared"), [(1, 1.0), (3, 1.0), (1024, 1.0), (1024, 1 / 16), (1024, 0.0)])
+@pytest.mark.parametrize("seed", range(4))
+def test_cell_counting_is_exact_on_ties_infinities_and_flat_rows(monkeypatch, cells, max_shared, seed):
+    """The histogram of cells decides every entry outside its matches' cells; these inputs put many
+    entries inside them (ties, few distinct values, +-inf, constant rows, 1 or 3 cells) and must
+    still give the stable-sort reference's numbers, on the cell path (max_shared 1), the binary
+    search every row falls back to (max_shared 0) and a mix of the two."""
+    from functools import partial
+
+    from reid_ray.evaluation import rank
+
+    monkeypatch.setattr(rank, "_positions", partial(rank._positions, cells=cells, max_shared=max_shared))
+    rng = np.random.default_rng(100 + seed)
+    q, g = int(rng.integers(10, 60)), int(rng.integers(50, 300))
+    qp, gp = rng.integers(0, 8, q), rng.integers(0, 8, g)
+    qc, gc = rng.integers(0, 3, q), rng.integers(0, 3, g)
+    d = rng.choice(np.array([0.0, 0.25, 0.5, 1.0, 1e30, -2.0], dtype=np.float32), size=(q, g))
+    d[rng.random((q, g)) < 0.05] = np.inf
+    d[rng.random((q, g)) < 0.03] = -np.inf
+    d[0] = 0.5  # a constant row: no range at all
+    d[1, :] = rng.random(g).astype(np.float32)  # an ordinary row beside them
+    if seed % 2:
+        d = d.astype(np.float64)
+    ref_cmc, ref_ap = reference_evaluate_rank(d, qp, gp, qc, gc, max_rank=10)
+    cmc, ap = evaluate_rank(d, qp, gp, qc, gc, max_rank=10, chunk_size=7)
+    np.testing.assert_allclose(cmc, ref_cmc, atol=1e-6)
+    assert ap == pytest.approx(ref_ap, abs=1e-9)
+
+
 def test_every_tensor_is_made_on_the_distance_matrix_device():
     """The GPU path, checked on a CPU: under a default device of `meta`, any tensor created without the
     distance matrix's device would be a meta tensor meeting CPU ones, and fail (Market's protocol)."""

@@ -12,10 +12,13 @@ match. Ties in distance are broken by gallery order (as a stable sort would).
 How it is fast without a per-query loop or a full sort of every row: AP only
 needs, for each positive (match) p of a query, its position among the kept
 entries = 1 + #{kept g ranked before p}. The positives of every query are few
-and known from the pids, so we sort only them and count, for each row, how many
-kept entries fall below each positive with one batched `searchsorted` and one
-histogram: O(Q·G·log P) instead of the O(Q·G·log G) argsort the reference
-evaluators start with.
+and known from the pids, so we sort only them. Each row's range is then cut into
+equal cells (one subtraction, one multiplication, a truncation: the same
+non-decreasing map for every entry), one histogram of the cells counts the
+entries in cells below each positive's, and only the few entries that share a
+cell with a positive are compared with it exactly (ties included). That is a
+handful of elementwise passes over the distances, O(Q*G), instead of the
+O(Q*G*log G) argsort the reference evaluators start with.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _match_tables(q_pids, g_pids, q_camids, g_camids):
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                   use_metric_cuhk03: bool = False, num_repeats: int = 10, seed: int = 0,
-                  chunk_size: int = 512) -> tuple[np.ndarray, float]:
+                  chunk_size: int = 256) -> tuple[np.ndarray, float]:
     """CMC curve (length `max_rank`, fractions in [0, 1]) and mAP (a fraction).
 
     distmat: (Q, G) distances (smaller = more similar), numpy or torch. A torch tensor on a GPU is
@@ -73,8 +76,6 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     if (len(q_pids), len(q_camids), len(g_pids), len(g_camids)) != (num_q, num_q, num_g, num_g):
         raise ReidRayError(f"evaluate_rank: distmat is {num_q}x{num_g} but got {len(q_pids)} query pids, "
                            f"{len(q_camids)} query cams, {len(g_pids)} gallery pids, {len(g_camids)} gallery cams")
-    if torch.isnan(dist).any():
-        raise ReidRayError("evaluate_rank: distmat contains NaN (check the features for NaN/inf)")
     max_rank = min(max_rank, num_g)
     positives, removed = _match_tables(q_pids, g_pids, q_camids, g_camids)
     # queries in order of their number of matches (Market's protocol: CUHK03's draws follow query order), so
@@ -86,7 +87,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     rng = np.random.default_rng(seed)
     for lo in range(0, len(order), chunk_size):
         idx = order[lo:lo + chunk_size]
-        d, pos, rm = dist[idx], _packed(positives[idx]), _packed(removed[idx])
+        d, pos, rm = dist.index_select(0, idx), _packed(positives[idx]), _packed(removed[idx])
         position, num_rel = _positions(d, pos, rm)
         hit_no = torch.arange(1, position.shape[1] + 1, dtype=torch.float64, device=dev)
         ap = torch.where(position > 0, hit_no / position.clamp(min=1), 0.0).sum(1) / num_rel
@@ -121,12 +122,85 @@ def _sorted_thresholds(d, pos):
     return thr.gather(1, order).contiguous(), tiebreak.gather(1, order), present.sum(1)
 
 
-def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor):
+def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells: int = 1024,
+               max_shared: float = 1 / 16):
     """1-based positions, among kept entries, of each row's matches in rank order.
 
     d: (B, G) distances; pos: (B, P) gallery indices of the kept matches and
     removed: (B, R) of the removed entries (same pid and camera), both -1 padded.
     Returns (positions (B, P) float64, 0 where padded; number of matches (B,)).
+
+    Entry g is ranked before match j when d_g < t_j, or d_g == t_j and g < idx_j. Each row's
+    range [min d, largest threshold] is cut into `cells` equal cells by `c(x) = (x - lo) * scale`
+    (then clamped and truncated). c is the same non-decreasing function for every entry of a row
+    (a subtraction and a multiplication, each rounded once), so an entry in a lower cell than match
+    j's is before it and one in a higher cell is not: a histogram of the cells counts those, and
+    only the entries that share a cell with some match (about P / cells of the row) are compared
+    with the thresholds one by one. Match j's cell is read from the same cell table at idx_j.
+    Rows where more than `max_shared` of the entries share a cell with a match go to
+    `_positions_by_search` instead, so no input is slower than a binary search.
+    """
+    b, g = d.shape
+    dev = d.device
+    thr, tiebreak, num_rel = _sorted_thresholds(d, pos)
+    p = thr.shape[1]
+    present = tiebreak < g
+    width = cells + 2  # cell 0 also holds -inf, cell cells + 1 everything above the largest threshold
+    lo = d.amin(1, keepdim=True)
+    if torch.isnan(lo).any():
+        raise ReidRayError("evaluate_rank: distmat contains NaN (check the features for NaN/inf)")
+    if not torch.isfinite(lo).all():  # a row with -inf: its range starts at its smallest finite entry
+        lo = torch.where(torch.isfinite(d), d, torch.inf).amin(1, keepdim=True)
+    hi = torch.where(present & torch.isfinite(thr), thr, -torch.inf).amax(1, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    lo = torch.where(torch.isfinite(lo), lo, 0.0)
+    scale = torch.where(ok, cells / torch.where(ok, span, 1.0), 0.0)  # no usable range: one cell, all compared
+    x = d - lo
+    x.mul_(scale)
+    if not ok.all():
+        x.nan_to_num_(nan=0.0)  # inf * 0 in a row without a range: its one cell
+    x.clamp_(0, cells + 1)
+    row_start = torch.arange(0, b * width, width, dtype=torch.int32, device=dev)[:, None]
+    flat = x.to(torch.int32).add_(row_start).view(-1)  # truncation = floor: x >= 0
+    del x
+    hist = torch.bincount(flat, minlength=b * width).view(b, width)
+    below_cell = torch.cumsum(hist, 1) - hist  # entries in strictly lower cells
+    # each match's cell, read from the table itself (padded matches point at a dummy cell 0 of their row)
+    thr_flat = flat.view(b, g).gather(1, tiebreak.clamp(max=g - 1)).long()
+    thr_cell = thr_flat - row_start
+    before = torch.where(present, below_cell.gather(1, thr_cell), 0)
+    # the entries sharing a cell with a match: compared one by one
+    shared = torch.zeros(b * width, dtype=torch.bool, device=dev)
+    shared[thr_flat[present]] = True
+    heavy = (hist * shared.view(b, width)).sum(1) > max_shared * g
+    shared.view(b, width)[heavy] = False
+    near = shared.index_select(0, flat).view(b, g).nonzero()
+    step = max(1, (1 << 23) // max(p, 1))  # bounded memory (64 MiB of int64) when many entries share cells
+    for lo_n in range(0, len(near), step):
+        rows, cols = near[lo_n:lo_n + step].unbind(1)
+        v, cv = d[rows, cols][:, None], (flat[rows * g + cols].long() - row_start[rows, 0].long())[:, None]
+        first = (v < thr[rows]) | ((v == thr[rows]) & (cols[:, None] < tiebreak[rows]))
+        hit = first & (cv == thr_cell[rows]) & present[rows]
+        before.index_add_(0, rows, hit.long())
+    # the removed entries were counted like kept ones: take them out (there are few)
+    r_on = removed >= 0
+    if r_on.any():
+        rv = d.gather(1, removed.clamp(min=0))[:, :, None]
+        rfirst = (rv < thr[:, None, :]) | ((rv == thr[:, None, :]) & (removed[:, :, None] < tiebreak[:, None, :]))
+        before -= (rfirst & r_on[:, :, None] & present[:, None, :]).sum(1)
+    position = torch.where(present, before.double() + 1, 0.0)
+    if heavy.any():
+        rows = heavy.nonzero()[:, 0]
+        position[rows] = _positions_by_search(d[rows], pos[rows], removed[rows])[0]
+    return position, num_rel.double()
+
+
+def _positions_by_search(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor):
+    """`_positions` by one batched binary search of every entry among its row's thresholds.
+
+    The rows where most entries share a cell with a match (an outlying match stretches the range, or
+    the distances pile up in a few cells) come here: it costs O(G log P) a row whatever the values.
     """
     b, g = d.shape
     dev = d.device
@@ -162,8 +236,9 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor):
         if not ok.any():
             break
         before.index_put_((rows[ok], jj[ok]), (cols[ok] < tiebreak[rows[ok], jj[ok]]).long(), accumulate=True)
-    position = torch.where(torch.isfinite(thr), before.double() + 1, 0.0)
+    position = torch.where(tiebreak < g, before.double() + 1, 0.0)
     return position, num_rel.double()
+
 
 
 def _cuhk03_cmc(d, keep, q_pids, g_pids, max_rank, num_repeats, rng):
