@@ -57,7 +57,7 @@ def _match_tables(q_pids, g_pids, q_camids, g_camids):
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                   use_metric_cuhk03: bool = False, num_repeats: int = 10, seed: int = 0,
-                  chunk_size: int = 256) -> tuple[np.ndarray, float]:
+                  chunk_size: int | None = None) -> tuple[np.ndarray, float]:
     """CMC curve (length `max_rank`, fractions in [0, 1]) and mAP (a fraction).
 
     distmat: (Q, G) distances (smaller = more similar), numpy or torch. A torch tensor on a GPU is
@@ -65,6 +65,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     q_pids, q_camids: (Q,) ints; g_pids, g_camids: (G,) ints.
     use_metric_cuhk03: CUHK03's single-gallery-shot CMC (one random gallery image
     per identity, averaged over `num_repeats` seeded draws); AP stays Market's.
+    chunk_size: queries evaluated at a time (default: about 4M distances' worth).
     """
     dist = _as_tensor(distmat)
     if not dist.is_floating_point():
@@ -77,6 +78,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         raise ReidRayError(f"evaluate_rank: distmat is {num_q}x{num_g} but got {len(q_pids)} query pids, "
                            f"{len(q_camids)} query cams, {len(g_pids)} gallery pids, {len(g_camids)} gallery cams")
     max_rank = min(max_rank, num_g)
+    chunk_size = chunk_size or max(1, (1 << 22) // max(num_g, 1))  # ~4M distances a block: cache-sized passes
     positives, removed = _match_tables(q_pids, g_pids, q_camids, g_camids)
     # queries in order of their number of matches (Market's protocol: CUHK03's draws follow query order), so
     # that each block's tables are only as wide as its own widest row; queries without a match are skipped
@@ -122,7 +124,7 @@ def _sorted_thresholds(d, pos):
     return thr.gather(1, order).contiguous(), tiebreak.gather(1, order), present.sum(1)
 
 
-def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells: int = 1024,
+def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells: int | None = None,
                max_shared: float = 1 / 16):
     """1-based positions, among kept entries, of each row's matches in rank order.
 
@@ -131,13 +133,14 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
     Returns (positions (B, P) float64, 0 where padded; number of matches (B,)).
 
     Entry g is ranked before match j when d_g < t_j, or d_g == t_j and g < idx_j. Each row's
-    range [min d, largest threshold] is cut into `cells` equal cells by `c(x) = (x - lo) * scale`
-    (then clamped and truncated). c is the same non-decreasing function for every entry of a row
-    (a subtraction and a multiplication, each rounded once), so an entry in a lower cell than match
-    j's is before it and one in a higher cell is not: a histogram of the cells counts those, and
-    only the entries that share a cell with some match (about P / cells of the row) are compared
-    with the thresholds one by one. Match j's cell is read from the same cell table at idx_j.
-    Rows where more than `max_shared` of the entries share a cell with a match go to
+    range [min d, largest threshold] (its top cut at the 99th percentile of a sample of the row, so
+    that one outlying match does not stretch it) is cut into `cells` equal cells (64 per match, at
+    least 1,024) by c(x) = (x - lo) * scale, clamped and truncated. c is the same non-decreasing
+    function for every entry of a row (a subtraction and a multiplication, each rounded once), so an
+    entry in a lower cell than match j's is before it and one in a higher cell is not: a histogram of
+    the cells counts those. Only the entries that share a cell with a match (about P / cells of the
+    row) are compared exactly, with that cell's matches. Match j's cell is read from the same cell
+    table at idx_j. Rows where more than `max_shared` of the entries share a cell with a match go to
     `_positions_by_search` instead, so no input is slower than a binary search.
     """
     b, g = d.shape
@@ -145,6 +148,7 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
     thr, tiebreak, num_rel = _sorted_thresholds(d, pos)
     p = thr.shape[1]
     present = tiebreak < g
+    cells = cells or max(1024, 64 * p)
     width = cells + 2  # cell 0 also holds -inf, cell cells + 1 everything above the largest threshold
     lo = d.amin(1, keepdim=True)
     if torch.isnan(lo).any():
@@ -152,6 +156,8 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
     if not torch.isfinite(lo).all():  # a row with -inf: its range starts at its smallest finite entry
         lo = torch.where(torch.isfinite(d), d, torch.inf).amin(1, keepdim=True)
     hi = torch.where(present & torch.isfinite(thr), thr, -torch.inf).amax(1, keepdim=True)
+    sample = torch.sort(d[:, ::max(1, g // 512)], 1).values
+    hi = torch.minimum(hi, sample[:, -1 - sample.shape[1] // 100, None])  # matches above: compared one by one
     span = hi - lo
     ok = torch.isfinite(span) & (span > 0)
     lo = torch.where(torch.isfinite(lo), lo, 0.0)
@@ -170,19 +176,25 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
     thr_flat = flat.view(b, g).gather(1, tiebreak.clamp(max=g - 1)).long()
     thr_cell = thr_flat - row_start
     before = torch.where(present, below_cell.gather(1, thr_cell), 0)
-    # the entries sharing a cell with a match: compared one by one
-    shared = torch.zeros(b * width, dtype=torch.bool, device=dev)
-    shared[thr_flat[present]] = True
-    heavy = (hist * shared.view(b, width)).sum(1) > max_shared * g
-    shared.view(b, width)[heavy] = False
-    near = shared.index_select(0, flat).view(b, g).nonzero()
-    step = max(1, (1 << 23) // max(p, 1))  # bounded memory (64 MiB of int64) when many entries share cells
-    for lo_n in range(0, len(near), step):
-        rows, cols = near[lo_n:lo_n + step].unbind(1)
-        v, cv = d[rows, cols][:, None], (flat[rows * g + cols].long() - row_start[rows, 0].long())[:, None]
-        first = (v < thr[rows]) | ((v == thr[rows]) & (cols[:, None] < tiebreak[rows]))
-        hit = first & (cv == thr_cell[rows]) & present[rows]
-        before.index_add_(0, rows, hit.long())
+    # the entries sharing a cell with a match are compared with that cell's matches one by one: the
+    # present matches of a row are its first num_rel columns, in non-decreasing cell order, so the
+    # ones in cell c are the columns [first(c), first(c) + in_cell(c)), usually a single one
+    in_cell = torch.bincount(thr_flat[present], minlength=b * width)
+    first = torch.cumsum(in_cell, 0) - in_cell - (torch.cumsum(num_rel, 0) - num_rel).repeat_interleave(width)
+    shared = in_cell.view(b, width) > 0
+    heavy = (hist * shared).sum(1) > max_shared * g
+    shared[heavy] = False
+    near = shared.view(-1).index_select(0, flat).view(b, g).nonzero()
+    rows, cols = near.unbind(1)
+    f = flat.view(b, g)[rows, cols].long()
+    v, j, m = d[rows, cols], first[f], in_cell[f]
+    for k in range(int(m.max()) if len(m) else 0):
+        if k:  # only the entries whose cell holds more than k matches go on
+            more = m > k
+            rows, cols, v, j, m = rows[more], cols[more], v[more], j[more] + 1, m[more]
+        t, tb = thr[rows, j], tiebreak[rows, j]
+        hit = (v < t) | ((v == t) & (cols < tb))
+        before.view(-1).index_add_(0, (rows * p + j)[hit], torch.ones_like(j[hit]))
     # the removed entries were counted like kept ones: take them out (there are few)
     r_on = removed >= 0
     if r_on.any():
