@@ -65,7 +65,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     q_pids, q_camids: (Q,) ints; g_pids, g_camids: (G,) ints.
     use_metric_cuhk03: CUHK03's single-gallery-shot CMC (one random gallery image
     per identity, averaged over `num_repeats` seeded draws); AP stays Market's.
-    chunk_size: queries evaluated at a time (default: about 4M distances' worth).
+    chunk_size: queries evaluated at a time (default: about 2M distances' worth).
     """
     dist = _as_tensor(distmat)
     if not dist.is_floating_point():
@@ -78,7 +78,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         raise ReidRayError(f"evaluate_rank: distmat is {num_q}x{num_g} but got {len(q_pids)} query pids, "
                            f"{len(q_camids)} query cams, {len(g_pids)} gallery pids, {len(g_camids)} gallery cams")
     max_rank = min(max_rank, num_g)
-    chunk_size = chunk_size or max(1, (1 << 22) // max(num_g, 1))  # ~4M distances a block: cache-sized passes
+    chunk_size = chunk_size or max(1, (1 << 21) // max(num_g, 1))  # ~2M distances a block: cache-sized passes
     positives, removed = _match_tables(q_pids, g_pids, q_camids, g_camids)
     # queries in order of their number of matches (Market's protocol: CUHK03's draws follow query order), so
     # that each block's tables are only as wide as its own widest row; queries without a match are skipped
@@ -134,8 +134,8 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
 
     Entry g is ranked before match j when d_g < t_j, or d_g == t_j and g < idx_j. Each row's
     range [min d, largest threshold] (its top cut at the 99th percentile of a sample of the row, so
-    that one outlying match does not stretch it) is cut into `cells` equal cells (64 per match, at
-    least 1,024) by c(x) = (x - lo) * scale, clamped and truncated. c is the same non-decreasing
+    that one outlying match does not stretch it) is cut into `cells` equal cells (64 per match) by
+    c(x) = (x - lo) * scale, clamped and truncated. c is the same non-decreasing
     function for every entry of a row (a subtraction and a multiplication, each rounded once), so an
     entry in a lower cell than match j's is before it and one in a higher cell is not: a histogram of
     the cells counts those. Only the entries that share a cell with a match (about P / cells of the
@@ -148,7 +148,7 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
     thr, tiebreak, num_rel = _sorted_thresholds(d, pos)
     p = thr.shape[1]
     present = tiebreak < g
-    cells = cells or max(1024, 64 * p)
+    cells = cells or 64 * max(p, 1)
     width = cells + 2  # cell 0 also holds -inf, cell cells + 1 everything above the largest threshold
     lo = d.amin(1, keepdim=True)
     if torch.isnan(lo).any():
@@ -156,7 +156,7 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
     if not torch.isfinite(lo).all():  # a row with -inf: its range starts at its smallest finite entry
         lo = torch.where(torch.isfinite(d), d, torch.inf).amin(1, keepdim=True)
     hi = torch.where(present & torch.isfinite(thr), thr, -torch.inf).amax(1, keepdim=True)
-    sample = torch.sort(d[:, ::max(1, g // 512)], 1).values
+    sample = torch.sort(d[:, ::max(1, g // 256)], 1).values
     hi = torch.minimum(hi, sample[:, -1 - sample.shape[1] // 100, None])  # matches above: compared one by one
     span = hi - lo
     ok = torch.isfinite(span) & (span > 0)
