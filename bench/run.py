@@ -284,12 +284,8 @@ def section_eval(sizes, repeats: int, out: Path) -> list[str]:
             diff = (f"{abs(ours['mAP'] - cy['mAP']):.1e} / "
                     f"{max(abs(a - b) for a, b in zip(ours['cmc'], cy['cmc'])):.1e}")
         label = f"{q:,} × {g:,}" + (", one match a query at 1e3" if outlier else "")
-        line = f"| {label} | {_fig(ours)} | {_fig(cy)} | {_ratio(cy, ours)} | {diff} |"
-        if outlier:
-            lines.append(line)
-            print(line, flush=True)
-        else:
-            _row(lines, pts, q * g, {"reid-ray": ours, "Cython rank_cy": cy}, line)
+        _row(lines, {} if outlier else pts, q * g, {"reid-ray": ours, "Cython rank_cy": cy},
+             f"| {label} | {_fig(ours)} | {_fig(cy)} | {_ratio(cy, ours)} | {diff} |")
     return _finish(lines, out, "eval", "evaluation", "queries × gallery", pts)
 
 

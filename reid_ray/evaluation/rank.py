@@ -124,6 +124,11 @@ def _sorted_thresholds(d, pos):
     return thr.gather(1, order).contiguous(), tiebreak.gather(1, order), present.sum(1)
 
 
+def _ranked_before(v, idx, t, t_idx):
+    """Entry (distance v, gallery index idx) ranks before the match (t, t_idx): ties go by gallery order."""
+    return (v < t) | ((v == t) & (idx < t_idx))
+
+
 def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells: int | None = None,
                max_shared: float = 1 / 16):
     """1-based positions, among kept entries, of each row's matches in rank order.
@@ -192,14 +197,13 @@ def _positions(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tensor, cells:
         if k:  # only the entries whose cell holds more than k matches go on
             more = m > k
             rows, cols, v, j, m = rows[more], cols[more], v[more], j[more] + 1, m[more]
-        t, tb = thr[rows, j], tiebreak[rows, j]
-        hit = (v < t) | ((v == t) & (cols < tb))
+        hit = _ranked_before(v, cols, thr[rows, j], tiebreak[rows, j])
         before.view(-1).index_add_(0, (rows * p + j)[hit], torch.ones_like(j[hit]))
     # the removed entries were counted like kept ones: take them out (there are few)
     r_on = removed >= 0
     if r_on.any():
-        rv = d.gather(1, removed.clamp(min=0))[:, :, None]
-        rfirst = (rv < thr[:, None, :]) | ((rv == thr[:, None, :]) & (removed[:, :, None] < tiebreak[:, None, :]))
+        rfirst = _ranked_before(d.gather(1, removed.clamp(min=0))[:, :, None], removed[:, :, None],
+                                thr[:, None, :], tiebreak[:, None, :])
         before -= (rfirst & r_on[:, :, None] & present[:, None, :]).sum(1)
     position = torch.where(present, before.double() + 1, 0.0)
     if heavy.any():
@@ -250,7 +254,6 @@ def _positions_by_search(d: torch.Tensor, pos: torch.Tensor, removed: torch.Tens
         before.index_put_((rows[ok], jj[ok]), (cols[ok] < tiebreak[rows[ok], jj[ok]]).long(), accumulate=True)
     position = torch.where(tiebreak < g, before.double() + 1, 0.0)
     return position, num_rel.double()
-
 
 
 def _cuhk03_cmc(d, keep, q_pids, g_pids, max_rank, num_repeats, rng):
