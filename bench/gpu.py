@@ -6,8 +6,10 @@ Records the device and its versions, then times (each a median of repeats after 
   1. ResNet-50 at 256x128 training images/s, end to end with the loader on Market-shaped synthetic JPEGs
      (`reid-ray synth DIR --preset market`, written first when DIR has none): fp32, bf16 + channels_last
      (+ torch.compile with --compile);
-  2. the loader alone (decode + augment, 0 and N loader processes) against the training step alone on
-     tensors already on the device, so an epoch's bound is known;
+  2. the loader alone (decode + augment, 0 and N loader processes, and with `loader.decode=device`: N processes
+     read the files, the training process decodes them (nvJPEG on a GPU) and augments on the device) against the
+     training step alone on tensors already on the device, so an epoch's bound is known; the fastest training
+     mode end to end once more with `loader.decode=device`;
   3. one MMT epoch (two nets + two mean nets, 400 iterations) and its pseudo-label refresh at Market size;
   4. faiss k-means on 12,936 x 2,048 with k = 500, on the GPU (faiss-gpu) and on the CPU;
   5. evaluation and k-reciprocal re-ranking at Market size (3,368 x 15,913), on the CPU and on the GPU (the torch
@@ -88,7 +90,7 @@ def market_data(root: Path, sizes: Sizes) -> Path:
     return root
 
 
-def train_setup(sizes: Sizes, data: Path, workers: int):
+def train_setup(sizes: Sizes, data: Path, workers: int, decode: str = "cpu"):
     from reid_ray.data.loader import LoaderConfig, build_train_loader, relabel
     from reid_ray.data.readers import read_dataset
     from reid_ray.data.transforms import TransformConfig
@@ -97,7 +99,7 @@ def train_setup(sizes: Sizes, data: Path, workers: int):
     table = read_dataset("market1501", data).train
     labels, _ = relabel(table["pid"].to_numpy())
     tcfg = TransformConfig(height=sizes.hw[0], width=sizes.hw[1])
-    lcfg = LoaderConfig(num_identities=4 if sizes.tiny else 16, num_workers=workers)
+    lcfg = LoaderConfig(num_identities=4 if sizes.tiny else 16, num_workers=workers, decode=decode)
     loader = build_train_loader(table, labels, tcfg, lcfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = build_reid_net(ModelConfig(arch=sizes.arch, sync_bn=False), int(labels.max()) + 1, device)
@@ -152,13 +154,16 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
         loader.sampler.set_epoch(next(epoch))
         return [(b["img"], b["label"]) for b in itertools.islice(iter(loader), k)]
 
+    device_decode, _, _ = train_setup(sizes, data, workers, decode="device")
+    modes.append((modes[-1][0] + ", decode on the device", *modes[-1][1:]))
     for name, dtype, cl in modes:
         model = torch.compile(net) if "compile" in name else net
         step = train_steps(model, device, dtype, cl)
+        source = device_decode if "decode on the device" in name else loader
 
-        def end_to_end(step=step):
-            loader.sampler.set_epoch(next(epoch))
-            step((b["img"], b["label"]) for b in itertools.islice(iter(loader), sizes.steps))
+        def end_to_end(step=step, source=source):
+            source.sampler.set_epoch(next(epoch))
+            step((b["img"], b["label"]) for b in itertools.islice(iter(source), sizes.steps))
         fixed = [(img.to(device), y.to(device)) for img, y in batches(sizes.steps)]
         t_e2e, s_e2e = timed(end_to_end, sizes.repeats)
         t_step, s_step = timed(lambda step=step, fixed=fixed: step(fixed), sizes.repeats)
@@ -182,8 +187,8 @@ def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
     import itertools
 
     out = {}
-    for procs in sorted({0, loader_processes()}):
-        loader, _, _ = train_setup(sizes, data, procs)
+    for procs, decode in [*((p, "cpu") for p in sorted({0, loader_processes()})), (loader_processes(), "device")]:
+        loader, _, _ = train_setup(sizes, data, procs, decode)
         epoch = itertools.count()
 
         def load(loader=loader, epoch=epoch):
@@ -191,9 +196,11 @@ def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
             for _ in itertools.islice(iter(loader), batches):
                 pass
         t, s = timed(load, sizes.repeats)
-        out[f"{procs}_processes_img_s"] = batches * loader.batch_size / t
-        out[f"{procs}_processes_spread_s"] = s
-        print(f"loader alone at {sizes.hw[0]}x{sizes.hw[1]}, {procs} processes: "
+        key = f"{procs}_processes" + ("_device_decode" if decode == "device" else "")
+        out[f"{key}_img_s"] = batches * loader.batch_size / t
+        out[f"{key}_spread_s"] = s
+        print(f"loader alone at {sizes.hw[0]}x{sizes.hw[1]}, {procs} processes"
+              f"{', decode + augment on the device' if decode == 'device' else ''}: "
               f"{batches * loader.batch_size / t:.0f} img/s (spread {s:.2f} s over {sizes.repeats} runs)", flush=True)
     return out
 
@@ -289,7 +296,8 @@ def markdown(rec: dict) -> str:
         lines.append(f"| same, the step alone (batches already on the device) | {m['step_only_img_s']:.0f} img/s |")
     for k, val in tr.items():
         if k.startswith("loader_only"):
-            lines.append(f"| loader alone, {k.split('_')[2]} processes (decode + augment) | {val:.0f} img/s |")
+            where = "on the device" if "device_decode" in k else "in the loader processes"
+            lines.append(f"| loader alone, {k.split('_')[2]} processes (decode + augment {where}) | {val:.0f} img/s |")
     m = rec["mmt"]
     lines.append(f"| one MMT epoch ({m['iters']:.0f} iterations, two nets + two mean nets) | {m['epoch_s']:.1f} s, "
                  f"refresh {m['refresh_s']:.1f} s ({100 * m['refresh_share']:.0f} %) |")

@@ -159,7 +159,7 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
 
 
 _CHOICES = {"clustering": ("actor", "local"), "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
-            "checkpoint_upload": ("auto", "sync", "async"),
+            "checkpoint_upload": ("auto", "sync", "async"), "loader.decode": ("cpu", "device"),
             "optim.optimizer": ("adam", "sgd")}
 
 

@@ -12,10 +12,13 @@ def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
     tr = saved["training"]
     assert tr["modes"]["fp32"]["end_to_end_img_s"] > 0 and tr["modes"]["fp32"]["step_only_img_s"] > 0
     assert tr["loader_only_0_processes_img_s"] > 0 and tr[f"loader_only_{tr['loader_processes']}_processes_img_s"] > 0
+    assert tr[f"loader_only_{tr['loader_processes']}_processes_device_decode_img_s"] > 0
+    assert tr["modes"]["fp32, decode on the device"]["end_to_end_img_s"] > 0
     assert saved["mmt"]["iters"] == 4 and 0 < saved["mmt"]["refresh_share"] < 1
     assert saved["kmeans"]["cpu_s"] > 0 and saved["eval"]["re_ranking_cpu_s"] > 0
     md = (tmp_path / "gpu.md").read_text()
     assert "| one MMT epoch" in md and "faiss k-means" in md and "loader alone, 0 processes" in md
+    assert "(decode + augment on the device)" in md and "fp32, decode on the device, end to end" in md
     assert "k-reciprocal re-ranking 60 x 300, CPU" in md
 
 
@@ -23,5 +26,5 @@ def test_gpu_bench_loader_only(tmp_path):
     from bench import gpu
 
     rec = gpu.main(["--tiny", "--loader-only", "--out", str(tmp_path)])
-    assert rec["loader"]["0_processes_img_s"] > 0 and len([k for k in rec["loader"] if k.endswith("img_s")]) == 2
+    assert rec["loader"]["0_processes_img_s"] > 0 and len([k for k in rec["loader"] if k.endswith("img_s")]) == 3
     assert (tmp_path / "loader.json").is_file()

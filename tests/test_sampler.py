@@ -135,3 +135,57 @@ def test_augmented_batches_do_not_depend_on_the_loader_processes(tiny_synth, in_
         assert torch.equal(ia, ib) and torch.equal(a, b)
     assert out[0][0][0].dtype == torch.float32 and out[0][0][0].shape[1:] == (3, 32, 16)
     assert loader_workers(LoaderConfig(num_workers=-1, in_memory=True)) == 0  # auto: none for in-memory data
+
+
+def test_decoding_on_the_device_gives_the_batches_of_the_loader_processes(tiny_synth, tmp_path):
+    """`loader.decode=device`: the loader processes read the files, the training process decodes and augments
+    them (here on the CPU, the device this machine has) under each sample's seed: the same tensors as decoding
+    in 0 or 2 loader processes, for MMT's two views, the test loader, and a PNG among the JPEGs; decoding
+    leaves the training process's RNG state as it was."""
+    import pyarrow as pa
+    import torch
+    from PIL import Image
+
+    from reid_ray.data.loader import DecodingLoader, ImageDataset, LoaderConfig, build_test_loader, build_train_loader, relabel
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.data.transforms import TransformConfig, train_transform
+
+    table = read_dataset("synth-a", tiny_synth).train
+    paths = table["path"].to_pylist()
+    png = tmp_path / "first.png"
+    Image.open(paths[0]).save(png)
+    table = table.set_column(table.schema.get_field_index("path"), "path", pa.array([str(png)] + paths[1:]))
+    labels, _ = relabel(table["pid"].to_numpy())
+    tcfg = TransformConfig(height=32, width=16, pad=2)
+    runs = {}
+    for workers, decode in ((0, "cpu"), (0, "device"), (2, "device")):
+        lcfg = LoaderConfig(num_identities=4, num_instances=2, num_workers=workers, decode=decode)
+        ds = ImageDataset(table, train_transform(tcfg), labels, views=2)
+        loader = build_train_loader(table, labels, tcfg, lcfg, seed=3, dataset=ds)
+        assert isinstance(loader, DecodingLoader) == (decode == "device")
+        loader.sampler.set_epoch(1)
+        batches = [(b["img"], b["img2"], b["index"], b["label"]) for b in loader]
+        test = [b["img"] for b in build_test_loader(table, tcfg, lcfg)]
+        runs[workers, decode] = batches, test
+        if decode == "device":
+            raw = next(iter(torch.utils.data.DataLoader.__iter__(loader)))  # collated, not yet decoded
+            assert raw["encoded"].dtype == torch.uint8 and raw["encoded"].dim() == 1 and "img" not in raw
+            state = torch.get_rng_state()
+            assert torch.equal(ds.finish(raw, torch.device("cpu"))["img"], batches[0][0])
+            assert torch.equal(torch.get_rng_state(), state)
+    ref_batches, ref_test = runs[0, "cpu"]
+    assert 0 in torch.cat([b[2] for b in ref_batches]).tolist()  # the PNG was drawn
+    for key in ((0, "device"), (2, "device")):
+        batches, test = runs[key]
+        assert len(batches) == len(ref_batches) > 0 and len(test) == len(ref_test)
+        for got, want in zip(batches, ref_batches):
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), key
+            assert not torch.equal(got[0], got[1])  # two views, two augmentations
+        assert all(torch.equal(g, w) for g, w in zip(test, ref_test)), key
+
+
+def test_loader_decode_takes_cpu_or_device():
+    from reid_ray.config import resolve_config
+
+    with pytest.raises(ReidRayError, match=r"loader.decode='gpu'; valid: cpu, device"):
+        resolve_config("baseline", sets=["loader.decode=gpu"])

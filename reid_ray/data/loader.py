@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.functional import pil_to_tensor
 
 from reid_ray import ReidRayError
@@ -38,7 +38,14 @@ class ImageDataset(Dataset):
     Items are dicts: `img` (C,H,W float), `label` (training label, or -1),
     `pid`, `camid`, `index` (row in the manifest). `in_memory=True` decodes every
     image once (for small datasets such as the synthetic benchmark).
+
+    `decode="device"` (a file-backed dataset only): items carry the file's bytes (`encoded`) and the
+    augmentation seed instead of `img`, and `finish` decodes a collated batch on the training process's
+    device (nvJPEG through `torchvision.io.decode_jpeg` on a GPU) and augments it there, each sample under
+    its own seed, so the batch equals what `decode="cpu"` gives (bit for bit on the CPU).
     """
+
+    decode = "cpu"
 
     def __init__(self, table: pa.Table, transform, labels: np.ndarray | None = None, in_memory: bool = False,
                  views: int = 1):
@@ -51,10 +58,10 @@ class ImageDataset(Dataset):
         self.cache = [self._load(p) for p in self.paths] if in_memory else None
 
     @staticmethod
-    def _load(path: str) -> torch.Tensor:
+    def _load(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
         """(3, H, W) uint8: torchvision's decoder (libjpeg-turbo, libpng), PIL for other formats."""
         try:
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            return decode_image(read_file(path) if data is None else data, mode=ImageReadMode.RGB)
         except RuntimeError:  # a format torchvision does not decode (e.g. BMP), or a damaged file
             try:
                 with Image.open(path) as im:
@@ -69,13 +76,75 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         """`item` is an index, or (index, seed) from PKSampler: the seed fixes the random augmentation."""
         i, seed = item if isinstance(item, tuple) else (item, None)
-        img = self.cache[i] if self.cache is not None else self._load(self.paths[i])
         out = {"label": int(self.labels[i]), "pid": int(self.pids[i]), "camid": int(self.camids[i]), "index": i}
+        if self.decode == "device" and self.cache is None:  # `finish` decodes and augments on the device
+            return {**out, "encoded": read_file(self.paths[i]), "seed": -1 if seed is None else seed}
+        img = self.cache[i] if self.cache is not None else self._load(self.paths[i])
+        return {**out, **self._views(img, seed)}
+
+    def _views(self, img: torch.Tensor, seed: int | None) -> dict:
+        out = {}
         for v in range(self.views):
             if seed is not None:  # torchvision's random transforms draw from torch's global RNG
                 torch.manual_seed((seed + v * 0x9E3779B9) % 2**63)
             out["img" if v == 0 else f"img{v + 1}"] = self.transform(img)
         return out
+
+    def finish(self, batch: dict, device: torch.device) -> dict:
+        """A collated `decode="device"` batch -> the batch of `decode="cpu"`, its images on `device`: JPEGs
+        decoded there in one call (other formats on the CPU, then moved), the augmentations applied there
+        per sample under its seed, torch's own RNG state left as it was (the draws are made on the CPU)."""
+        encoded = batch.pop("encoded").split(batch.pop("encoded_len").tolist())
+        seeds, paths = batch.pop("seed").tolist(), None
+        jpeg = [bool(len(e) > 2 and e[0] == 0xFF and e[1] == 0xD8) for e in encoded]
+        imgs = [None] * len(encoded)
+        if any(jpeg):
+            idx = [k for k, j in enumerate(jpeg) if j]
+            try:
+                decoded = decode_jpeg([encoded[k] for k in idx], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # a damaged JPEG: the per-file path names it
+                decoded = [None] * len(idx)
+                jpeg = [False] * len(jpeg)
+            for k, im in zip(idx, decoded):
+                imgs[k] = im
+        for k, j in enumerate(jpeg):
+            if not j:
+                paths = paths or [self.paths[i] for i in batch["index"].tolist()]
+                imgs[k] = self._load(paths[k], encoded[k]).to(device)
+        with torch.random.fork_rng(devices=[]):
+            views = [self._views(im, None if s < 0 else s) for im, s in zip(imgs, seeds)]
+        return {**batch, **{key: torch.stack([v[key] for v in views]) for key in views[0]}}
+
+
+def _collate(items: list[dict]) -> dict:
+    """default_collate, the encoded files (of different lengths) as one flat uint8 tensor and their lengths
+    (`encoded_len`): one buffer crosses from the loader process, as a batch of images would."""
+    encoded = [it.pop("encoded") for it in items] if "encoded" in items[0] else None
+    batch = default_collate(items)
+    if encoded is not None:
+        batch["encoded"], batch["encoded_len"] = torch.cat(encoded), torch.tensor([len(e) for e in encoded])
+    return batch
+
+
+class DecodingLoader(DataLoader):
+    """A DataLoader over a `decode="device"` dataset: its loader processes read files and collate them; each
+    batch is decoded and augmented on the training process's device as it is yielded (`ImageDataset.finish`)."""
+
+    def __iter__(self):
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        for batch in super().__iter__():
+            yield self.dataset.finish(batch, device)
+
+
+def make_loader(ds: Dataset, lcfg: LoaderConfig | None, **kw) -> DataLoader:
+    """The DataLoader of `ds` with `lcfg`'s processes, pinning and decoding (`loader.decode`): a
+    DecodingLoader when the images are decoded on the device, a plain one otherwise."""
+    kw = {**(loader_kwargs(lcfg) if lcfg is not None else {}), **kw}
+    decode = lcfg.decode if lcfg is not None else "cpu"
+    if isinstance(ds, ImageDataset) and ds.cache is None and decode == "device":
+        ds.decode = "device"
+        return DecodingLoader(ds, collate_fn=_collate, **kw)
+    return DataLoader(ds, **kw)
 
 
 @dataclass
@@ -87,6 +156,8 @@ class LoaderConfig:
     test_batch_size: int = 128
     pin_memory: bool = True       # page-locked batches for asynchronous copies to the GPU (CUDA only)
     prefetch_factor: int = 4      # batches each loader process keeps ready
+    decode: str = "cpu"           # cpu: loader processes decode and augment | device: they read the files, the
+    #                               training process decodes (nvJPEG on a GPU) and augments on its device
 
 
 def loader_workers(lcfg: LoaderConfig) -> int:
@@ -127,7 +198,7 @@ def build_train_loader(table: pa.Table, labels: np.ndarray, tcfg: TransformConfi
     else:
         raise ReidRayError(f"unknown sampler {sampler!r}; valid: pk, cross_camera")
     per_rank = lcfg.num_identities // world_size * lcfg.num_instances
-    return DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=True, **loader_kwargs(lcfg))
+    return make_loader(ds, lcfg, batch_size=per_rank, sampler=sampler, drop_last=True)
 
 
 def epoch_batches(loader, iters: int | None) -> Iterator:
@@ -158,6 +229,5 @@ def build_test_loader(table: pa.Table, tcfg: TransformConfig, lcfg: LoaderConfig
     n = table.num_rows
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     ds = ImageDataset(table.slice(lo, hi - lo), test_transform(tcfg), in_memory=lcfg.in_memory)
-    kw = loader_kwargs(lcfg)
-    kw.pop("persistent_workers", None)  # extraction loaders are passed over once per refresh or evaluation
-    return DataLoader(ds, batch_size=lcfg.test_batch_size, shuffle=False, **kw)
+    # extraction loaders are passed over once per refresh or evaluation: no persistent processes
+    return make_loader(ds, lcfg, batch_size=lcfg.test_batch_size, shuffle=False, persistent_workers=False)

@@ -54,11 +54,10 @@ def build_shuffle_loader(dataset: Dataset, global_batch: int, *, rank: int = 0, 
                          lcfg=None) -> DataLoader:
     """A loader over `dataset` (items indexed by (index, seed)) with this rank's share of each global batch;
     `lcfg` (a LoaderConfig) sets its processes and pinning (none by default)."""
-    from reid_ray.data.loader import loader_kwargs
+    from reid_ray.data.loader import make_loader
 
     sampler = ShuffleSampler(len(dataset), global_batch, world_size, rank, seed)
-    kw = loader_kwargs(lcfg) if lcfg is not None else {}
-    return DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler, drop_last=True, **kw)
+    return make_loader(dataset, lcfg, batch_size=global_batch // world_size, sampler=sampler, drop_last=True)
 
 
 class _BothSamplers:
