@@ -112,3 +112,24 @@ def test_parameter_groups_base_lr_and_no_weight_decay_on_batchnorm():
     assert groups[0]["lr"] == 0.1                                     # the logged lr: the new layers'
     opt = build_optimizer(groups, OptimConfig(optimizer="sgd"))
     assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == len(groups)
+
+
+def test_mars_embedded_schedule_is_the_papers_halved():
+    """MAR on the embedded benchmark: 10 epochs, no warmup, lr ×0.1 for the last 2 (the paper's 20 with drops at
+    12 and 17, halved): epoch e (0-based) trains at Adam's 3.5e-4 up to e = 7, at 3.5e-5 from e = 8."""
+    import torch
+
+    from reid_ray.methods.base import warmup_step_scheduler
+
+    mar = resolve_config("mar")
+    assert (mar.epochs, mar.optim.milestones, mar.optim.warmup_epochs) == (10, (8,), 0)
+    assert (mar.optim.optimizer, mar.optim.lr) == ("adam", 3.5e-4)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=mar.optim.lr)
+    sched = warmup_step_scheduler(opt, mar.optim.warmup_epochs, mar.optim.warmup_factor, mar.optim.milestones,
+                                  mar.optim.gamma)
+    lrs = []
+    for _ in range(mar.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([3.5e-4] * 8 + [3.5e-5] * 2)
