@@ -8,10 +8,13 @@ models, and the upper bound (the baseline trained with synth-b's own labels). Ev
 seed's source models (bench_uda's `baseline-s<seed>`, MMT's second net from seed + 1), runs under Ray Train
 with the benchmark's workers, and reports its **last** epoch (no model selection on target labels).
 
-Each (row, seed) is recorded in `bench/out/leaderboard/<benchmark>/<row>-s<seed>.json` once finished, and a
-rerun reuses it, so the table can be filled row by row. Prints the table and writes, beside the records,
-`leaderboard.md`, and `bench/leaderboard-<benchmark>.png` (mean target mAP with the seeds' spread), logs both to MLflow as one
-run (experiment `leaderboard`) and, with `--results`, rewrites the benchmark's section of bench/RESULTS.md.
+Each (row, seed) is recorded in `bench/records/<benchmark>/<row>-s<seed>.json` once finished (committed: a few
+hundred bytes each, so a new checkout keeps them), and a rerun reuses it, so the table can be filled row by row.
+The runs and source models themselves stay in `bench/out/leaderboard/<benchmark>/` (ignored). Prints the table and
+writes, beside the runs, `leaderboard.md`, and `bench/leaderboard-<benchmark>.png` (mean target mAP with the seeds'
+spread), logs both to MLflow as one run (experiment `leaderboard`) and, with `--results`, rewrites the benchmark's
+section of bench/RESULTS.md. A row with no record there keeps its line of the section's committed table (marked †),
+and the plot reads its per-seed column, so rerunning some rows never drops the others.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from reid_ray.methods import METHODS
 from reid_ray.methods.base import CHECKPOINT_FILE
 
 MLFLOW_URI = "sqlite:///bench/out/mlflow.db"
+RECORDS = Path("bench/records")
+RESULTS = Path("bench/RESULTS.md")
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Leaderboard:
         self.data_root = data_root
         bench = Path(data_root).name + tag
         self.out = Path("bench/out/leaderboard") / bench
+        self.records = RECORDS / bench
         self.bench = bench
         # source models: bench_uda's shared records for the default benchmark, the leaderboard's own otherwise
         self.sources = "bench/out/uda" if Path(data_root).resolve() == Path("data").resolve() else str(self.out / "sources")
@@ -98,7 +104,7 @@ class Leaderboard:
         return rec
 
     def result(self, row: Row, seed: int) -> dict:
-        record = self.out / f"{row.key}-s{seed}.json"
+        record = self.records / f"{row.key}-s{seed}.json"
         if record.is_file():
             return json.loads(record.read_text())
         base = self.source_model("baseline", seed)
@@ -125,14 +131,46 @@ class Leaderboard:
         return rec
 
 
-def table(rows: list[Row], results: dict[str, list[dict]]) -> tuple[str, dict]:
-    """The Markdown table and, per row, (mean, sd) of target mAP."""
+def _markers(bench: str) -> tuple[str, str]:
+    return f"<!-- leaderboard:{bench} -->", f"<!-- /leaderboard:{bench} -->"
+
+
+def committed_lines(bench: str, path: Path = RESULTS) -> dict[str, str]:
+    """This benchmark's table lines in RESULTS.md by row key (a footnote mark or † after the label is ignored)."""
+    text = path.read_text() if path.is_file() else ""
+    start, end = _markers(bench)
+    if start not in text or end not in text:
+        return {}
+    keys = {r.label: r.key for r in ROWS}
+    lines = {}
+    for line in text[text.index(start):text.index(end)].splitlines():
+        cells = line.split("|")
+        label = cells[1].strip().rstrip("\\*†").strip() if len(cells) > 2 else ""
+        if label in keys and "not run" not in line:
+            lines[keys[label]] = line
+    return lines
+
+
+def carried_seeds(line: str) -> list[float]:
+    """The target mAP per seed of a committed table line (its last column: '74.7 / 72.8 / 72.4')."""
+    return [float(v) for v in line.rstrip(" |").rsplit("|", 1)[1].split("/")]
+
+
+def table(rows: list[Row], results: dict[str, list[dict]], carried: dict[str, str] | None = None) -> tuple[str, dict]:
+    """The Markdown table and, per row, (mean, sd) of target mAP. A row without results keeps its `carried` line."""
+    carried = carried or {}
     stats = {}
     adabn = mean_sd([r["target_mAP"] for r in results.get("adabn", [])])[0] if results.get("adabn") else None
     lines = ["| method | seeds | target mAP | target R1 | − AdaBN | source mAP | wall time / run | target mAP per seed |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         res = results.get(row.key, [])
+        if not res and row.key in carried:
+            cells = carried[row.key].split("|")
+            cells[1] = f" {cells[1].strip().rstrip('†')}† "  # its footnote mark, if any, kept
+            lines.append("|".join(cells))
+            stats[row.key] = mean_sd(carried_seeds(carried[row.key]))
+            continue
         if not res:
             lines.append(f"| {row.label} | 0 | not run | | | | | |")
             continue
@@ -150,20 +188,23 @@ def table(rows: list[Row], results: dict[str, list[dict]]) -> tuple[str, dict]:
     return "\n".join(lines), stats
 
 
-def plot(rows: list[Row], results: dict[str, list[dict]], path: Path, title: str) -> None:
+def plot(rows: list[Row], results: dict[str, list[dict]], path: Path, title: str,
+         carried: dict[str, str] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if results.get(r.key)]
-    means = [mean_sd([x["target_mAP"] for x in results[r.key]]) for r in shown]
+    seeds = {r.key: [x["target_mAP"] for x in results[r.key]] for r in rows if results.get(r.key)}
+    seeds |= {k: carried_seeds(line) for k, line in (carried or {}).items() if k not in seeds}
+    shown = [r for r in rows if r.key in seeds]
+    means = [mean_sd(seeds[r.key]) for r in shown]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
     y = range(len(shown))
     ax.barh(y, [m for m, _ in means], xerr=[s for _, s in means], color=["#999" if r.key not in UDA else "#3a7"
                                                                           for r in shown], capsize=3)
     for i, r in enumerate(shown):  # each seed as a dot: the spread behind the error bar
-        ax.plot([x["target_mAP"] for x in results[r.key]], [i] * len(results[r.key]), "k.", ms=4)
-    ax.set_yticks(list(y), [r.label for r in shown])
+        ax.plot(seeds[r.key], [i] * len(seeds[r.key]), "k.", ms=4)
+    ax.set_yticks(list(y), [r.label + ("" if results.get(r.key) else "†") for r in shown])
     ax.invert_yaxis()
     ax.set_xlabel("target mAP (last epoch; bar: mean, line: ± sd, dots: seeds)")
     ax.set_title(title, fontsize=9)
@@ -187,9 +228,9 @@ def log_mlflow(bench: str, md: str, png: Path, stats: dict, seeds: list[int]) ->
         mlflow.log_artifact(str(png))
 
 
-def update_results(bench: str, text: str, path: Path = Path("bench/RESULTS.md")) -> None:
+def update_results(bench: str, text: str, path: Path = RESULTS) -> None:
     """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
-    start, end = f"<!-- leaderboard:{bench} -->", f"<!-- /leaderboard:{bench} -->"
+    start, end = _markers(bench)
     old = path.read_text()
     block = f"{start}\n{text}\n{end}"
     if start in old and end in old:
@@ -214,22 +255,27 @@ def main(argv=None) -> None:
     results: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda r: args.rows.index(r.key)):  # --rows' order; a row's seeds together
         for seed in args.seeds:
-            if args.table_only and not (board.out / f"{row.key}-s{seed}.json").is_file():
+            if args.table_only and not (board.records / f"{row.key}-s{seed}.json").is_file():
                 continue
             t = time.perf_counter()
             res = board.result(row, seed)
             results.setdefault(row.key, []).append(res)
             print(f"seed {seed} {row.label}: target mAP {res['target_mAP']:.1f} R1 {res['target_R1']:.1f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
-    md, stats = table(rows, results)
+    # every row of the table: the ones not asked for (or not finished) keep their committed line
+    carried = {k: v for k, v in committed_lines(board.bench).items() if k not in results}
+    everything = [r for r in ROWS if r.key in results or r.key in carried]
+    md, stats = table(everything, results, carried)
     board.out.mkdir(parents=True, exist_ok=True)
     png = Path("bench") / f"leaderboard-{board.bench}.png"  # tracked, beside RESULTS.md
     title = f"{board.bench}: synth-a → synth-b, seeds {', '.join(map(str, args.seeds))}"
-    plot(rows, results, png, title)
+    plot(everything, results, png, title, carried)
     header = (f"`python -m bench.leaderboard --seeds {' '.join(map(str, args.seeds))} --data-root {args.data_root}"
+              f"{' --rows ' + ' '.join(args.rows) if set(args.rows) != {r.key for r in ROWS} else ''}"
               f"{' --tag ' + args.tag if args.tag else ''}` ({platform.node()}, {time.strftime('%Y-%m-%d')}; "
               f"{args.workers} Ray Train workers; last epoch, no model selection on target labels; records in "
-              f"`{board.out}`)\n\n")
+              f"`{board.records}`"
+              f"{'; † a row carried over from the previous table, not rerun' if carried else ''})\n\n")
     write_text_atomic(board.out / "leaderboard.md", header + md + "\n")
     print(md)
     log_mlflow(board.bench, header + md, png, stats, args.seeds)

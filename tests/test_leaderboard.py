@@ -36,3 +36,37 @@ def test_results_section_is_replaced_in_place(tmp_path):
     text = results.read_text()
     assert text.count("<!-- leaderboard:data -->") == 1 and "table two" in text and "table one" not in text
     assert "other benchmark" in text and text.startswith("# Benchmark results\n\nbefore")
+
+
+def test_rows_not_rerun_keep_their_committed_line_and_plot_from_its_seeds(tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmark results\n")
+    committed = ("| method | seeds | target mAP | target R1 | − AdaBN | source mAP | wall time / run | target mAP per seed |\n"
+                 "|---|---|---|---|---|---|---|---|\n"
+                 "| ECN | 3 | 68.7 ± 3.8 | 76.9 ± 3.5 | +9.6 | 75.2 | 105 s | 69.2 / 64.6 / 72.2 |\n"
+                 "| MAR | 3 | 67.1 ± 1.6 | 75.9 ± 3.2 | +8.1 | 75.7 | 160 s | 66.1 / 66.4 / 68.9 |\n"
+                 "| MMT from SAN source models\\* | 3 | 71.0 ± 1.0 | 79.1 ± 0.6 | +12.4\\* | 63.0 | 191 s "
+                 "| 69.8 / 71.3 / 71.7 |\n"
+                 "| SpCL | 0 | not run | | | | | |")
+    lb.update_results("data", committed, results_md)
+    carried = lb.committed_lines("data", results_md)
+    assert set(carried) == {"ecn", "mar", "san-mmt"}       # "not run" is nothing to keep
+    assert lb.carried_seeds(carried["san-mmt"]) == [69.8, 71.3, 71.7]
+    # MAR rerun: its records win, the others are carried with their numbers and a †
+    results = {"mar": [{"target_mAP": 73.0, "target_R1": 80.0, "source_mAP": 70.0, "wall_time": 300.0}]}
+    del carried["mar"]
+    md, stats = lb.table([r for r in lb.ROWS if r.key in {"ecn", "mar", "san-mmt", "spcl"}], results, carried)
+    lines = md.splitlines()
+    assert "| ECN† | 3 | 68.7 ± 3.8 | 76.9 ± 3.5 | +9.6 | 75.2 | 105 s | 69.2 / 64.6 / 72.2 |" in lines
+    assert any(line.startswith("| MMT from SAN source models\\*† | 3 | 71.0 ± 1.0") for line in lines)
+    assert any(line.startswith("| MAR | 1 | 73.0 ± 0.0") for line in lines)
+    assert "| SpCL | 0 | not run | | | | | |" in lines
+    assert abs(stats["ecn"][0] - 68.6667) < 1e-3
+    # a rewritten section can be carried again without a second †
+    lb.update_results("data", md, results_md)
+    assert lb.committed_lines("data", results_md)["ecn"].startswith("| ECN† |")
+    md2, _ = lb.table([r for r in lb.ROWS if r.key == "ecn"], {}, lb.committed_lines("data", results_md))
+    assert "| ECN† | 3 |" in md2 and "††" not in md2
+    png = tmp_path / "board.png"
+    lb.plot(lb.ROWS, results, png, "test", carried)
+    assert png.stat().st_size > 1000

@@ -115,8 +115,8 @@ def test_parameter_groups_base_lr_and_no_weight_decay_on_batchnorm():
 
 
 def test_mars_embedded_schedule_is_the_papers_halved():
-    """MAR on the embedded benchmark: 10 epochs, no warmup, lr ×0.1 for the last 2 (the paper's 20 with drops at
-    12 and 17, halved): epoch e (0-based) trains at Adam's 3.5e-4 up to e = 7, at 3.5e-5 from e = 8."""
+    """MAR on the embedded benchmark: 10 epochs, no warmup, lr ×0.1 for the last 2 (the paper: 20 epochs, ×0.1 at
+    12 and 17): epoch e (0-based) trains at Adam's 3.5e-4 up to e = 7, at 3.5e-5 from e = 8."""
     import torch
 
     from reid_ray.methods.base import warmup_step_scheduler

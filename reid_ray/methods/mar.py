@@ -73,9 +73,9 @@ class MAR(Method):
     Params = MARParams
     needs_source_init = True
     # ~23 iterations an epoch (one pass of the 1.5k target images); no warmup from a trained model, 10
-    # epochs with lr ×0.1 for the last 2 (the paper's 20 epochs with drops at 12 and 17, halved; chosen on
-    # the default benchmark's seed 0: 73.1 target mAP against 67.0 with 5 epochs and the drop at 3, where
-    # the 5-epoch run was still climbing; bench/RESULTS.md). 150 agents instead of 4,101: CML is ~30×
+    # epochs with one lr ×0.1 for the last 2 (the paper: 20 epochs, ×0.1 at 12 and 17; chosen on the default
+    # benchmark's seed 0: 73.1 target mAP against 67.0 with 5 epochs and the drop at 3, where the 5-epoch
+    # run was still climbing; bench/RESULTS.md). 150 agents instead of 4,101: CML is ~30×
     # smaller, hence a larger λ1; 150 target ids in batches of 64 give ~1/150 true pairs, hence a larger
     # mining ratio than the paper's 0.005 at 368
     synthetic_overrides = {"epochs": 10, "eval_every": 2, "optim.warmup_epochs": 0, "optim.milestones": (8,),
