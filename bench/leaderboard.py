@@ -250,6 +250,7 @@ def main(argv=None) -> None:
     ap.add_argument("--results", action="store_true", help="rewrite this benchmark's section of bench/RESULTS.md")
     ap.add_argument("--table-only", action="store_true", help="no training: the table from the finished records")
     args = ap.parse_args(argv)
+    Path("bench/out").mkdir(parents=True, exist_ok=True)  # the MLflow database's folder (none in a fresh checkout)
     board = Leaderboard(args.data_root, args.workers, args.tag)
     rows = [r for r in ROWS if r.key in args.rows]  # the table's order
     results: dict[str, list[dict]] = {}
