@@ -46,32 +46,54 @@ def test_one_gpu_tune_trial_and_train_plan_agree():
     assert _ready(tune, 8, 1, 1, 1)
 
 
-def test_the_autoscaler_request_is_withdrawn_on_every_exit(monkeypatch):
+def test_the_autoscaler_request_is_withdrawn_once_gpus_arrive_and_on_every_exit(monkeypatch):
     import ray
     import ray.autoscaler.sdk as sdk
 
     from reid_ray.distributed import runtime
 
-    calls = []
+    calls, gpus = [], iter([0, 0, 1, 2, 2])  # the cluster as the wait polls it: GPU nodes join after two polls
     monkeypatch.setattr(sdk, "request_resources", lambda bundles=None, **kw: calls.append(bundles))
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4, "GPU": 0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4, "GPU": next(gpus)})
     monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
-    with runtime.gpus_requested(2, timeout_s=0.01):
-        assert calls == [[{"GPU": 1}, {"GPU": 1}]]
-    assert calls[-1] == []
-    with pytest.raises(RuntimeError), runtime.gpus_requested(1, timeout_s=0.01):
-        raise RuntimeError("the run failed")
+    assert runtime.wait_for_gpus(2, timeout_s=60) == {"CPU": 4, "GPU": 2}
+    assert calls == [[{"GPU": 1}, {"GPU": 1}], []]  # asked, then withdrawn before the run starts
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4, "GPU": 0})
+    assert runtime.wait_for_gpus(1, timeout_s=0.01)["GPU"] == 0  # none came: withdrawn, the plan then says so
     assert calls[-1] == [] and len(calls) == 4
+
+    def interrupted(s):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runtime.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.wait_for_gpus(1, timeout_s=60)
+    assert calls[-1] == [] and len(calls) == 6
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4, "GPU": 2})
-    with runtime.gpus_requested(2, timeout_s=60):  # already there: nothing asked, nothing to withdraw
-        pass
-    assert len(calls) == 4
+    runtime.wait_for_gpus(2, timeout_s=60)  # already there: nothing asked, nothing to withdraw
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("runs, workers, uses_actor, gpus", [
+    (1, 1, True, 1),   # the actor clusters on its CPU: one GPU, not 1.25 rounded up to 2
+    (1, 2, True, 2),
+    (3, 2, True, 7),   # 3 × (2 + 0.25): the plan gives each actor its share once it fits
+    (3, 2, False, 6),
+    (2, 1, True, 3),   # on 2 GPUs the plan would run 1 trial (1.25 each), so 3
+])
+def test_the_gpus_asked_for_are_the_fewest_on_which_the_plan_runs_them(runs, workers, uses_actor, gpus):
+    from reid_ray.distributed.resources import gpus_needed
+
+    assert gpus_needed(runs, workers, 1.0, uses_actor) == gpus
+    assert plan_resources({"CPU": 64, "GPU": gpus}, workers, 1.0, uses_actor).concurrent >= runs
+    if gpus > runs * workers:
+        assert plan_resources({"CPU": 64, "GPU": gpus - 1}, workers, 1.0, uses_actor).concurrent < runs
+    assert gpus_needed(runs, workers, 0.0, uses_actor) == 0
 
 
 def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
     """`python -m reid_ray.train --method mmt --workers 1` on a one-GPU cluster: the worker takes the GPU, the
     PseudoLabeler clusters on its CPU, and the worker group starts (before, 1.25 GPUs were wanted and it
-    waited forever). There is no real GPU here, so the started workers stop at their NCCL process group."""
+    waited forever). Without a real GPU the started workers stop at their NCCL process group."""
     import ray
     import ray.util.state
     import torch
@@ -93,11 +115,14 @@ def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
     ray.init(address="local", num_cpus=4, num_gpus=1, dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
     try:
-        with pytest.raises(Exception) as err:
+        if torch.cuda.is_available():  # a real GPU: the run trains
             run_training(cfg)
-        text = str(err.value)
-        # the worker group was placed and started: it stops where it first needs a real GPU (NCCL or CUDA)
-        assert any(word in text for word in ("NCCL", "CUDA", "NVIDIA", "cuda")), text[-2000:]
+        else:
+            with pytest.raises(Exception) as err:
+                run_training(cfg)
+            text = str(err.value)
+            # the worker group was placed and started: it stops where it first needs a real GPU (NCCL or CUDA)
+            assert any(word in text for word in ("NCCL", "CUDA", "NVIDIA", "cuda")), text[-2000:]
         labelers = [a for a in ray.util.state.list_actors(address=api, filters=[("class_name", "=", "_PseudoLabeler")],
                                                                  detail=True)]
         assert labelers and all(a.required_resources.get("GPU", 0) == 0 for a in labelers)  # on its CPU

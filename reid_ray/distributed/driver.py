@@ -28,8 +28,8 @@ from reid_ray.checks import check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.progress import RunProgress
-from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, plan_resources
-from reid_ray.distributed.runtime import gpus_requested, init_ray, train_env_defaults
+from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources
+from reid_ray.distributed.runtime import init_ray, train_env_defaults, wait_for_gpus
 from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
@@ -55,11 +55,11 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     uses_actor = method_cls.uses_clustering and cfg.clustering == "actor"
     forced = cfg.use_gpu.lower() in ("true", "1", "yes")
     want_gpu = forced or (cfg.use_gpu.lower() == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-    with gpus_requested(cfg.workers if forced else 0, cfg.gpu_wait_s) as cluster:  # held for the whole run
-        plan = plan_resources(cluster, cfg.workers, 1.0 if want_gpu else 0.0, uses_actor, max_concurrent=1,
-                              cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers",
-                              cpu_flag="--set use_gpu=false")
-        return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
+    cluster = wait_for_gpus(gpus_needed(1, cfg.workers, 1.0 if forced else 0.0, uses_actor), cfg.gpu_wait_s)
+    plan = plan_resources(cluster, cfg.workers, 1.0 if want_gpu else 0.0, uses_actor, max_concurrent=1,
+                          cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers",
+                          cpu_flag="--set use_gpu=false")
+    return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
 
 
 def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key, show_progress: bool = True) -> dict:

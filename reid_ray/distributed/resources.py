@@ -46,6 +46,24 @@ def cpus_per_gpu(nodes: list[dict]) -> float:
     return min(ratios) if ratios else math.inf
 
 
+def _gpu_fit(gpus: float, workers: int, gpus_per_worker: float, uses_actor: bool) -> tuple[float, int]:
+    """(the actor's GPU share, how many runs fit) on `gpus` GPUs: the actor has its 0.25 where it fits."""
+    actor_gpu = ACTOR_GPU if uses_actor and workers * gpus_per_worker + ACTOR_GPU <= gpus + 1e-9 else 0.0
+    return actor_gpu, int(gpus / (workers * gpus_per_worker + actor_gpu) + 1e-9)
+
+
+def gpus_needed(runs: int, workers: int, gpus_per_worker: float, uses_actor: bool) -> int:
+    """The fewest whole GPUs on which `plan_resources` fits `runs` runs at once: what to ask the autoscaler
+    for. The workers' GPUs, plus the actors' shares only where the plan would give them one (one run of one
+    worker needs 1 GPU, its actor clustering on its CPU; 3 runs of 2 workers need 7: 3 × 2.25)."""
+    if gpus_per_worker <= 0:
+        return 0
+    need = math.ceil(runs * workers * gpus_per_worker - 1e-9)
+    while _gpu_fit(need, workers, gpus_per_worker, uses_actor)[1] < runs:
+        need += 1
+    return need
+
+
 def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_actor: bool,
                    max_concurrent: int | None = None, cpu_per_gpu: float = math.inf,
                    workers_flag: str = "--workers-per-trial", cpu_flag: str = "--gpus-per-worker 0") -> ResourcePlan:
@@ -63,8 +81,7 @@ def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_act
             raise ReidRayError(f"{workers} GPU workers × {gpus_per_worker:g} GPU requested but the cluster has "
                                f"{gpus:g} GPUs; pass {workers_flag} {max(1, int(gpus // gpus_per_worker))}, "
                                f"{cpu_flag} for CPU training, or add GPU nodes")
-        actor_gpu = ACTOR_GPU if uses_actor and workers * gpus_per_worker + ACTOR_GPU <= gpus + 1e-9 else 0.0
-        fit = int(gpus / (workers * gpus_per_worker + actor_gpu) + 1e-9)
+        actor_gpu, fit = _gpu_fit(gpus, workers, gpus_per_worker, uses_actor)
     else:
         if workers > cpus:
             raise ReidRayError(f"{workers} CPU workers requested but the cluster has {cpus:g} CPUs; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -66,17 +65,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def gpus_requested(needed: float, timeout_s: float):
-    """Ask Ray's autoscaler for `needed` GPUs (a cluster may start with none), wait up to `timeout_s`
-    for them, and withdraw the request on exit, so that idle GPU nodes can scale down again (Ray keeps a
-    `request_resources` until the next call). Yields the cluster's resources."""
+def wait_for_gpus(needed: float, timeout_s: float) -> dict:
+    """Ask Ray's autoscaler for `needed` GPUs (a cluster may start with none), wait up to `timeout_s` for
+    them, and withdraw the request as soon as they are there or the wait ends, however it ends (Ray keeps a
+    `request_resources` until the next call, so a request left in place would keep GPU nodes up after the
+    run). The run's own placement groups then hold what it uses. Returns the cluster's resources."""
     from ray.autoscaler.sdk import request_resources
 
     cluster = ray.cluster_resources()
     if cluster.get("GPU", 0) >= needed or timeout_s <= 0:
-        yield cluster
-        return
+        return cluster
     print(f"waiting up to {timeout_s:.0f} s for the autoscaler to add {needed:g} GPUs "
           f"(the cluster has {cluster.get('GPU', 0):g}) ...", flush=True)
     request_resources(bundles=[{"GPU": 1}] * math.ceil(needed))
@@ -84,6 +82,6 @@ def gpus_requested(needed: float, timeout_s: float):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and ray.cluster_resources().get("GPU", 0) < needed:
             time.sleep(10)
-        yield ray.cluster_resources()
+        return ray.cluster_resources()
     finally:
         request_resources(bundles=[])

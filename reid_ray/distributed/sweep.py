@@ -30,8 +30,8 @@ from reid_ray.config import TrainConfig, apply_overrides, flatten
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits
 from reid_ray.distributed.progress import SweepProgress
-from reid_ray.distributed.resources import ACTOR_GPU, ResourcePlan, cpus_per_gpu, plan_resources
-from reid_ray.distributed.runtime import gpus_requested, init_ray
+from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources
+from reid_ray.distributed.runtime import init_ray, wait_for_gpus
 from reid_ray.methods import method_class
 from reid_ray.report import SweepOutcome, TrialRow, finalize_sweep
 from reid_ray.search_space import SearchSpace, load_search_space
@@ -109,14 +109,12 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     method_cls = method_class(base.method)
     base.init = source_inits(base)  # pretrained (or checked) once here, not by every trial
     uses_actor = method_cls.uses_clustering and base.clustering == "actor"
-    gpus = 0.0
-    if sweep.gpus_per_worker > 0:  # an autoscaling cluster may start with no GPU node
-        trials = min(sweep.num_samples, sweep.max_concurrent or sweep.num_samples)
-        gpus = trials * (base.workers * sweep.gpus_per_worker + ACTOR_GPU * uses_actor)
-    with gpus_requested(gpus, base.gpu_wait_s) as cluster:
-        plan = plan_resources(cluster, base.workers, sweep.gpus_per_worker, uses_actor, sweep.max_concurrent,
-                              cpus_per_gpu(ray.nodes()))
-        return _tune(sweep, base, space, plan)
+    trials = min(sweep.num_samples, sweep.max_concurrent or sweep.num_samples)
+    # an autoscaling cluster may start with no GPU node: ask for the GPUs the plan needs for these trials
+    cluster = wait_for_gpus(gpus_needed(trials, base.workers, sweep.gpus_per_worker, uses_actor), base.gpu_wait_s)
+    plan = plan_resources(cluster, base.workers, sweep.gpus_per_worker, uses_actor, sweep.max_concurrent,
+                          cpus_per_gpu(ray.nodes()))
+    return _tune(sweep, base, space, plan)
 
 
 def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: ResourcePlan) -> SweepOutcome:
