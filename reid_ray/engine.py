@@ -22,6 +22,28 @@ from reid_ray.evaluation import evaluate_rank, extract_features, pairwise_distan
 from reid_ray.methods.base import EpochContext, Method
 
 
+def gpu_layout(wrap, device: torch.device):
+    """`wrap` (Ray Train's `prepare_model`) applied to networks in channels_last on a GPU (the layout of the
+    inputs, see `train_epoch`): DDP lays out its gradient buckets for the parameters' memory format when it
+    wraps them, so the conversion must come first (after, every step copies the gradients into the buckets)."""
+    if device.type != "cuda":
+        return wrap
+    return lambda m: wrap(m.to(memory_format=torch.channels_last))
+
+
+def finish_networks(method: Method, device: torch.device, compile_: bool) -> None:
+    """After `method.setup`: the networks the method keeps outside DDP (mean nets, evaluated networks) in
+    the trained ones' layout on a GPU, and `model.compile` applied in place (`nn.Module.compile`): the modules
+    keep their state_dict keys, so checkpoints, `best.pt`, `--init`, export and `--resume` read plain
+    networks, with one worker (no DDP wrapper) as with many (`torch.compile(m)` would prefix `_orig_mod.`)."""
+    if device.type == "cuda":
+        for m in method.eval_models().values():
+            m.to(memory_format=torch.channels_last)
+    if compile_:
+        for m in method.models.values():
+            m.compile()
+
+
 def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[str, float]:
     """One epoch: `method.iterations()` steps (the loader restarted as often as needed), or one pass of the
     method's train loader when that is None; returns mean losses, lr, images/s, epoch time

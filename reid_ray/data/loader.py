@@ -111,7 +111,9 @@ class ImageDataset(Dataset):
             if not j:
                 paths = paths or [self.paths[i] for i in batch["index"].tolist()]
                 imgs[k] = self._load(paths[k], encoded[k]).to(device)
-        with torch.random.fork_rng(devices=[]):
+        # torch.manual_seed (each sample's seed) also seeds every CUDA device: the training process's state
+        # of the decoding GPU (dropout, random erasing's draws there) is restored with the CPU's
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             views = [self._views(im, None if s < 0 else s) for im, s in zip(imgs, seeds)]
         return {**batch, **{key: torch.stack([v[key] for v in views]) for key in views[0]}}
 

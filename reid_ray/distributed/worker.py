@@ -34,7 +34,7 @@ from reid_ray import Diverged, ReidRayError, atomic_path, storage, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import verdict
-from reid_ray.engine import evaluate_method, rng_state, set_rng_state, train_epoch
+from reid_ray.engine import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
 from reid_ray.methods import EpochContext, method_class
 from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint
 from reid_ray.sweep_config import METRIC
@@ -128,12 +128,8 @@ def _train(config: dict) -> None:
     method.init_states = [method_cls.source_weights(storage.fetch(p)) for p in cfg.init]  # a URI: fetched to this node
     if method.uses_clustering:
         method.clusterer = _clusterer(method, cfg, config["pseudo_labeler"])
-    method.setup(wrap=ray.train.torch.prepare_model)  # [2]
-    if device.type == "cuda":
-        for m in method.models.values():
-            m.to(memory_format=torch.channels_last)
-    if cfg.model.compile:  # the DDP-wrapped networks; checkpoints still hold the plain modules (unwrap)
-        method.models = {k: torch.compile(m) for k, m in method.models.items()}
+    method.setup(wrap=gpu_layout(ray.train.torch.prepare_model, device))  # [2]
+    finish_networks(method, device, cfg.model.compile)
     upload = cfg.checkpoint_upload if cfg.checkpoint_upload != "auto" else ("async" if device.type == "cuda" else "sync")
     ectx = EpochContext(epoch=0, rank=rank, world_size=world)
     start, best = 0, {"target_mAP": -1.0}
