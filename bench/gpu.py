@@ -145,7 +145,7 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
         modes.append(("bf16 + channels_last" if torch.cuda.is_bf16_supported() else "fp16 + channels_last",
                       torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, True))
     if compile_:
-        modes.append(("bf16 + channels_last + compile", modes[-1][1], True))
+        modes.append((modes[-1][0] + " + compile", *modes[-1][1:]))  # fp32 + compile on a CPU
     out = {"loader_processes": workers, "modes": {}}
     epoch = itertools.count()
     batch = loader.batch_size
@@ -210,7 +210,7 @@ def bench_mmt(sizes: Sizes, data: Path) -> dict:
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import Domains
     from reid_ray.data.readers import read_dataset
-    from reid_ray.engine import train_epoch
+    from reid_ray.engine import finish_networks, gpu_layout, train_epoch
     from reid_ray.methods import METHODS, EpochContext
 
     ds = read_dataset("market1501", data)
@@ -223,7 +223,8 @@ def bench_mmt(sizes: Sizes, data: Path) -> dict:
     method = METHODS["mmt"](cfg, Domains(ds, ds), device)
     t = ds.train
     method.clusterer = LocalClusterer(METHODS["mmt"].cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
-    method.setup()
+    method.setup(wrap=gpu_layout(lambda m: m, device))  # the layout a Ray Train worker gives them
+    finish_networks(method, device, compile_=False)
     start = time.perf_counter()
     out = train_epoch(method, EpochContext(0), amp=True)
     sync()
