@@ -120,16 +120,24 @@ def cuda_stack_problems(torch_cuda: str | None, torch_gpus: int, driver: str | N
                              "runtimes in one process", f"pip uninstall -y {dist} && pip install -e '.[gpu]'"))
     if torch_gpus and not faiss_gpus:
         problems.append(("torch sees CUDA but faiss is the CPU build: k-means/kNN run on CPU", GPU_EXTRA_FIX))
-    if torch_gpus and driver and torch_major in MIN_DRIVER:
+    if driver and not torch_major:
+        problems.append(("an NVIDIA driver is installed but torch is a CPU-only build: training runs on the CPU",
+                         "pip install --force-reinstall torch==2.14.1 torchvision==0.29.1 (PyPI's CUDA 13 build)"))
+    too_old = False
+    if driver and torch_major in MIN_DRIVER:  # a driver too old for torch's CUDA: torch then sees no GPU at all
         try:
             too_old = int(driver.split(".")[0]) < MIN_DRIVER[torch_major]
         except ValueError:
-            too_old = False
+            pass
         if too_old:
             problems.append((f"NVIDIA driver {driver} is older than CUDA {torch_major} needs "
                              f"(>= {MIN_DRIVER[torch_major]})",
                              f"boot an image with driver >= {MIN_DRIVER[torch_major]} (docs/scale-out.md) or "
                              "upgrade the driver"))
+    if driver and torch_major and not torch_gpus and not too_old:
+        problems.append((f"NVIDIA driver {driver} is installed but torch (CUDA {torch_cuda}) sees no GPU",
+                         "check CUDA_VISIBLE_DEVICES and that nvidia-smi lists the GPUs (a container needs "
+                         "--gpus all)"))
     return problems
 
 

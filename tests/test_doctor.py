@@ -62,6 +62,13 @@ def test_cuda_stack_mismatches_are_problems_with_fixes():
     assert "CPU build" in cpu_faiss[0][0]
     old_driver = cuda_stack_problems("13.0", 1, "550.54.15", ["faiss-gpu-cu13-cuvs"], 1)
     assert ">= 580" in old_driver[0][0] and "driver" in old_driver[0][1]
+    # where a driver is found: an old one hides the GPUs from torch (one problem, the driver's)
+    hidden = cuda_stack_problems("13.0", 0, "550.54.15", ["faiss-gpu-cu13-cuvs"], 0)
+    assert len(hidden) == 1 and ">= 580" in hidden[0][0]
+    cpu_torch = cuda_stack_problems(None, 0, "580.65.06", ["faiss-gpu-cu13-cuvs"], 1)
+    assert len(cpu_torch) == 1 and "CPU-only build" in cpu_torch[0][0] and "torch==2.14.1" in cpu_torch[0][1]
+    unseen = cuda_stack_problems("13.0", 0, "580.65.06", ["faiss-gpu-cu13-cuvs"], 0)
+    assert len(unseen) == 1 and "sees no GPU" in unseen[0][0] and "CUDA_VISIBLE_DEVICES" in unseen[0][1]
 
 
 def test_doctor_reports_the_cuda_stack_on_a_cpu_machine(tmp_path, capsys):
