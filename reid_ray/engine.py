@@ -106,13 +106,16 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 
 
 def evaluate_method(method: Method, dataset: ReIDDataset, cfg: TrainConfig, prefix: str) -> tuple[dict, list]:
-    """Evaluate every network of the method; `<prefix>_mAP` etc. are the best network's."""
+    """Evaluate every network of the method. `<prefix>_mAP` etc. are the first's (`eval_models()`'s first, the
+    method's `eval_model()`: MMT's mean net 1), whatever the others score: the better of MMT's two mean nets
+    on the evaluated labels (what the authors' code reports) would be a model selected on the test set's
+    labels. Each network's mAP is logged beside (`<prefix>_mAP_<name>`)."""
     results = {name: evaluate_model(m, dataset, cfg, method.device) for name, m in method.eval_models().items()}
-    best = max(results, key=lambda n: results[n]["mAP"])
-    metrics = {f"{prefix}_{k}": v for k, v in results[best].items() if k != "cmc"}
+    first = next(iter(results))
+    metrics = {f"{prefix}_{k}": v for k, v in results[first].items() if k != "cmc"}
     if len(results) > 1:
         metrics.update({f"{prefix}_mAP_{n}": r["mAP"] for n, r in results.items()})
-    return metrics, results[best]["cmc"].tolist()
+    return metrics, results[first]["cmc"].tolist()
 
 
 def evaluate_model(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device,

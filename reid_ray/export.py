@@ -16,9 +16,8 @@ NCHW float32. The ONNX graph does not fold that normalisation in: a caller appli
 metadata holds the mean, std and size), exactly as `reid-ray embed` does.
 
 The network: a method with one re-ID network exports it. One with several (MMT: two networks and their
-two mean networks) exports the one its evaluation reports: of its evaluated networks (MMT's mean nets),
-the one with the best target mAP in the checkpoint's report (its epoch's evaluation; else its best
-epoch's), else the first (`Method.eval_model`);
+two mean networks) exports the one its evaluation reports, the first it evaluates (`Method.eval_model`:
+MMT's mean net 1, never picked by its score on the test labels, `engine.evaluate_method`);
 `--net NAME` picks any other (the error for a wrong name lists them).
 """
 
@@ -31,7 +30,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import math
 import sys
 import time
 import warnings
@@ -151,20 +149,6 @@ def network_states(method_state: dict) -> tuple[dict[str, dict], list[str]]:
     return nets, evaluated
 
 
-def reported_network(state: dict, evaluated: list[str]) -> str:
-    """The network evaluation reports: the best target mAP of the checkpoint's report (its epoch's), else of
-    its best epoch, else the first evaluated one (`engine.evaluate_method` keeps the first of equals)."""
-    if len(evaluated) > 1:
-        for key in ("report", "best"):
-            metrics = state.get(key) if isinstance(state.get(key), dict) else {}
-            scores = {n: float(metrics[f"target_mAP_{n}"]) for n in evaluated
-                      if isinstance(metrics.get(f"target_mAP_{n}"), (int, float))}
-            scores = {n: s for n, s in scores.items() if not math.isnan(s)}
-            if scores:
-                return max(scores, key=scores.get)
-    return evaluated[0]
-
-
 def _checkpoint_config(path: Path, state: dict):
     from reid_ray.config import from_dict
 
@@ -199,7 +183,7 @@ def load_embedder(checkpoint: str | Path, net: str | None = None, device: str | 
     if not nets:
         raise ReidRayError(f"--checkpoint {path}: holds no re-ID network (backbone + BNNeck) to embed with; pass "
                            "a checkpoint written by reid-ray train")
-    name = net or reported_network(state, evaluated)
+    name = net or evaluated[0]  # the network evaluation reports (engine.evaluate_method)
     if name not in nets:
         raise ReidRayError(f"--net {name}: the {method} checkpoint has no such network; valid: {', '.join(nets)}")
     weights = nets[name]

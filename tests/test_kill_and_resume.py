@@ -108,7 +108,7 @@ def test_mmt_end_to_end_with_the_actor_on_two_workers(runs):
     # labels identical on both ranks (checked by checksum in every refresh), quality and timings logged
     assert m["epoch"] == 3 and m["pseudo_labels_checksum_ok"] == 1 and 0 <= m["pseudo_nmi"] <= 1
     assert {"pseudo_cluster_time", "pseudo_gather_time", "refresh_time", "soft_ce", "soft_triplet"} <= set(m)
-    assert m["target_mAP"] == max(m["target_mAP_mean_net1"], m["target_mAP_mean_net2"])
+    assert m["target_mAP"] == m["target_mAP_mean_net1"]  # mean net 1, not the better of the two on test labels
     # the two source models (seed, seed + 1: one per net) were trained once and cached for every later run
     assert len(list((runs.out / "pretrain").glob("baseline-*.pt"))) == 2
 
