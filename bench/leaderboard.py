@@ -160,7 +160,8 @@ def table(rows: list[Row], results: dict[str, list[dict]], carried: dict[str, st
     """The Markdown table and, per row, (mean, sd) of target mAP. A row without results keeps its `carried` line."""
     carried = carried or {}
     stats = {}
-    adabn = mean_sd([r["target_mAP"] for r in results.get("adabn", [])])[0] if results.get("adabn") else None
+    adabn = (mean_sd([r["target_mAP"] for r in results["adabn"]])[0] if results.get("adabn") else
+             mean_sd(carried_seeds(carried["adabn"]))[0] if "adabn" in carried else None)
     lines = ["| method | seeds | target mAP | target R1 | − AdaBN | source mAP | wall time / run | target mAP per seed |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:

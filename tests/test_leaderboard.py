@@ -67,6 +67,11 @@ def test_rows_not_rerun_keep_their_committed_line_and_plot_from_its_seeds(tmp_pa
     assert lb.committed_lines("data", results_md)["ecn"].startswith("| ECN† |")
     md2, _ = lb.table([r for r in lb.ROWS if r.key == "ecn"], {}, lb.committed_lines("data", results_md))
     assert "| ECN† | 3 |" in md2 and "††" not in md2
+    # a rerun row's gain is against the carried AdaBN when AdaBN itself was not rerun
+    adabn = ("| AdaBN (baseline + target BN statistics) | 3 | 59.1 ± 3.2 | 70.1 ± 2.7 |  | 93.3 | (its baseline's) "
+             "| 57.0 / 57.4 / 62.9 |")
+    md3, _ = lb.table([r for r in lb.ROWS if r.key in {"adabn", "mar"}], results, {"adabn": adabn})
+    assert any(line.startswith("| MAR | 1 | 73.0 ± 0.0 | 80.0 ± 0.0 | +13.9 |") for line in md3.splitlines())
     png = tmp_path / "board.png"
     lb.plot(lb.ROWS, results, png, "test", carried)
     assert png.stat().st_size > 1000
