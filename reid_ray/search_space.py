@@ -55,11 +55,15 @@ class SearchSpace:
     text: str
 
 
-def default_path(method: str, real: bool = False) -> Path:
-    """`search_spaces/<method>.yaml` (the embedded benchmark's ranges), or `search_spaces/real/<method>.yaml`
-    (the real benchmarks' scale: a `--preset` or a real dataset) when that exists."""
-    path = SEARCH_SPACE_DIR / "real" / f"{method}.yaml"
-    return path if real and path.is_file() else SEARCH_SPACE_DIR / f"{method}.yaml"
+def default_path(method: str, real: bool = False, preset: str | None = None) -> Path:
+    """`search_spaces/<method>.yaml` (the embedded benchmark's ranges), or, at the real benchmarks' scale (a
+    `--preset` or a real dataset), `search_spaces/real/<method>-<preset>.yaml` where one exists (a target
+    whose scale differs, e.g. MSMT17's 4,101 identities), else `search_spaces/real/<method>.yaml`."""
+    for name in ([f"{method}-{preset}"] if preset else []) + [method]:
+        path = SEARCH_SPACE_DIR / "real" / f"{name}.yaml"
+        if real and path.is_file():
+            return path
+    return SEARCH_SPACE_DIR / f"{method}.yaml"
 
 
 def load_search_space(path: str | Path, cfg: TrainConfig) -> SearchSpace:

@@ -53,7 +53,7 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
         raise ReidRayError(f"--resume: no sweep named {name!r} under {sweep_dir(output, '')}")
     cls = method_class(args.method)
     real = bool(args.preset) or not is_synthetic(args.source or "synth-a", args.target or "synth-b")
-    space_path = args.search_space or default_path(args.method, real)
+    space_path = args.search_space or default_path(args.method, real, args.preset)
     space = load_search_space(space_path, TrainConfig(method=cls.name, params=cls.Params()))
     # trials are ranked on the target: the source test set only at a trial's last epoch
     flags = dict(data_root=args.data_root, mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,

@@ -37,6 +37,11 @@ def test_a_preset_sweep_reads_the_real_benchmarks_search_space(tmp_path):
     sweep = prepare_sweep(a)
     assert sweep.space_path.endswith("real/mmt.yaml") and "low: 400, high: 900" in sweep.space_text
     assert sweep.base.params.num_clusters == 500 and sweep.num_samples == 16
+    # a preset whose target has its own scale has its own space (MSMT17: k around the paper's 1,500)
+    msmt = prepare_sweep(build_parser().parse_args(["--method", "mmt", "--preset", "market2msmt", "--output",
+                                                    str(tmp_path)]))
+    assert msmt.space_path.endswith("real/mmt-market2msmt.yaml") and "low: 1000, high: 2000" in msmt.space_text
+    assert msmt.base.params.num_clusters == 1500
     a = build_parser().parse_args(["--method", "mmt", "--output", str(tmp_path)])
     assert prepare_sweep(a).space_path.endswith("search_spaces/mmt.yaml")  # the embedded benchmark's
 
