@@ -25,7 +25,9 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -165,8 +167,15 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
             source.sampler.set_epoch(next(epoch))
             step((b["img"], b["label"]) for b in itertools.islice(iter(source), sizes.steps))
         fixed = [(img.to(device), y.to(device)) for img, y in batches(sizes.steps)]
-        t_e2e, s_e2e = timed(end_to_end, sizes.repeats)
-        t_step, s_step = timed(lambda step=step, fixed=fixed: step(fixed), sizes.repeats)
+        try:
+            t_e2e, s_e2e = timed(end_to_end, sizes.repeats)
+            t_step, s_step = timed(lambda step=step, fixed=fixed: step(fixed), sizes.repeats)
+        except Exception as e:  # one mode failing (a compile error, say) keeps the others' figures
+            if sizes.tiny:
+                raise
+            traceback.print_exc()
+            out["modes"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
         n = sizes.steps * batch
         out["modes"][name] = {"end_to_end_img_s": n / t_e2e, "end_to_end_spread_s": s_e2e,
                               "step_only_img_s": n / t_step, "step_only_spread_s": s_step}
@@ -203,6 +212,49 @@ def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
               f"{', decode + augment on the device' if decode == 'device' else ''}: "
               f"{batches * loader.batch_size / t:.0f} img/s (spread {s:.2f} s over {sizes.repeats} runs)", flush=True)
     return out
+
+
+def bench_step_profile(sizes: Sizes, data: Path) -> dict:
+    """What bounds the training step alone: img/s at P x K = 16 x 4 (the papers' 64) and 64 x 4 (256), and the
+    share of the step's wall time the device spends in kernels (torch.profiler, 10 steps of the 64 batch). A
+    share well under 1 with img/s that grow with the batch says the step is bound by the host (Python, kernel
+    launches, synchronisations), not by the GPU's arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loader, net, device = train_setup(sizes, data, 0)
+    cuda = device.type == "cuda"
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    step = train_steps(net, device, dtype, cuda)
+    first = next(iter(loader))
+    img, y = first["img"], first["label"]
+    out = {"dtype": str(dtype), "batches": {}}
+    for mult in (1, 4):
+        labels = (y.repeat(mult) + torch.arange(mult).repeat_interleave(len(y)) * (int(y.max()) + 1)) % out_classes(net)
+        fixed = [(img.repeat(mult, 1, 1, 1).to(device), labels.to(device))] * sizes.steps
+        t, _ = timed(lambda f=fixed: step(f), sizes.repeats)
+        out["batches"][len(img) * mult] = {"step_only_img_s": len(img) * mult * sizes.steps / t,
+                                           "step_ms": 1000 * t / sizes.steps}
+        print(f"step alone, batch {len(img) * mult}: {len(img) * mult * sizes.steps / t:.0f} img/s, "
+              f"{1000 * t / sizes.steps:.1f} ms a step", flush=True)
+    if cuda:
+        fixed = [(img.to(device), y.to(device))] * 10
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sync()
+            t = time.perf_counter()
+            step(fixed)
+            sync()
+            wall = time.perf_counter() - t
+        kernels = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e6
+        out.update({"profiled_wall_s": wall, "kernel_s": kernels, "gpu_busy_share": kernels / wall,
+                    "top_host_ops": [(e.key, e.cpu_time_total / 1e6) for e in sorted(
+                        prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]]})
+        print(f"profiled 10 steps of 64: {wall:.3f} s wall, {kernels:.3f} s in kernels "
+              f"({100 * kernels / wall:.0f} % busy)", flush=True)
+    return out
+
+
+def out_classes(net) -> int:
+    return next(m for m in reversed(list(net.modules())) if isinstance(m, torch.nn.Linear)).out_features
 
 
 def bench_mmt(sizes: Sizes, data: Path) -> dict:
@@ -285,13 +337,20 @@ def bench_eval(sizes: Sizes) -> dict:
     return out
 
 
+SECTIONS = ("training", "mmt", "kmeans", "eval", "profile")
+
+
 def markdown(rec: dict) -> str:
-    v, tr = rec["versions"], rec["training"]
-    lines = [f"`python -m bench.gpu{' --tiny' if rec['tiny'] else ''}` on {v['device']} ({v['cpus']} CPUs, "
+    """The table of every section `rec` holds (a run cut short, or given --sections, has fewer)."""
+    v, tr = rec["versions"], rec.get("training", {"modes": {}})
+    lines = [f"`python -m bench.gpu{rec.get('argv', ' --tiny' if rec['tiny'] else '')}` on {v['device']} ({v['cpus']} CPUs, "
              f"{v['host']}, {v['date']}; torch {v['torch']}, CUDA build {v['torch_cuda']}, runtime {v['cuda_runtime']}, "
              f"driver {v['driver']}, faiss {v['faiss']['version']} with {v['faiss']['gpus']} GPUs, bf16 {v['bf16']})", "",
              "| what | figure |", "|---|---|"]
     for name, m in tr["modes"].items():
+        if "error" in m:
+            lines.append(f"| {rec['arch']} training, {name} | failed: {m['error']} |")
+            continue
         lines.append(f"| {rec['arch']} {rec['hw'][0]}x{rec['hw'][1]} training, {name}, end to end "
                      f"({tr['loader_processes']} loader processes) | {m['end_to_end_img_s']:.0f} img/s |")
         lines.append(f"| same, the step alone (batches already on the device) | {m['step_only_img_s']:.0f} img/s |")
@@ -299,21 +358,31 @@ def markdown(rec: dict) -> str:
         if k.startswith("loader_only"):
             where = "on the device" if "device_decode" in k else "in the loader processes"
             lines.append(f"| loader alone, {k.split('_')[2]} processes (decode + augment {where}) | {val:.0f} img/s |")
-    m = rec["mmt"]
-    lines.append(f"| one MMT epoch ({m['iters']:.0f} iterations, two nets + two mean nets) | {m['epoch_s']:.1f} s, "
-                 f"refresh {m['refresh_s']:.1f} s ({100 * m['refresh_share']:.0f} %) |")
-    km = rec["kmeans"]
+    if "mmt" in rec:
+        m = rec["mmt"]
+        lines.append(f"| one MMT epoch ({m['iters']:.0f} iterations, two nets + two mean nets) | {m['epoch_s']:.1f} s, "
+                     f"refresh {m['refresh_s']:.1f} s ({100 * m['refresh_share']:.0f} %) |")
+    km = rec.get("kmeans", {})
     for where in ("gpu", "cpu"):
         if f"{where}_s" in km:
             lines.append(f"| faiss k-means {km['shape'][0]} x {km['shape'][1]}, k = {km['shape'][2]}, {where.upper()} | "
                          f"{km[f'{where}_s']:.2f} s |")
-    ev = rec["eval"]
+    ev = rec.get("eval", {})
     for where in ("cuda", "cpu"):
         if f"evaluate_rank_{where}_s" in ev:
             lines.append(f"| evaluate_rank {ev['shape'][0]} x {ev['shape'][1]}, {where.upper()} | "
                          f"{ev[f'evaluate_rank_{where}_s']:.2f} s |")
             lines.append(f"| k-reciprocal re-ranking {ev['shape'][0]} x {ev['shape'][1]}, {where.upper()} | "
                          f"{ev[f're_ranking_{where}_s']:.1f} s |")
+    pr = rec.get("profile", {})
+    for b, m in pr.get("batches", {}).items():
+        lines.append(f"| training step alone ({pr['dtype']}), batch {b} | {m['step_only_img_s']:.0f} img/s, "
+                     f"{m['step_ms']:.1f} ms a step |")
+    if "gpu_busy_share" in pr:
+        lines.append(f"| GPU busy in kernels during 10 steps of 64 (torch.profiler) | "
+                     f"{100 * pr['gpu_busy_share']:.0f} % of {pr['profiled_wall_s']:.2f} s |")
+    for name, err in rec.get("errors", {}).items():
+        lines.append(f"| section {name} | failed: {err} |")
     if "cuda_vs_cpu_re_ranking_max_diff" in ev:
         lines.append(f"| GPU vs CPU: mAP diff / re-ranking max diff | {ev['cuda_vs_cpu_mAP_diff']:.1e} / "
                      f"{ev['cuda_vs_cpu_re_ranking_max_diff']:.1e} |")
@@ -328,25 +397,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--loader-only", action="store_true",
                     help="only the loader alone at full size (0 and N processes): the figure a CPU machine can give")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                    help=f"what to time, in this order (default: all of {', '.join(SECTIONS)})")
+    ap.add_argument("--mmt-iters", type=int, default=None, help="MMT iterations timed (default 400, the paper's)")
     args = ap.parse_args(argv)
     from reid_ray import write_text_atomic
 
     sizes = Sizes(args.tiny)
+    sizes.mmt_iters = args.mmt_iters or sizes.mmt_iters
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = market_data(Path(args.data or out / "market-shaped"), sizes)
-    rec = {"tiny": args.tiny, "arch": sizes.arch, "hw": sizes.hw, "versions": versions()}
+    rec = {"tiny": args.tiny, "arch": sizes.arch, "hw": sizes.hw, "versions": versions(),
+           "argv": "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))}
     print(json.dumps(rec["versions"]), flush=True)
     if args.loader_only:
         rec["loader"] = bench_loader(sizes, data)
         write_text_atomic(out / "loader.json", json.dumps(rec, indent=1))
         return rec
-    rec["training"] = bench_training(sizes, data, args.compile)
-    rec["mmt"] = bench_mmt(sizes, data)
-    rec["kmeans"] = bench_kmeans(sizes)
-    rec["eval"] = bench_eval(sizes)
-    write_text_atomic(out / "gpu.json", json.dumps(rec, indent=1))
-    write_text_atomic(out / "gpu.md", markdown(rec))
+    runs = {"training": lambda: bench_training(sizes, data, args.compile), "mmt": lambda: bench_mmt(sizes, data),
+            "kmeans": lambda: bench_kmeans(sizes), "eval": lambda: bench_eval(sizes),
+            "profile": lambda: bench_step_profile(sizes, data)}
+    for name in args.sections:
+        try:
+            rec[name] = runs[name]()
+        except Exception as e:  # on a device lease, one section failing keeps the others' figures
+            if args.tiny:
+                raise
+            traceback.print_exc()
+            rec.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:300]
+        # saved after each section: a run stopped at a time limit keeps what it measured
+        write_text_atomic(out / "gpu.json", json.dumps(rec, indent=1))
+        write_text_atomic(out / "gpu.md", markdown(rec))
     print(markdown(rec))
     return rec
 

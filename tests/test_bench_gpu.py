@@ -28,3 +28,19 @@ def test_gpu_bench_loader_only(tmp_path):
     rec = gpu.main(["--tiny", "--loader-only", "--out", str(tmp_path)])
     assert rec["loader"]["0_processes_img_s"] > 0 and len([k for k in rec["loader"] if k.endswith("img_s")]) == 3
     assert (tmp_path / "loader.json").is_file()
+
+
+def test_gpu_bench_sections_saved_one_by_one(tmp_path):
+    """--sections times only those, in that order, and the table holds just what was measured."""
+    import pytest
+
+    from bench import gpu
+
+    rec = gpu.main(["--tiny", "--sections", "kmeans", "eval", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert "training" not in saved and "mmt" not in saved and saved["kmeans"]["cpu_s"] > 0
+    assert saved["argv"] == rec["argv"] and "--sections kmeans eval" in saved["argv"]
+    md = (tmp_path / "gpu.md").read_text()
+    assert "faiss k-means" in md and "MMT" not in md and "training" not in md
+    with pytest.raises(SystemExit):
+        gpu.main(["--tiny", "--sections", "kmean", "--out", str(tmp_path)])
