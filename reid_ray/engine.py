@@ -55,7 +55,7 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     use_amp = amp and device.type == "cuda"
     dtype = amp_dtype(device) if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 needs no loss scaling
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     n_img, steps, skipped, t0 = 0, 0, 0, time.perf_counter()
     for batch in epoch_batches(method.train_loader, method.iterations()):
         if device.type == "cuda":  # channels_last inputs for the channels_last models (distributed/worker.py)
@@ -77,15 +77,15 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
         scaler.step(method.optimizer)
         scaler.update()
         method.after_step(ctx)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for k, v in losses.items():  # summed where they are: one host synchronisation an epoch, not one a loss a step
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
         n_img += len(batch["img"])
         steps += 1
         ctx.iteration += 1
     seconds = time.perf_counter() - t0
     lr = method.optimizer.param_groups[0]["lr"]
     method.scheduler.step()
-    out = {k: v / max(steps, 1) for k, v in sums.items()}
+    out = {k: float(v) / max(steps, 1) for k, v in sums.items()}
     # images/s over all workers (each rank sees its share of every batch)
     out.update({"lr": lr, "epoch_time": seconds, "images_per_s": n_img * ctx.world_size / max(seconds, 1e-9),
                 "iters": steps, "skipped_steps": skipped, "refresh_time": refresh_time, **method.epoch_metrics()})

@@ -67,19 +67,42 @@ def _grouped_reference(x, w, c, n):
     return y.detach(), xr.grad, running_mean, running_var
 
 
-def test_groups_in_one_process():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_groups_in_one_process(channels_last):
+    """Groups inside one rank go through one native batch_norm call (groups moved beside the channels); a
+    channels_last input stays channels_last."""
     torch.manual_seed(1)
     x, w, c = torch.randn(8, 3, 4, 2), torch.rand(3) + 0.5, torch.randn(8, 3, 4, 2)
     bn = convert_sync_bn(nn.BatchNorm2d(3), torch.device("cpu"), samples_per_bn=2)
     bn.weight.data.copy_(w)
-    xr = x.clone().requires_grad_(True)
+    xr = (x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()).requires_grad_(True)
     y = bn(xr)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     (y * c).sum().backward()
     ref = _grouped_reference(x, w, c, 2)
     torch.testing.assert_close(y.detach(), ref[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xr.grad, ref[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bn.running_mean, ref[2], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(bn.running_var, ref[3], atol=1e-5, rtol=1e-5)
+
+
+def test_groups_cumulative_momentum_and_frozen_bias():
+    """momentum=None (a cumulative mean) over two steps, and BNNeck's frozen bias: each group as a plain
+    BatchNorm1d of its own, the running statistics the mean of the groups'."""
+    torch.manual_seed(3)
+    bn = convert_sync_bn(nn.BatchNorm1d(5, momentum=None), torch.device("cpu"), samples_per_bn=3)
+    bn.bias.requires_grad_(False)
+    refs = [nn.BatchNorm1d(5, momentum=None) for _ in range(4)]
+    for step in range(2):
+        x = torch.randn(12, 5) * 2 + 1
+        y = bn(x)
+        for g, ref in enumerate(refs):
+            torch.testing.assert_close(y[3 * g:3 * g + 3], ref(x[3 * g:3 * g + 3]), atol=1e-5, rtol=1e-5)
+        y.sum().backward()
+        assert bn.bias.grad is None and bn.weight.grad is not None
+        torch.testing.assert_close(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+        torch.testing.assert_close(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+        assert int(bn.num_batches_tracked) == step + 1
 
 
 def test_partial_last_batch_is_its_own_group():
