@@ -230,9 +230,17 @@ def log_mlflow(bench: str, md: str, png: Path, stats: dict, seeds: list[int]) ->
 
 
 def update_results(bench: str, text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
+    """Replace (or append) the section between this benchmark's markers in RESULTS.md. The old section's
+    footnotes (paragraphs starting with a `\\*` mark) stay, placed before the figure, while a row of the new
+    table still carries their mark."""
     start, end = _markers(bench)
     old = path.read_text()
+    if start in old and end in old and "\\*" in text:
+        paragraphs = old[old.index(start) + len(start):old.index(end)].strip().split("\n\n")
+        notes = [p for p in paragraphs if p.startswith("\\*") and p not in text]
+        if notes:
+            head, sep, figure = text.rpartition("\n\n![")
+            text = "\n\n".join([head if sep else text, *notes]) + (sep + figure if sep else "")
     block = f"{start}\n{text}\n{end}"
     if start in old and end in old:
         new = old[:old.index(start)] + block + old[old.index(end) + len(end):]

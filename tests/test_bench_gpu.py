@@ -44,3 +44,15 @@ def test_gpu_bench_sections_saved_one_by_one(tmp_path):
     assert "faiss k-means" in md and "MMT" not in md and "training" not in md
     with pytest.raises(SystemExit):
         gpu.main(["--tiny", "--sections", "kmean", "--out", str(tmp_path)])
+
+
+def test_gpu_bench_step_profile(tmp_path):
+    """The step alone at two batch sizes, and the fixed per-step cost fitted from them."""
+    from bench import gpu
+
+    rec = gpu.main(["--tiny", "--sections", "profile", "--out", str(tmp_path)])
+    pr = rec["profile"]
+    assert sorted(pr["batches"]) == [16, 64] and all(b["step_only_img_s"] > 0 for b in pr["batches"].values())
+    t16, t64 = pr["batches"][16]["step_ms"], pr["batches"][64]["step_ms"]
+    assert abs(pr["fixed_ms"] - (t16 - (t64 - t16) / 48 * 16)) < 1e-9
+    assert "the step's fixed cost" in (tmp_path / "gpu.md").read_text()

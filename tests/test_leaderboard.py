@@ -38,6 +38,22 @@ def test_results_section_is_replaced_in_place(tmp_path):
     assert "other benchmark" in text and text.startswith("# Benchmark results\n\nbefore")
 
 
+def test_a_carried_rows_footnote_survives_a_rewrite(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    row = "| MMT from SAN source models\\* | 3 | 71.0 ± 1.0 | 79.1 ± 0.6 | +12.4\\* | 63.0 | 191 s | 69.8 / 71.3 / 71.7 |"
+    note = "\\* Run on 2026-12-02, after the other rows'\nrecords had been lost."
+    lb.update_results("data", f"header\n\n{row}\n\n{note}\n\n![leaderboard data](leaderboard-data.png)", results)
+    carried = row.replace("models\\*", "models\\*†")
+    lb.update_results("data", f"new header\n\n{carried}\n\n![leaderboard data](leaderboard-data.png)", results)
+    text = results.read_text()
+    assert "new header" in text and text.count(note) == 1
+    assert text.index(carried) < text.index(note) < text.index("![leaderboard data]")
+    # once no row carries the mark, its note goes
+    lb.update_results("data", "newer header\n\n| ECN | 3 |\n\n![leaderboard data](leaderboard-data.png)", results)
+    assert note not in results.read_text()
+
+
 def test_rows_not_rerun_keep_their_committed_line_and_plot_from_its_seeds(tmp_path):
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Benchmark results\n")
