@@ -124,7 +124,9 @@ class Leaderboard:
             m = out["metrics"]
             rec = {"target_mAP": m["target_mAP"], "target_R1": m["target_R1"], "source_mAP": m.get("source_mAP"),
                    "wall_time": out["wall_time"], "curve": curve(out["mlflow_uri"], out["mlflow_run_id"]),
-                   "pseudo_nmi": m.get("pseudo_nmi"), "pseudo_clusters": m.get("pseudo_clusters")}
+                   "pseudo_nmi": m.get("pseudo_nmi"), "pseudo_clusters": m.get("pseudo_clusters"),
+                   # each evaluated network's target mAP (MMT: both mean nets; the row reports the first)
+                   "nets": {k[len("target_mAP_"):]: v for k, v in m.items() if k.startswith("target_mAP_")}}
         rec.update(row=row.key, seed=seed, date=time.strftime("%Y-%m-%d %H:%M"))
         record.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(record, json.dumps(rec, indent=1))

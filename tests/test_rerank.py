@@ -80,3 +80,37 @@ def test_every_tensor_is_made_on_the_inputs_device():
     np.testing.assert_allclose(out, expected, atol=1e-6)
     # an explicit device moves NumPy inputs there
     np.testing.assert_allclose(re_ranking(qg, qq, gg, k1=10, k2=3, device="cpu"), expected, atol=1e-6)
+
+
+def test_torchs_sparse_invariant_warning_is_not_shown(monkeypatch):
+    """torch 2.11 on CUDA (the H200's run of bench/gpu.py) warns at the first sparse tensor built while invariant
+    checks are not enabled globally, even with check_invariants=False. Re-ranking and the Jaccard DBSCAN must not
+    show it: here the constructor is made to warn as that build does, and every warning is an error."""
+    import warnings
+
+    import torch
+
+    from reid_ray.clustering.dbscan import jaccard_distance
+
+    real = torch.sparse_coo_tensor
+
+    def warning_constructor(*args, **kwargs):
+        warnings.warn("Sparse invariant checks are implicitly disabled. Memory errors (e.g. SEGFAULT) will occur",
+                      UserWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "sparse_coo_tensor", warning_constructor)
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(50, 8)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    qg, qq, gg = blocks(f, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = re_ranking(qg, qq, gg, k1=8, k2=3)
+        jac = jaccard_distance(f, k1=8, k2=3)
+    np.testing.assert_allclose(out, reference_re_ranking(qg, qq, gg, 8, 3, 0.3), atol=1e-5)
+    assert jac.shape == (50, 50)
+    # the constructor did warn: without the filter, the same call raises
+    with warnings.catch_warnings(), pytest.raises(UserWarning, match="implicitly disabled"):
+        warnings.simplefilter("error")
+        torch.sparse_coo_tensor(torch.zeros(2, 1, dtype=torch.long), torch.ones(1), (2, 2))

@@ -20,7 +20,7 @@ import torch
 
 from reid_ray import ReidRayError
 from reid_ray.clustering.kmeans import ClusterResult, _as_float32, knn
-from reid_ray.evaluation.rerank import encoding_matrix, expanded_reciprocal_sets, min_overlaps
+from reid_ray.evaluation.rerank import encoding_matrix, expanded_reciprocal_sets, min_overlaps, sparse_coo
 
 
 def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int = 20_000_000) -> sp.csr_matrix:
@@ -40,7 +40,7 @@ def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int =
     v = encoding_matrix(e_idx, torch.where(present, -dist, -torch.inf), rank, k2)
     rows, cols, vals = [], [], []
     for lo, _hi, i, j, m in min_overlaps(v, n, pairs_per_chunk):
-        pair = torch.sparse_coo_tensor(torch.stack([i + lo, j]), m, (n, n), check_invariants=False).coalesce()
+        pair = sparse_coo(torch.stack([i + lo, j]), m, n)
         r, c = pair.indices()
         rows.append(r)
         cols.append(c)

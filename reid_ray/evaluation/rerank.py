@@ -156,17 +156,24 @@ def encoding_matrix(e_idx: torch.Tensor, logits: torch.Tensor, rank: torch.Tenso
     present = e_idx >= 0
     w = torch.softmax(logits, dim=1)
     r_idx = torch.arange(n, device=dev)[:, None].expand_as(e_idx)
-    v = torch.sparse_coo_tensor(torch.stack([r_idx[present], e_idx[present]]), w[present], (n, n), device=dev,
-                                check_invariants=False).coalesce()
+    v = sparse_coo(torch.stack([r_idx[present], e_idx[present]]), w[present], n)
     if k2 != 1:
         qe_rows = torch.arange(n, device=dev).repeat_interleave(k2)
-        a = torch.sparse_coo_tensor(torch.stack([qe_rows, rank[:, :k2].reshape(-1)]),
-                                    torch.full((n * k2,), 1.0 / k2, device=dev), (n, n), device=dev,
-                                    check_invariants=False).coalesce()
+        a = sparse_coo(torch.stack([qe_rows, rank[:, :k2].reshape(-1)]), torch.full((n * k2,), 1.0 / k2, device=dev), n)
         with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta
             warnings.simplefilter("ignore", UserWarning)
             v = torch.sparse.mm(a, v).coalesce()
     return v
+
+
+def sparse_coo(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """A coalesced (n, n) COO tensor on the values' device, duplicates summed. Built without torch's invariant
+    checks (the indices are in range by construction), and without the UserWarning that some torch builds
+    (2.11 on CUDA, measured on the H200) print at the first sparse tensor when those checks are not enabled
+    globally: a successful run prints no warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
+        return torch.sparse_coo_tensor(indices, values, (n, n), device=values.device, check_invariants=False).coalesce()
 
 
 def min_overlaps(v: torch.Tensor, num_rows: int, pairs_per_chunk: int = 20_000_000, partners_from: int = 0):
