@@ -30,6 +30,7 @@ from pathlib import Path
 from bench.bench_uda import baseline
 from reid_ray import write_text_atomic
 from reid_ray.config import resolve_config
+from reid_ray.console import set_verbose
 from reid_ray.distributed.driver import run_training
 from reid_ray.methods import METHODS
 from reid_ray.methods.base import CHECKPOINT_FILE
@@ -261,6 +262,7 @@ def main(argv=None) -> None:
     ap.add_argument("--results", action="store_true", help="rewrite this benchmark's section of bench/RESULTS.md")
     ap.add_argument("--table-only", action="store_true", help="no training: the table from the finished records")
     args = ap.parse_args(argv)
+    set_verbose(False)  # what the CLI prints: no Ray start-up notes, no MLflow INFO lines
     Path("bench/out").mkdir(parents=True, exist_ok=True)  # the MLflow database's folder (none in a fresh checkout)
     board = Leaderboard(args.data_root, args.workers, args.tag)
     rows = [r for r in ROWS if r.key in args.rows]  # the table's order
