@@ -181,3 +181,11 @@ def test_gather_batch_is_the_global_batch_with_gradients_summed_to_the_owner():
     # each rank's copy of the loss sends its gradient to the owner: 2 × the one-process gradient, which
     # DDP's averaging turns back into it
     torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), 2 * c)
+
+
+def test_grouped_bn_bench_runs_and_the_native_path_has_fewer_ops():
+    from bench import grouped_bn
+
+    out = grouped_bn.main(["--batch", "8", "--group", "4", "--hw", "32", "16"])
+    assert out["native"][0] > 0 and out["python"][0] > 0
+    assert out["native"][1] < out["python"][1]
