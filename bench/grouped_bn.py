@@ -3,20 +3,19 @@ against the per-op Python path it replaced, on one training step.
 
     python -m bench.grouped_bn [--arch small] [--batch 32] [--group 16] [--hw 64 32]
 
-Times forward + backward + an Adam step of the re-ID network with BN over groups of `--group` images (median of
-3 runs of 10 steps after 3 warm-up steps), once per path, in one process; prints the two and the leaf aten ops
-(torch.profiler, views excluded: a proxy for a GPU's kernel launches) of one step. The defaults are the
-embedded benchmark's rank share (32 images of the global 64 on 2 workers, groups of 16, `small` at 64x32).
+Times forward + backward + an Adam step of the re-ID network with BN over groups of `--group` images (median and
+spread of 3 runs of 10 steps after a warm-up run, `bench.gpu.timed`), once per path, in one process; prints
+the two and the leaf aten ops (torch.profiler, views excluded: a proxy for a GPU's kernel launches) of one step.
+The defaults are the embedded benchmark's rank share (32 images of the global 64 on 2 workers, groups of 16, `small` at 64x32).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench.gpu import timed
 from reid_ray.models.reid_net import ModelConfig, build_reid_net
 from reid_ray.models.sync_bn import GlobalBatchNorm
 
@@ -31,7 +30,8 @@ def python_grouped(self: GlobalBatchNorm, x: torch.Tensor, groups: int) -> torch
     return self._normalise(x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), None).reshape(x.shape)
 
 
-def time_step(arch: str, batch: int, group: int, hw: tuple[int, int]) -> tuple[float, int]:
+def time_step(arch: str, batch: int, group: int, hw: tuple[int, int]) -> tuple[float, float, int]:
+    """(median, spread) seconds a step and leaf aten ops a step."""
     torch.manual_seed(0)
     net = build_reid_net(ModelConfig(arch=arch, sync_bn=False, samples_per_bn=group), 100, torch.device("cpu")).train()
     x, y = torch.randn(batch, 3, *hw), torch.randint(0, 100, (batch,))
@@ -43,18 +43,11 @@ def time_step(arch: str, batch: int, group: int, hw: tuple[int, int]) -> tuple[f
         opt.zero_grad()
         loss.backward()
         opt.step()
-    for _ in range(3):
-        step()
-    runs = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(10):
-            step()
-        runs.append((time.perf_counter() - t) / 10)
+    median, spread = timed(lambda: [step() for _ in range(10)], repeats=3)
     with torch.profiler.profile() as prof:
         step()
     ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEWS)
-    return statistics.median(runs), ops
+    return median / 10, spread / 10, ops
 
 
 def main(argv=None) -> dict:
@@ -72,7 +65,8 @@ def main(argv=None) -> dict:
             out[name] = time_step(args.arch, args.batch, args.group, tuple(args.hw))
         finally:
             GlobalBatchNorm._grouped = native
-        print(f"{name} grouped BN: {1000 * out[name][0]:.1f} ms a step, {out[name][1]} leaf aten ops a step "
+        print(f"{name} grouped BN: {1000 * out[name][0]:.1f} ms a step (spread {1000 * out[name][1]:.1f}), "
+              f"{out[name][2]} leaf aten ops a step "
               f"({args.arch}, {args.batch} images in groups of {args.group}, {args.hw[0]}x{args.hw[1]}, "
               f"{torch.get_num_threads()} threads)", flush=True)
     return out
