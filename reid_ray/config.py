@@ -33,7 +33,7 @@ import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from reid_ray import ReidRayError
 from reid_ray.data.loader import LoaderConfig
@@ -55,6 +55,17 @@ class OptimConfig:
     gamma: float = 0.1
     base_lr_mult: float = 1.0          # lr multiplier of the backbone (the ImageNet layers); 0.1: a tenth of the new layers'
     bn_weight_decay: bool = True       # False: no weight decay on BatchNorm weights and biases
+
+
+@dataclass
+class ClusteringConfig:
+    """Where and with what a method's pseudo-labels are computed (clustering/client.py). A config that says
+    `clustering: local` (one written before the backend existed, or `--clustering local`) sets `where`."""
+
+    SHORTHAND: ClassVar[str] = "where"
+    where: str = "actor"               # actor (the PseudoLabeler Ray actor) | local (rank 0, in-process)
+    backend: str = "auto"              # auto (faiss's GPU build, else torch on a CUDA GPU, else faiss-cpu) | faiss |
+                                       # torch (on CUDA, else the CPU): clustering/kmeans.py's clustering_engine
 
 
 @dataclass
@@ -88,7 +99,7 @@ class TrainConfig:
     init: list[str] = field(default_factory=list)  # source-trained baseline checkpoints a UDA method starts
                                                    # from, one per source model it needs (`--init A B`)
     pretrain_epochs: int = 0           # epochs of that source training when no --init (0: the baseline's)
-    clustering: str = "actor"          # actor (the PseudoLabeler Ray actor) | local (rank 0, in-process)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     mlflow_uri: str = ""
     experiment: str = ""               # MLflow experiment; default "<source>-><target>"
     name: str = ""                     # run name; default "<method>-<time>"
@@ -158,7 +169,8 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     return cfg
 
 
-_CHOICES = {"clustering": ("actor", "local"), "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
+_CHOICES = {"clustering.where": ("actor", "local"), "clustering.backend": ("auto", "faiss", "torch"),
+            "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
             "checkpoint_upload": ("auto", "sync", "async"), "loader.decode": ("cpu", "device"),
             "optim.optimizer": ("adam", "sgd")}
 
@@ -287,9 +299,21 @@ def _resolve(cfg, key: str) -> str:
     raise ReidRayError(f"unknown config key {key!r} ({hint})")
 
 
+def _shorthand(cfg, key: str) -> str:
+    """A key naming a section whose dataclass has a `SHORTHAND` field means that field (`clustering` ->
+    `clustering.where`), so a plain value given for the section keeps its meaning from before it had more."""
+    obj = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in _fields(obj):
+            return key
+        obj = getattr(obj, part)
+    short = getattr(type(obj), "SHORTHAND", None) if dataclasses.is_dataclass(obj) else None
+    return f"{key}.{short}" if short else key
+
+
 def set_value(cfg, key: str, value: Any) -> None:
     """Set a dotted key (or unique leaf name) in place, converting to and checking the field's type."""
-    path = _resolve(cfg, key).split(".")
+    path = _resolve(cfg, _shorthand(cfg, key)).split(".")
     obj = cfg
     for part in path[:-1]:
         obj = getattr(obj, part)

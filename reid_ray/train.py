@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model the method starts from (default: trained on the source first, cached, with seeds "
                         "seed, seed + 1, ...)")
     p.add_argument("--clustering", choices=("actor", "local"), default=None,
-                   help="pseudo-labels from the PseudoLabeler Ray actor (default) or in-process on rank 0")
+                   help="pseudo-labels from the PseudoLabeler Ray actor (default) or in-process on rank 0 "
+                        "(clustering.where; the engine is --set clustering.backend=auto|faiss|torch)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set model.arch=resnet18 --set lr=1e-4")
     return p

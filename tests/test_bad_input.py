@@ -53,6 +53,8 @@ CASES = [
     ("negative seed", "train", lambda t, d: ["--seed", "-1"], "seed=-1: must be zero or more"),
     ("unknown optimizer", "train", lambda t, d: ["--set", "optim.optimizer=rmsprop"], "valid: adam, sgd"),
     ("use_gpu not a choice", "train", lambda t, d: ["--set", "use_gpu=maybe"], "use_gpu='maybe'; valid"),
+    ("unknown clustering backend", "train", lambda t, d: ["--set", "clustering.backend=gpu"],
+     "clustering.backend='gpu'; valid: auto, faiss, torch"),
     ("unknown clustering algorithm", "train",
      lambda t, d: ["--method", "mmt", "--set", "params.cluster_algorithm=spectral"], "valid: kmeans, dbscan"),
     ("unknown dataset", "train", lambda t, d: ["--source", "market"], "unknown dataset 'market'; valid names"),

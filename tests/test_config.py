@@ -57,3 +57,29 @@ def test_bot_warmup_then_step_schedule():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.55) and lrs[10] == 1.0
     assert lrs[39] == 1.0 and lrs[40] == pytest.approx(0.1) and lrs[70] == pytest.approx(0.01)
+
+
+def test_clustering_section_keeps_its_old_one_word_form(tmp_path):
+    """`clustering` was one word (actor | local) before it had a backend: `--clustering local`, old
+    config.yaml / best_config.yaml files and old checkpoints' configs still mean `clustering.where`."""
+    from reid_ray.clustering.client import run_spec
+    from reid_ray.config import load_config_file
+    from reid_ray.methods import METHODS
+
+    cfg = resolve_config("mmt", flags={"clustering": "local"}, sets=["clustering.backend=torch"])
+    assert (cfg.clustering.where, cfg.clustering.backend) == ("local", "torch")
+    assert flatten(cfg)["clustering.backend"] == "torch" and "clustering" not in flatten(cfg)
+    assert resolve_config("mmt", sets=["backend=faiss"]).clustering.backend == "faiss"  # the unique leaf
+    old = tmp_path / "best_config.yaml"
+    old.write_text("method: mmt\nclustering: local\nepochs: 3\n")
+    method, _, _, file = load_config_file(old)
+    assert resolve_config(method, file=file).clustering.where == "local"
+    d = to_dict(resolve_config("mmt"))
+    assert from_dict({**d, "clustering": "local"}).clustering.where == "local"  # an old checkpoint's config
+    assert from_dict(d) == resolve_config("mmt")
+    # the run's backend reaches the method's spec through shared code
+    assert run_spec(METHODS["mmt"], cfg).backend == "torch" and METHODS["mmt"].cluster_spec(cfg).backend == "auto"
+    with pytest.raises(ReidRayError, match=r"^clustering.backend='gpu'; valid: auto, faiss, torch$"):
+        resolve_config("mmt", sets=["clustering.backend=gpu"])
+    with pytest.raises(ReidRayError, match=r"^clustering.where='elsewhere'; valid: actor, local$"):
+        resolve_config("mmt", file={"clustering": "elsewhere"})

@@ -8,8 +8,9 @@ from reid_ray.distributed.resources import plan_resources
 pytestmark = pytest.mark.ray
 
 
-def _ready(plan, cluster_cpus: int, cluster_gpus: int, runs: int, workers: int) -> bool:
-    """Start a Ray of exactly these resources and reserve `runs` × (worker group + the run's own bundles)."""
+def _ready(plan, cluster_cpus: int, cluster_gpus: int, runs: int, workers: int, never: list | None = None) -> bool:
+    """Start a Ray of exactly these resources and reserve `runs` × (worker group + the run's own bundles); the
+    bundles of `never` must then find no room (their group stays pending)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -22,28 +23,37 @@ def _ready(plan, cluster_cpus: int, cluster_gpus: int, runs: int, workers: int) 
         ok = all(ray.get(g.ready(), timeout=20) is not None for g in groups)
         for g in groups:
             remove_placement_group(g)
+        if never:
+            g = placement_group(never)
+            ok = ok and not g.wait(timeout_seconds=2)
+            remove_placement_group(g)
         return ok
     finally:
         ray.shutdown()
 
 
-@pytest.mark.parametrize("gpus, cpus, workers, concurrent", [
-    (1, 8, 1, 1),     # one GPU, one worker: the actor cannot have a GPU share and clusters on its CPU
-    (2, 16, 2, 1),    # two GPUs, two workers: the same
-    (8, 64, 2, 3),    # 8 GPUs, a sweep of 2-worker trials: 3 × (2 + 0.25) GPUs
+@pytest.mark.parametrize("gpus, cpus, workers, per_worker, concurrent, worker_gpu, actor_gpu", [
+    (1, 8, 1, 1.0, 1, 0.75, 0.25),   # 1 GPU, 1 worker: it asks for 0.75, the actor's 0.25 beside it
+    (1, 8, 2, 0.5, 1, 0.5, 0.0),     # 1 GPU, 2 workers of 0.5 fill it: the actor clusters on its CPU
+    (2, 16, 2, 1.0, 1, 0.75, 0.25),  # 2 GPUs, 2 workers: 0.75 each, one GPU each
+    (8, 64, 8, 1.0, 1, 0.75, 0.25),  # 8 GPUs, 8 workers: the same
+    (8, 64, 2, 1.0, 3, 1.0, 0.25),   # 8 GPUs, a sweep of 2-worker trials: 3 × (2 + 0.25) GPUs, whole-GPU workers
 ])
-def test_gpu_plans_fit_and_their_placement_groups_are_created(gpus, cpus, workers, concurrent):
-    plan = plan_resources({"CPU": cpus, "GPU": gpus}, workers, 1.0, uses_actor=True, cpu_per_gpu=cpus / gpus)
-    assert plan.use_gpu and plan.concurrent == concurrent and plan.worker["GPU"] == 1
-    assert plan.actor.get("num_gpus", 0) == (0.25 if gpus > workers else 0)
-    assert _ready(plan, cpus, gpus, plan.concurrent, workers)
+def test_gpu_plans_fit_and_their_placement_groups_are_created(gpus, cpus, workers, per_worker, concurrent,
+                                                              worker_gpu, actor_gpu):
+    plan = plan_resources({"CPU": cpus, "GPU": gpus}, workers, per_worker, uses_actor=True, cpu_per_gpu=cpus / gpus)
+    assert plan.use_gpu and plan.concurrent == concurrent and plan.worker["GPU"] == worker_gpu
+    assert plan.actor.get("num_gpus", 0) == actor_gpu and plan.trial[1].get("GPU", 0) == actor_gpu
+    # 0.75-GPU workers: one more worker than there are GPUs would have to share one, which Ray never allows
+    never = [{"GPU": worker_gpu}] * (gpus + 1) if worker_gpu == 0.75 else None
+    assert _ready(plan, cpus, gpus, plan.concurrent, workers, never)
 
 
 def test_one_gpu_tune_trial_and_train_plan_agree():
     train = plan_resources({"CPU": 8, "GPU": 1}, 1, 1.0, True, max_concurrent=1, workers_flag="--workers")
     tune = plan_resources({"CPU": 8, "GPU": 1}, 1, 1.0, True)
-    assert train == tune and tune.concurrent == 1 and tune.actor == {"num_cpus": 1.0}
-    assert _ready(tune, 8, 1, 1, 1)
+    assert train == tune and tune.concurrent == 1 and tune.actor == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert tune.worker["GPU"] == 0.75
 
 
 def test_the_autoscaler_request_is_withdrawn_once_gpus_arrive_and_on_every_exit(monkeypatch):
@@ -74,7 +84,8 @@ def test_the_autoscaler_request_is_withdrawn_once_gpus_arrive_and_on_every_exit(
 
 
 @pytest.mark.parametrize("runs, workers, uses_actor, gpus", [
-    (1, 1, True, 1),   # the actor clusters on its CPU: one GPU, not 1.25 rounded up to 2
+    (1, 1, True, 1),   # one GPU, not 1.25 rounded up to 2: a 0.75 worker and the actor's 0.25
+    (1, 8, True, 8),   # the same on 8 GPUs
     (1, 2, True, 2),
     (3, 2, True, 7),   # 3 × (2 + 0.25): the plan gives each actor its share once it fits
     (3, 2, False, 6),
@@ -91,9 +102,9 @@ def test_the_gpus_asked_for_are_the_fewest_on_which_the_plan_runs_them(runs, wor
 
 
 def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
-    """`python -m reid_ray.train --method mmt --workers 1` on a one-GPU cluster: the worker takes the GPU, the
-    PseudoLabeler clusters on its CPU, and the worker group starts (before, 1.25 GPUs were wanted and it
-    waited forever). Without a real GPU the started workers stop at their NCCL process group."""
+    """`python -m reid_ray.train --method mmt --workers 1` on a one-GPU cluster: Ray Train accepts the worker's
+    0.75 GPU, the PseudoLabeler has the other 0.25, and the worker group starts (once, 1.25 GPUs were wanted
+    and it waited forever). Without a real GPU the started workers stop at their NCCL process group."""
     import ray
     import ray.util.state
     import torch
@@ -123,8 +134,11 @@ def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
             text = str(err.value)
             # the worker group was placed and started: it stops where it first needs a real GPU (NCCL or CUDA)
             assert any(word in text for word in ("NCCL", "CUDA", "NVIDIA", "cuda")), text[-2000:]
-        labelers = [a for a in ray.util.state.list_actors(address=api, filters=[("class_name", "=", "_PseudoLabeler")],
-                                                                 detail=True)]
-        assert labelers and all(a.required_resources.get("GPU", 0) == 0 for a in labelers)  # on its CPU
+        actors = ray.util.state.list_actors(address=api, detail=True)
+        labelers = [a for a in actors if a.class_name == "_PseudoLabeler"]
+        assert labelers and all(a.required_resources.get("GPU", 0) == 0.25 for a in labelers)  # beside the worker
+        workers = [a for a in actors if a.class_name == "RayTrainWorker"]  # in its placement group: GPU_group_<id>
+        assert workers and all({v for k, v in a.required_resources.items() if k.startswith("GPU")} == {0.75}
+                               for a in workers), [a.required_resources for a in workers]
     finally:
         ray.shutdown()

@@ -98,9 +98,10 @@ def test_plan_fits_one_trial_on_two_cpus_and_many_on_a_gpu_cluster():
         plan_resources({"CPU": 8}, 2, 1, True)
     with pytest.raises(ReidRayError, match="--workers-per-trial between 1 and 2"):
         plan_resources({"CPU": 2}, 3, 0, True)
-    # one GPU, one worker that takes all of it: the actor clusters on its CPU (no 0.25 GPU left)
+    # one GPU, one worker: it asks for 0.75 GPU, so the actor's 0.25 fits beside it (tests/test_gpu_plan.py)
     one = plan_resources({"CPU": 8, "GPU": 1}, 1, 1, True, max_concurrent=1, workers_flag="--workers")
-    assert one.worker["GPU"] == 1 and one.actor == {"num_cpus": 1.0} and one.trial[1] == {"CPU": 1.0}
+    assert one.worker["GPU"] == 0.75 and one.actor == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert one.trial[1] == {"CPU": 1.0, "GPU": 0.25}
     with pytest.raises(ReidRayError, match="pass --workers 1"):
         plan_resources({"CPU": 8, "GPU": 1}, 2, 1, True, max_concurrent=1, workers_flag="--workers")
 

@@ -9,10 +9,14 @@ torch.distributed, clusters in-process and broadcasts the result: the
 `--clustering local` path, for debugging and for comparison in benchmarks.
 `reid_ray.distributed.actor.ActorClusterer` sends the shards to the run's
 `PseudoLabeler` Ray actor instead.
+
+A method says what to compute (`Method.cluster_spec`); the run says with what engine
+(`clustering.backend`, added by `run_spec` in shared code, so no method needs to know).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch.distributed as dist
 
-from reid_ray.clustering.kmeans import ClusterResult, kmeans_labels
+from reid_ray.clustering.kmeans import ClusterResult, clustering_engine, kmeans_labels
 from reid_ray.clustering.metrics import cluster_quality
 
 
@@ -41,26 +45,37 @@ class ClusterSpec:
     min_samples: int = 4
     k1: int = 30
     k2: int = 6
+    backend: str = "auto"              # auto | faiss | torch: the run's clustering.backend (kmeans.clustering_engine)
+
+
+def run_spec(method_cls, cfg) -> ClusterSpec:
+    """The method's spec with the run's `clustering.backend`."""
+    return dataclasses.replace(method_cls.cluster_spec(cfg), backend=cfg.clustering.backend)
 
 
 def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: np.ndarray | None = None,
                    cameras: np.ndarray | None = None) -> ClusterResult:
-    """Cluster the whole target set; adds quality metrics when ground truth is known (analysis only)."""
+    """Cluster the whole target set; adds quality metrics when ground truth is known (analysis only).
+
+    The stats say which engine clustered (`cluster_with_torch` 1 / faiss 0) and where (`cluster_on_gpu`)."""
     t = time.perf_counter()
+    engine, device = clustering_engine(spec.backend)  # resolved once: "auto" becomes faiss or torch here
     if spec.algorithm == "kmeans":
         res = kmeans_labels(features, spec.num_clusters, niter=spec.niter, seed=spec.seed + epoch, nredo=spec.nredo,
-                            max_points_per_centroid=spec.max_points_per_centroid, early_stop=spec.early_stop)
+                            max_points_per_centroid=spec.max_points_per_centroid, early_stop=spec.early_stop,
+                            backend=engine)
     elif spec.algorithm == "dbscan":
         from reid_ray.clustering.dbscan import dbscan_labels
-        res = dbscan_labels(features, spec.eps, spec.min_samples, spec.k1, spec.k2)
+        res = dbscan_labels(features, spec.eps, spec.min_samples, spec.k1, spec.k2, backend=engine)
         res.centroids = cluster_means(features, res.labels)
     elif spec.algorithm == "self_paced":
         from reid_ray.clustering.self_paced import self_paced_dbscan
-        res = self_paced_dbscan(features, spec.eps, spec.eps_gap, spec.min_samples, spec.k1, spec.k2)
+        res = self_paced_dbscan(features, spec.eps, spec.eps_gap, spec.min_samples, spec.k1, spec.k2, backend=engine)
     else:
         from reid_ray import ReidRayError
         raise ReidRayError(f"unknown clustering algorithm {spec.algorithm!r}; valid: kmeans, dbscan, self_paced")
-    res.stats["cluster_time"] = time.perf_counter() - t
+    res.stats.update(cluster_time=time.perf_counter() - t, cluster_with_torch=float(engine == "torch"),
+                     cluster_on_gpu=float(device.type == "cuda"))
     if truth is not None:
         res.stats.update(cluster_quality(res.labels, truth, cameras))
     return res

@@ -4,7 +4,7 @@
     >>> res.labels        # (N,) int64; -1 = outlier (not used for training)
 
 The Jaccard distance of Zhong et al. (CVPR 2017) between every pair of target
-images, built from exact kNN (faiss) and the same sparse k-reciprocal encoding
+images, built from exact kNN (faiss, or torch: kmeans.knn) and the same sparse k-reciprocal encoding
 as `evaluation/rerank.py`. The reference implementations fill a dense N×N
 matrix (Market: 12,936² floats; MSMT17: 32,621² = 4.3 GB); here only pairs that
 share part of their encoding are ever formed, so memory grows with N·|V_i|², and
@@ -23,14 +23,16 @@ from reid_ray.clustering.kmeans import ClusterResult, _as_float32, knn
 from reid_ray.evaluation.rerank import encoding_matrix, expanded_reciprocal_sets, min_overlaps, sparse_coo
 
 
-def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int = 20_000_000) -> sp.csr_matrix:
-    """Sparse (N, N) k-reciprocal Jaccard distances of L2-normalised features; absent pairs = 1."""
+def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int = 20_000_000,
+                     backend: str = "auto") -> sp.csr_matrix:
+    """Sparse (N, N) k-reciprocal Jaccard distances of L2-normalised features; absent pairs = 1. The kNN
+    runs on `backend`'s engine (kmeans.clustering_engine)."""
     x = _as_float32(features)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     n = len(x)
     if k1 + 1 > n:
         raise ReidRayError(f"Jaccard distance: k1={k1} needs more than {k1} samples, got {n}")
-    _, idx = knn(x, k1 + 1)
+    _, idx = knn(x, k1 + 1, backend=backend)
     rank = torch.from_numpy(idx)
     e_idx = expanded_reciprocal_sets(rank, k1)
     feats = torch.from_numpy(x)
@@ -50,11 +52,12 @@ def jaccard_distance(features, k1: int = 30, k2: int = 6, pairs_per_chunk: int =
     return sp.csr_matrix((jac, (torch.cat(rows).numpy(), torch.cat(cols).numpy())), shape=(n, n))
 
 
-def dbscan_labels(features, eps: float = 0.6, min_samples: int = 4, k1: int = 30, k2: int = 6) -> ClusterResult:
+def dbscan_labels(features, eps: float = 0.6, min_samples: int = 4, k1: int = 30, k2: int = 6,
+                  backend: str = "auto") -> ClusterResult:
     """Cluster by DBSCAN on the Jaccard distance; outliers get label -1."""
     from sklearn.cluster import DBSCAN  # here: ~1 s to import, in every process that imports the methods
 
-    dist = jaccard_distance(features, k1, k2)
+    dist = jaccard_distance(features, k1, k2, backend=backend)
     labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(dist).astype(np.int64)
     sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, int)
     stats = {"num_clusters": float(len(sizes)), "outliers": float((labels < 0).sum()),

@@ -28,13 +28,13 @@ from reid_ray.clustering.kmeans import ClusterResult
 
 
 def self_paced_dbscan(features, eps: float = 0.6, eps_gap: float = 0.02, min_samples: int = 4, k1: int = 30,
-                      k2: int = 6) -> ClusterResult:
+                      k2: int = 6, backend: str = "auto") -> ClusterResult:
     """DBSCAN on one Jaccard distance matrix at eps, eps - gap (tight) and eps + gap (loose)."""
     from sklearn.cluster import DBSCAN  # here: ~1 s to import, in every process that imports the methods
 
     from reid_ray.clustering.dbscan import jaccard_distance
 
-    dist = jaccard_distance(features, k1, k2)
+    dist = jaccard_distance(features, k1, k2, backend=backend)
     runs = {name: DBSCAN(eps=e, min_samples=min_samples, metric="precomputed").fit_predict(dist).astype(np.int64)
             for name, e in (("labels", eps), ("tight", eps - eps_gap), ("loose", eps + eps_gap))}
     labels = runs["labels"]

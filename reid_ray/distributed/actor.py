@@ -1,12 +1,18 @@
 """The pseudo-label actor: one `PseudoLabeler` per training run (so one per Tune trial).
 
-The driver creates it with the share `distributed/resources.py` plans (a GPU fraction
-where one fits, a CPU share otherwise; faiss threads set to match, as Ray actors start
-with OMP_NUM_THREADS=1) and passes its handle to the Ray Train workers. At a refresh
+The driver creates it with the share `distributed/resources.py` plans (0.25 GPU beside
+the workers on a GPU cluster, a CPU share otherwise; faiss and torch threads set to match,
+as Ray actors start with OMP_NUM_THREADS=1) and passes its handle to the Ray Train
+workers. At a refresh
 every worker `ray.put`s the features of its shard and hands the reference to the
 actor (the arrays never go through the driver); after a barrier, every worker
 asks for the result of that epoch: the first request clusters, the others get
 the cached result, so all ranks receive identical labels in dataset order.
+
+With a GPU share the actor's process sees its GPU (Ray sets CUDA_VISIBLE_DEVICES), and
+the run's `clustering.backend` (in the spec) clusters there: faiss's GPU build where it is
+installed, else torch (`auto`, clustering/kmeans.py). Each result's stats say which engine
+and device clustered (`cluster_with_torch`, `cluster_on_gpu`; `pseudo_...` in MLflow).
 
 The actor is restarted by Ray if its process dies (`max_restarts`); a refresh
 that finds its shards lost resends them and retries.
@@ -18,6 +24,7 @@ import time
 
 import numpy as np
 import ray
+import torch
 import torch.distributed as dist
 
 from reid_ray.clustering.client import (
@@ -30,8 +37,12 @@ from reid_ray.clustering.kmeans import ClusterResult
 
 class _PseudoLabeler:
     def __init__(self, spec: ClusterSpec, threads: int = 1, truth=None, cameras=None):
-        from reid_ray.clustering.kmeans import require_faiss
-        require_faiss().omp_set_num_threads(max(1, threads))
+        from reid_ray.clustering.kmeans import clustering_engine, faiss
+
+        clustering_engine(spec.backend)  # no faiss and no GPU (or a bad backend): the error here, at the start
+        if faiss is not None:  # the CPU path's threads (a GPU box may have torch only)
+            faiss.omp_set_num_threads(max(1, threads))
+        torch.set_num_threads(max(1, threads))
         self.spec, self.truth, self.cameras = spec, truth, cameras
         self.shards: dict[int, dict[int, np.ndarray]] = {}
         self.results: dict[int, ClusterResult] = {}
@@ -47,6 +58,8 @@ class _PseudoLabeler:
                 return None  # shards lost (the actor was restarted): the caller resends
             feats = np.concatenate([shards[r] for r in range(world_size)])
             self.results = {epoch: run_clustering(feats, self.spec, epoch, self.truth, self.cameras)}
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # the GPU is shared with a training worker: hand back the cached blocks
             self.shards.pop(epoch)
             self.shards = {e: s for e, s in self.shards.items() if e > epoch}
         return self.results[epoch]

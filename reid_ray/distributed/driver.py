@@ -52,7 +52,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     if plan is not None:
         return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
     method_cls = method_class(cfg.method)
-    uses_actor = method_cls.uses_clustering and cfg.clustering == "actor"
+    uses_actor = method_cls.uses_clustering and cfg.clustering.where == "actor"
     forced = cfg.use_gpu.lower() in ("true", "1", "yes")
     want_gpu = forced or (cfg.use_gpu.lower() == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cluster = wait_for_gpus(gpus_needed(1, cfg.workers, 1.0 if forced else 0.0, uses_actor), cfg.gpu_wait_s)
@@ -75,10 +75,11 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     experiment = cfg.experiment or f"{cfg.source}->{cfg.target}"
     run_key = run_key or uuid.uuid4().hex
     labeler, stop = None, create_verdict()
-    if method_cls.uses_clustering and cfg.clustering == "actor":
+    if method_cls.uses_clustering and cfg.clustering.where == "actor":
+        from reid_ray.clustering.client import run_spec
         from reid_ray.distributed.actor import create_pseudo_labeler
         t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
-        labeler = create_pseudo_labeler(method_cls.cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
+        labeler = create_pseudo_labeler(run_spec(method_cls, cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
                                         plan.actor, plan.actor_threads)
     progress = RunProgress(name, cfg.epochs) if show_progress else contextlib.nullcontext()
     train_env_defaults()

@@ -10,10 +10,13 @@ The arithmetic (docs/scale-out.md has a worked 8-GPU example):
   driver side (a Tune trial's function, which only waits on its TorchTrainer; Ray Train's controller),
   the actor takes 5 % on a CPU cluster (it clusters while the workers wait) or 1 CPU beside a
   GPU share, and the workers split the rest, rounded down to 0.01 CPU.
-- GPU runs: a run needs workers × gpus_per_worker GPUs plus the actor's 0.25. When that 0.25 does not
-  fit (one GPU per worker on a 1-GPU box), the actor clusters on its CPU instead (faiss-cpu k-means on a
-  Market-sized target takes seconds). A GPU worker asks for at most the CPUs its GPU node has per GPU,
-  less one for the actor, or it would fit on no node.
+- GPU runs: a run needs workers × gpus_per_worker GPUs plus the actor's 0.25. Where the workers of one
+  GPU each take every GPU (1 GPU and 1 worker, 8 GPUs and 8 workers), each worker asks Ray for
+  1 - 0.25 = 0.75 GPU instead: two such workers never share a GPU (0.75 + 0.75 > 1), so each still has
+  one to itself, and the actor's 0.25 fits beside any of them (it clusters between epochs, while its
+  run's workers wait at the barrier). Only fractional workers that fill the GPUs (2 × 0.5 on 1 GPU)
+  leave the actor on its CPU (faiss-cpu k-means on a Market-sized target takes seconds). A GPU worker
+  asks for at most the CPUs its GPU node has per GPU, less one for the actor, or it would fit on no node.
 - CPU runs on 2 cores: 0.1 (driver side) + 0.1 (actor) + 2 × 0.9 (workers) = 2 (PLATFORM_NOTES.md).
 """
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from reid_ray import ReidRayError
 
 DRIVER_CPU = 0.1        # per run: a Tune trial's function, or Ray Train's controller side
-ACTOR_GPU = 0.25        # the pseudo-label actor's GPU share, where it fits
+ACTOR_GPU = 0.25        # the pseudo-label actor's GPU share
 
 
 @dataclass
@@ -46,20 +49,23 @@ def cpus_per_gpu(nodes: list[dict]) -> float:
     return min(ratios) if ratios else math.inf
 
 
-def _gpu_fit(gpus: float, workers: int, gpus_per_worker: float, uses_actor: bool) -> tuple[float, int]:
-    """(the actor's GPU share, how many runs fit) on `gpus` GPUs: the actor has its 0.25 where it fits."""
-    actor_gpu = ACTOR_GPU if uses_actor and workers * gpus_per_worker + ACTOR_GPU <= gpus + 1e-9 else 0.0
-    return actor_gpu, int(gpus / (workers * gpus_per_worker + actor_gpu) + 1e-9)
+def _gpu_fit(gpus: float, workers: int, gpus_per_worker: float, uses_actor: bool) -> tuple[float, float, int]:
+    """(each worker's GPU request, the actor's GPU share, how many runs fit) on `gpus` GPUs (module docstring)."""
+    if uses_actor and workers * gpus_per_worker + ACTOR_GPU <= gpus + 1e-9:  # the 0.25 fits beside the workers
+        return gpus_per_worker, ACTOR_GPU, int(gpus / (workers * gpus_per_worker + ACTOR_GPU) + 1e-9)
+    if uses_actor and gpus_per_worker == 1:  # the workers take every GPU: 0.75 each, the actor beside one
+        return 1 - ACTOR_GPU, ACTOR_GPU, int(gpus / workers + 1e-9)
+    return gpus_per_worker, 0.0, int(gpus / (workers * gpus_per_worker) + 1e-9)
 
 
 def gpus_needed(runs: int, workers: int, gpus_per_worker: float, uses_actor: bool) -> int:
     """The fewest whole GPUs on which `plan_resources` fits `runs` runs at once: what to ask the autoscaler
-    for. The workers' GPUs, plus the actors' shares only where the plan would give them one (one run of one
-    worker needs 1 GPU, its actor clustering on its CPU; 3 runs of 2 workers need 7: 3 × 2.25)."""
+    for. The workers' GPUs, plus the actors' shares where they do not fit beside 0.75-GPU workers (one run
+    of one worker needs 1 GPU: worker 0.75 + actor 0.25; 3 runs of 2 workers need 7: 3 × 2.25)."""
     if gpus_per_worker <= 0:
         return 0
     need = math.ceil(runs * workers * gpus_per_worker - 1e-9)
-    while _gpu_fit(need, workers, gpus_per_worker, uses_actor)[1] < runs:
+    while _gpu_fit(need, workers, gpus_per_worker, uses_actor)[2] < runs:
         need += 1
     return need
 
@@ -75,13 +81,13 @@ def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_act
     if workers < 1:
         raise ReidRayError(f"{workers} workers requested; pass {workers_flag} 1 or more")
     use_gpu = gpus_per_worker > 0
-    actor_gpu = 0.0
+    worker_gpu, actor_gpu = gpus_per_worker, 0.0
     if use_gpu:
         if gpus < gpus_per_worker * workers:
             raise ReidRayError(f"{workers} GPU workers × {gpus_per_worker:g} GPU requested but the cluster has "
                                f"{gpus:g} GPUs; pass {workers_flag} {max(1, int(gpus // gpus_per_worker))}, "
                                f"{cpu_flag} for CPU training, or add GPU nodes")
-        actor_gpu, fit = _gpu_fit(gpus, workers, gpus_per_worker, uses_actor)
+        worker_gpu, actor_gpu, fit = _gpu_fit(gpus, workers, gpus_per_worker, uses_actor)
     else:
         if workers > cpus:
             raise ReidRayError(f"{workers} CPU workers requested but the cluster has {cpus:g} CPUs; "
@@ -96,7 +102,7 @@ def plan_resources(cluster: dict, workers: int, gpus_per_worker: float, uses_act
     if worker_cpu < (1 if use_gpu else 0.3):
         raise ReidRayError(f"{cpus:g} CPUs leave {worker_cpu:g} per worker for {concurrent} concurrent runs of "
                            f"{workers} workers; lower --max-concurrent or {workers_flag}")
-    worker = {"CPU": worker_cpu, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    worker = {"CPU": worker_cpu, **({"GPU": worker_gpu} if use_gpu else {})}
     actor = {"num_cpus": actor_cpu, **({"num_gpus": actor_gpu} if actor_gpu else {})} if uses_actor else {}
     # a trial's actor lives in the trial's placement group, in a bundle of its own
     bundles = [{"CPU": DRIVER_CPU}] + ([{"CPU": actor_cpu, **({"GPU": actor_gpu} if actor_gpu else {})}]

@@ -108,7 +108,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     base.use_gpu = "true" if sweep.gpus_per_worker > 0 else "false"
     method_cls = method_class(base.method)
     base.init = source_inits(base)  # pretrained (or checked) once here, not by every trial
-    uses_actor = method_cls.uses_clustering and base.clustering == "actor"
+    uses_actor = method_cls.uses_clustering and base.clustering.where == "actor"
     trials = min(sweep.num_samples, sweep.max_concurrent or sweep.num_samples)
     # an autoscaling cluster may start with no GPU node: ask for the GPUs the plan needs for these trials
     cluster = wait_for_gpus(gpus_needed(trials, base.workers, sweep.gpus_per_worker, uses_actor), base.gpu_wait_s)

@@ -88,9 +88,9 @@ def _clusterer(method, cfg: TrainConfig, handle):
     if handle is not None:
         from reid_ray.distributed.actor import ActorClusterer
         return ActorClusterer(handle)
-    from reid_ray.clustering.client import LocalClusterer
+    from reid_ray.clustering.client import LocalClusterer, run_spec
     t = method.domains.target.train
-    return LocalClusterer(type(method).cluster_spec(cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+    return LocalClusterer(run_spec(type(method), cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
 
 
 def train_loop_per_worker(config: dict) -> None:
