@@ -117,7 +117,7 @@ def test_augmented_batches_do_not_depend_on_the_loader_processes(tiny_synth, in_
     (decoding JPEGs with torchvision.io, transforms v2) give the same tensors."""
     import torch
 
-    from reid_ray.data.loader import LoaderConfig, build_train_loader, loader_workers, relabel
+    from reid_ray.data.loader import LoaderConfig, auto_loader_workers, build_train_loader, loader_workers, relabel
     from reid_ray.data.readers import read_dataset
     from reid_ray.data.transforms import TransformConfig
 
@@ -135,6 +135,8 @@ def test_augmented_batches_do_not_depend_on_the_loader_processes(tiny_synth, in_
         assert torch.equal(ia, ib) and torch.equal(a, b)
     assert out[0][0][0].dtype == torch.float32 and out[0][0][0].shape[1:] == (3, 32, 16)
     assert loader_workers(LoaderConfig(num_workers=-1, in_memory=True)) == 0  # auto: none for in-memory data
+    # auto: one per CPU of the training worker but one (a 16-CPU GPU worker: 15), at most 32
+    assert [auto_loader_workers(c) for c in (1, 2, 16, 33, 64)] == [0, 1, 15, 32, 32]
 
 
 def test_decoding_on_the_device_gives_the_batches_of_the_loader_processes(tiny_synth, tmp_path):
@@ -146,7 +148,7 @@ def test_decoding_on_the_device_gives_the_batches_of_the_loader_processes(tiny_s
     import torch
     from PIL import Image
 
-    from reid_ray.data.loader import DecodingLoader, ImageDataset, LoaderConfig, build_test_loader, build_train_loader, relabel
+    from reid_ray.data.loader import ImageDataset, LoaderConfig, build_test_loader, build_train_loader, relabel
     from reid_ray.data.readers import read_dataset
     from reid_ray.data.transforms import TransformConfig, train_transform
 
@@ -162,7 +164,7 @@ def test_decoding_on_the_device_gives_the_batches_of_the_loader_processes(tiny_s
         lcfg = LoaderConfig(num_identities=4, num_instances=2, num_workers=workers, decode=decode)
         ds = ImageDataset(table, train_transform(tcfg), labels, views=2)
         loader = build_train_loader(table, labels, tcfg, lcfg, seed=3, dataset=ds)
-        assert isinstance(loader, DecodingLoader) == (decode == "device")
+        assert ds.decode == decode
         loader.sampler.set_epoch(1)
         batches = [(b["img"], b["img2"], b["index"], b["label"]) for b in loader]
         test = [b["img"] for b in build_test_loader(table, tcfg, lcfg)]
@@ -171,7 +173,7 @@ def test_decoding_on_the_device_gives_the_batches_of_the_loader_processes(tiny_s
             raw = next(iter(torch.utils.data.DataLoader.__iter__(loader)))  # collated, not yet decoded
             assert raw["encoded"].dtype == torch.uint8 and raw["encoded"].dim() == 1 and "img" not in raw
             state = torch.get_rng_state()
-            assert torch.equal(ds.finish(raw, torch.device("cpu"))["img"], batches[0][0])
+            assert torch.equal(loader.finish(raw, torch.device("cpu"))["img"], batches[0][0])
             assert torch.equal(torch.get_rng_state(), state)
     ref_batches, ref_test = runs[0, "cpu"]
     assert 0 in torch.cat([b[2] for b in ref_batches]).tolist()  # the PNG was drawn

@@ -75,6 +75,11 @@ class CamStyleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def ship(self, uint8: bool, decode: str = "cpu"):
+        """As `ImageDataset.ship`, `img_cam` included; always decoded in the loader processes (an item reads
+        two files), whatever `decode`."""
+        return self.base.ship(uint8)
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         out = self.base[item]
         if not self.has_camstyle:
@@ -89,5 +94,5 @@ class CamStyleDataset(Dataset):
             img = self.base.cache[i] if self.base.cache is not None else ImageDataset._load(self.base.paths[i])
         if seed is not None:
             torch.manual_seed((seed + 0x5BD1E995) % 2**63)
-        out["img_cam"] = self.base.transform(img)
+        out.update(self.base.augment(img, "img_cam"))  # shipped uint8: with its erasing box, `img_cam__erase`
         return out

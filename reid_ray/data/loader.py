@@ -15,8 +15,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.functional import pil_to_tensor
 
 from reid_ray import ReidRayError
+from reid_ray.data.device_augment import BatchAugment
+from reid_ray.data.finish import ERASE, finish_batch
 from reid_ray.data.sampler import CrossCameraSampler, PKSampler
-from reid_ray.data.transforms import TransformConfig, test_transform, train_transform
+from reid_ray.data.transforms import (Split, TransformConfig, draw_erase_box, split_transform, test_transform,
+                                      train_transform, view_seed)
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec, which needs FFmpeg; until that is a
 # dependency we keep them (libjpeg-turbo: 1.6x PIL's speed on a 256x128 JPEG, bench/RESULTS.md) without the
@@ -37,15 +40,21 @@ class ImageDataset(Dataset):
 
     Items are dicts: `img` (C,H,W float), `label` (training label, or -1),
     `pid`, `camid`, `index` (row in the manifest). `in_memory=True` decodes every
-    image once (for small datasets such as the synthetic benchmark).
+    image once (for small datasets such as the synthetic benchmark). Each image is decoded once per
+    item, whatever the number of views.
 
+    How items leave the loader processes is set by `ship` (`make_loader` calls it): by default the whole
+    transform runs here (`img` float); shipped uint8, `img` is uint8 after the geometric steps and
+    `img__erase` its erasing box, finished on the training process's device (`finish.py`);
     `decode="device"` (a file-backed dataset only): items carry the file's bytes (`encoded`) and the
-    augmentation seed instead of `img`, and `finish` decodes a collated batch on the training process's
-    device (nvJPEG through `torchvision.io.decode_jpeg` on a GPU) and augments it there, each sample under
-    its own seed, so the batch equals what `decode="cpu"` gives (bit for bit on the CPU).
+    augmentation seed instead of `img`, and `decode_batch` decodes a collated batch on that device
+    (nvJPEG through `torchvision.io.decode_jpeg` on a GPU) and augments it there, all samples at once,
+    each under its own seed (`device_augment.py`). All three give the same batches (bit for bit on the CPU).
     """
 
     decode = "cpu"
+    split: Split | None = None  # set: items ship uint8 (`ship`)
+    batch_augment: BatchAugment | None = None  # with decode="device"
 
     def __init__(self, table: pa.Table, transform, labels: np.ndarray | None = None, in_memory: bool = False,
                  views: int = 1):
@@ -73,11 +82,19 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def ship(self, uint8: bool, decode: str = "cpu") -> Split | None:
+        """Items as uint8 (`uint8`, or `decode="device"`, which needs it) or float; returns the split of the
+        transform that finishes uint8 items, None when they stay float (a transform that cannot be split)."""
+        self.decode = "device" if decode == "device" and self.cache is None else "cpu"
+        self.split = split_transform(self.transform) if uint8 or self.decode == "device" else None
+        self.batch_augment = BatchAugment(self.transform) if self.decode == "device" else None
+        return self.split
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         """`item` is an index, or (index, seed) from PKSampler: the seed fixes the random augmentation."""
         i, seed = item if isinstance(item, tuple) else (item, None)
         out = {"label": int(self.labels[i]), "pid": int(self.pids[i]), "camid": int(self.camids[i]), "index": i}
-        if self.decode == "device" and self.cache is None:  # `finish` decodes and augments on the device
+        if self.decode == "device" and self.cache is None:  # `decode_batch` decodes and augments on the device
             return {**out, "encoded": read_file(self.paths[i]), "seed": -1 if seed is None else seed}
         img = self.cache[i] if self.cache is not None else self._load(self.paths[i])
         return {**out, **self._views(img, seed)}
@@ -86,14 +103,24 @@ class ImageDataset(Dataset):
         out = {}
         for v in range(self.views):
             if seed is not None:  # torchvision's random transforms draw from torch's global RNG
-                torch.manual_seed((seed + v * 0x9E3779B9) % 2**63)
-            out["img" if v == 0 else f"img{v + 1}"] = self.transform(img)
+                torch.manual_seed(view_seed(seed, v))
+            out.update(self.augment(img, "img" if v == 0 else f"img{v + 1}"))
         return out
 
-    def finish(self, batch: dict, device: torch.device) -> dict:
-        """A collated `decode="device"` batch -> the batch of `decode="cpu"`, its images on `device`: JPEGs
-        decoded there in one call (other formats on the CPU, then moved), the augmentations applied there
-        per sample under its seed, torch's own RNG state left as it was (the draws are made on the CPU)."""
+    def augment(self, img: torch.Tensor, key: str) -> dict:
+        """`key`: the transformed image; shipped uint8, the geometric steps only and `key__erase`, the
+        erasing box drawn next from the same stream (the draws of the whole transform, in its order)."""
+        if self.split is None:
+            return {key: self.transform(img)}
+        x = self.split.uint8(img)
+        if self.split.erasing is None:
+            return {key: x}
+        return {key: x, key + ERASE: draw_erase_box(self.split.erasing, tuple(x.shape))}
+
+    def decode_batch(self, batch: dict, device: torch.device) -> dict:
+        """A collated `decode="device"` batch -> the uint8 batch the loader processes would ship, on
+        `device`: JPEGs decoded there in one call (other formats on the CPU, then moved), augmented there as
+        one batch (`BatchAugment`), torch's RNG state left as it was (the draws are made on the CPU)."""
         encoded = batch.pop("encoded").split(batch.pop("encoded_len").tolist())
         seeds, paths = batch.pop("seed").tolist(), None
         jpeg = [bool(len(e) > 2 and e[0] == 0xFF and e[1] == 0xD8) for e in encoded]
@@ -111,11 +138,7 @@ class ImageDataset(Dataset):
             if not j:
                 paths = paths or [self.paths[i] for i in batch["index"].tolist()]
                 imgs[k] = self._load(paths[k], encoded[k]).to(device)
-        # torch.manual_seed (each sample's seed) also seeds every CUDA device: the training process's state
-        # of the decoding GPU (dropout, random erasing's draws there) is restored with the CPU's
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            views = [self._views(im, None if s < 0 else s) for im, s in zip(imgs, seeds)]
-        return {**batch, **{key: torch.stack([v[key] for v in views]) for key in views[0]}}
+        return {**batch, **self.batch_augment(imgs, seeds, self.views)}
 
 
 def _collate(items: list[dict]) -> dict:
@@ -128,25 +151,43 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
-class DecodingLoader(DataLoader):
-    """A DataLoader over a `decode="device"` dataset: its loader processes read files and collate them; each
-    batch is decoded and augmented on the training process's device as it is yielded (`ImageDataset.finish`)."""
+def training_device() -> torch.device:
+    """Where batches are finished: the training process's current GPU (distributed/worker.py sets it), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class FinishingLoader(DataLoader):
+    """A DataLoader whose batches cross from its processes as uint8 (images after their geometric steps and
+    their erasing boxes, or with `loader.decode=device` the files' bytes), each finished on the training
+    process's device as it is yielded (`finish`). `move_all=False` keeps the non-image tensors on the host."""
+
+    def __init__(self, dataset: Dataset, split: Split, move_all: bool = True, **kw):
+        super().__init__(dataset, collate_fn=_collate, **kw)
+        self.split, self.move_all = split, move_all
 
     def __iter__(self):
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = training_device()
         for batch in super().__iter__():
-            yield self.dataset.finish(batch, device)
+            yield self.finish(batch, device)
+
+    def finish(self, batch: dict, device: torch.device | None = None) -> dict:
+        """A collated batch -> what the whole transform gives, on `device` (default: `training_device()`)."""
+        device = device or training_device()
+        if "encoded" in batch:
+            batch = self.dataset.decode_batch(batch, device)
+        return finish_batch(batch, self.split, device, self.move_all)
 
 
-def make_loader(ds: Dataset, lcfg: LoaderConfig | None, **kw) -> DataLoader:
-    """The DataLoader of `ds` with `lcfg`'s processes, pinning and decoding (`loader.decode`): a
-    DecodingLoader when the images are decoded on the device, a plain one otherwise."""
+def make_loader(ds: Dataset, lcfg: LoaderConfig | None, move_all: bool = True, **kw) -> DataLoader:
+    """The DataLoader of `ds` with `lcfg`'s processes, pinning, shipping (`loader.ship_uint8`) and decoding
+    (`loader.decode`): a FinishingLoader for a dataset that can ship uint8 (ImageDataset, CamStyleDataset:
+    they have `ship`), a plain one otherwise or with `ship_uint8=False` and `decode=cpu`."""
     kw = {**(loader_kwargs(lcfg) if lcfg is not None else {}), **kw}
-    decode = lcfg.decode if lcfg is not None else "cpu"
-    if isinstance(ds, ImageDataset) and ds.cache is None and decode == "device":
-        ds.decode = "device"
-        return DecodingLoader(ds, collate_fn=_collate, **kw)
-    return DataLoader(ds, **kw)
+    lcfg = lcfg or LoaderConfig()
+    split = ds.ship(lcfg.ship_uint8, lcfg.decode) if hasattr(ds, "ship") else None
+    if split is None:
+        return DataLoader(ds, **kw)
+    return FinishingLoader(ds, split, move_all, **kw)
 
 
 @dataclass
@@ -160,16 +201,28 @@ class LoaderConfig:
     prefetch_factor: int = 4      # batches each loader process keeps ready
     decode: str = "cpu"           # cpu: loader processes decode and augment | device: they read the files, the
     #                               training process decodes (nvJPEG on a GPU) and augments on its device
+    ship_uint8: bool = True       # loader processes ship uint8 images + erasing boxes, the training process
+    #                               normalises and erases on its device (a quarter of the bytes) | False: float32
+    #                               batches made in the loader processes (the old path, for comparisons)
 
 
 def loader_workers(lcfg: LoaderConfig) -> int:
     """Loader processes: `num_workers`, or with -1 one per CPU of this training worker but one (its own
-    thread runs the step), at most 8; none for in-memory datasets, whose samples cost microseconds."""
+    thread runs the step; its torch threads are its Ray CPU share), at most `MAX_AUTO_WORKERS`, so a GPU
+    worker with 16 CPUs gets 15; none for in-memory datasets, whose samples cost microseconds."""
     if lcfg.num_workers >= 0:
         return lcfg.num_workers
     if lcfg.in_memory:
         return 0
-    return min(8, max(0, torch.get_num_threads() - 1))
+    return auto_loader_workers(torch.get_num_threads())
+
+
+MAX_AUTO_WORKERS = 32
+
+
+def auto_loader_workers(cpus: int) -> int:
+    """`loader.num_workers=-1` on `cpus` CPUs: one each but one, at most MAX_AUTO_WORKERS."""
+    return min(MAX_AUTO_WORKERS, max(0, cpus - 1))
 
 
 def loader_kwargs(lcfg: LoaderConfig) -> dict:
@@ -231,5 +284,7 @@ def build_test_loader(table: pa.Table, tcfg: TransformConfig, lcfg: LoaderConfig
     n = table.num_rows
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     ds = ImageDataset(table.slice(lo, hi - lo), test_transform(tcfg), in_memory=lcfg.in_memory)
-    # extraction loaders are passed over once per refresh or evaluation: no persistent processes
-    return make_loader(ds, lcfg, batch_size=lcfg.test_batch_size, shuffle=False, persistent_workers=False)
+    # extraction loaders are passed over once per refresh or evaluation: no persistent processes; pids and
+    # cameras stay on the host, where extract_features gathers them
+    return make_loader(ds, lcfg, move_all=False, batch_size=lcfg.test_batch_size, shuffle=False,
+                       persistent_workers=False)

@@ -11,6 +11,8 @@ The target loader draws images uniformly without replacement (ECN and MAR sample
 target at random, not by identity); like PKSampler, rank r takes its contiguous share of
 every global batch, so 1 or N workers see the same global batches and augmentations.
 One pass of the target set is one pass of the loader; the source loader is restarted when it runs out.
+Each of the two loaders finishes its own batches (`loader.FinishingLoader`: uint8 images made float on the
+training process's device), so the `t_` images arrive finished, as the source's do.
 An epoch of a fixed number of iterations restarts the whole loader (`data.loader.epoch_batches`, as the
 authors' `IterLoader`).
 """
