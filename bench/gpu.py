@@ -6,12 +6,16 @@ Records the device and its versions, then times (each a median of repeats after 
   1. ResNet-50 at 256x128 training images/s, end to end with the loader on Market-shaped synthetic JPEGs
      (`reid-ray synth DIR --preset market`, written first when DIR has none): fp32, bf16 + channels_last
      (+ torch.compile with --compile);
-  2. the loader alone (decode + augment, 0 and N loader processes, and with `loader.decode=device`: N processes
+  2. the loader alone (decode + augment, 0 and N loader processes shipping uint8 batches, N shipping the float32
+     batches of `loader.ship_uint8=false`, and with `loader.decode=device`: N processes
      read the files, the training process decodes them (nvJPEG on a GPU) and augments on the device) against the
      training step alone on tensors already on the device, so an epoch's bound is known; the fastest training
-     mode end to end once more with `loader.decode=device`;
-  3. one MMT epoch (two nets + two mean nets, 400 iterations) and its pseudo-label refresh at Market size;
-  4. faiss k-means on 12,936 x 2,048 with k = 500, on the GPU (faiss-gpu) and on the CPU;
+     mode end to end once more with `loader.decode=device`; on a GPU the bf16 step captured whole in a CUDA
+     graph (`captured_steps`), eager against captured;
+  3. one MMT epoch (two nets + two mean nets, 400 iterations) and its pseudo-label refresh at Market size, then
+     an iteration split into its parts (data, forward + losses, backward, optimiser, mean nets);
+  4. k-means on 12,936 x 2,048 with k = 500: faiss on the GPU (faiss-gpu, where installed) and on the CPU, and
+     the torch path (`clustering.backend=torch`) on the GPU;
   5. evaluation and k-reciprocal re-ranking at Market size (3,368 x 15,913), on the CPU and on the GPU (the torch
      path of both), the GPU's numbers checked against the CPU's.
 Writes `gpu.json` and `gpu.md` (a table for bench/RESULTS.md) into --out. --tiny shrinks every size
@@ -78,6 +82,7 @@ class Sizes:
         self.steps = 3 if tiny else 50                  # timed training steps per repeat
         self.repeats = 2 if tiny else 3
         self.mmt_iters, self.mmt_k = (4, 10) if tiny else (400, 500)
+        self.split_iters = 2 if tiny else 30            # MMT iterations timed part by part
         self.kmeans = (400, 64, 10) if tiny else (12_936, 2_048, 500)
         self.eval = (60, 300, 64) if tiny else (3_368, 15_913, 2_048)
 
@@ -92,7 +97,7 @@ def market_data(root: Path, sizes: Sizes) -> Path:
     return root
 
 
-def train_setup(sizes: Sizes, data: Path, workers: int, decode: str = "cpu"):
+def train_setup(sizes: Sizes, data: Path, workers: int, decode: str = "cpu", ship_uint8: bool = True):
     from reid_ray.data.loader import LoaderConfig, build_train_loader, relabel
     from reid_ray.data.readers import read_dataset
     from reid_ray.data.transforms import TransformConfig
@@ -101,7 +106,8 @@ def train_setup(sizes: Sizes, data: Path, workers: int, decode: str = "cpu"):
     table = read_dataset("market1501", data).train
     labels, _ = relabel(table["pid"].to_numpy())
     tcfg = TransformConfig(height=sizes.hw[0], width=sizes.hw[1])
-    lcfg = LoaderConfig(num_identities=4 if sizes.tiny else 16, num_workers=workers, decode=decode)
+    lcfg = LoaderConfig(num_identities=4 if sizes.tiny else 16, num_workers=workers, decode=decode,
+                        ship_uint8=ship_uint8)
     loader = build_train_loader(table, labels, tcfg, lcfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = build_reid_net(ModelConfig(arch=sizes.arch, sync_bn=False), int(labels.max()) + 1, device)
@@ -113,7 +119,7 @@ def train_steps(net, device, dtype, channels_last: bool):
     from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
 
     ce, tri = CrossEntropyLabelSmooth(0.1), TripletLoss(0.3)
-    opt = torch.optim.Adam(net.parameters(), lr=3.5e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, fused=device.type == "cuda")  # as build_optimizer's auto
     if channels_last:
         net.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -132,6 +138,49 @@ def train_steps(net, device, dtype, channels_last: bool):
             scaler.step(opt)
             scaler.update()
             n += len(img)
+        return n
+    return run
+
+
+def captured_steps(net, device, dtype, img: torch.Tensor, y: torch.Tensor):
+    """The BoT step (forward, losses, backward, fused Adam) captured whole in one CUDA graph
+    (torch.cuda.graphs' "whole network capture": static input buffers, a capturable optimiser with its lr a
+    device tensor, autocast without its weight-cast cache), replayed per batch after copying the batch into
+    the static buffers: what `model.cuda_graph` would run, timed here before it becomes a product flag."""
+    from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
+
+    ce, tri = CrossEntropyLabelSmooth(0.1), TripletLoss(0.3)
+    net.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(3.5e-4, device=device), fused=True, capturable=True)
+    static_img = img.to(device).contiguous(memory_format=torch.channels_last)
+    static_y = y.to(device)
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+            out = net(static_img)
+            loss = ce(out["logits"], static_y) + tri(out["feat"].float(), static_y)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph: cuDNN's choices, the optimiser's state
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+
+    def run(source):
+        n = 0
+        for img_, y_ in source:
+            static_img.copy_(img_, non_blocking=True)
+            static_y.copy_(y_, non_blocking=True)
+            graph.replay()
+            n += len(img_)
         return n
     return run
 
@@ -158,9 +207,22 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
 
     device_decode, _, _ = train_setup(sizes, data, workers, decode="device")
     modes.append((modes[-1][0] + ", decode on the device", *modes[-1][1:]))
+    if cuda:  # the whole step in one CUDA graph
+        modes.append((modes[1][0] + ", captured (CUDA graph)", *modes[1][1:]))
     for name, dtype, cl in modes:
         model = torch.compile(net) if "compile" in name else net
-        step = train_steps(model, device, dtype, cl)
+        try:
+            if "captured" in name:
+                first = batches(1)[0]
+                step = captured_steps(model, device, dtype, *first)
+            else:
+                step = train_steps(model, device, dtype, cl)
+        except Exception as e:  # a capture that fails keeps the other modes' figures
+            if sizes.tiny:
+                raise
+            traceback.print_exc()
+            out["modes"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
         source = device_decode if "decode on the device" in name else loader
 
         def end_to_end(step=step, source=source):
@@ -185,10 +247,13 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
 
 
 def loader_processes() -> int:
-    """Loader processes beside the training process: one per CPU but one, at most 8 (as loader.num_workers=-1)."""
+    """Loader processes beside the training process: what loader.num_workers=-1 gives on this machine's CPUs
+    (one each but one), and at least one."""
     import os
 
-    return min(8, max(1, (os.cpu_count() or 2) - 1))
+    from reid_ray.data.loader import auto_loader_workers
+
+    return max(1, auto_loader_workers(os.cpu_count() or 2))
 
 
 def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
@@ -196,8 +261,10 @@ def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
     import itertools
 
     out = {}
-    for procs, decode in [*((p, "cpu") for p in sorted({0, loader_processes()})), (loader_processes(), "device")]:
-        loader, _, _ = train_setup(sizes, data, procs, decode)
+    runs = [*((p, "cpu", True) for p in sorted({0, loader_processes()})), (loader_processes(), "device", True),
+            (loader_processes(), "cpu", False)]
+    for procs, decode, uint8 in runs:
+        loader, _, _ = train_setup(sizes, data, procs, decode, ship_uint8=uint8)
         epoch = itertools.count()
 
         def load(loader=loader, epoch=epoch):
@@ -205,11 +272,12 @@ def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
             for _ in itertools.islice(iter(loader), batches):
                 pass
         t, s = timed(load, sizes.repeats)
-        key = f"{procs}_processes" + ("_device_decode" if decode == "device" else "")
+        key = f"{procs}_processes" + ("_device_decode" if decode == "device" else "") + ("" if uint8 else "_float32")
         out[f"{key}_img_s"] = batches * loader.batch_size / t
         out[f"{key}_spread_s"] = s
         print(f"loader alone at {sizes.hw[0]}x{sizes.hw[1]}, {procs} processes"
-              f"{', decode + augment on the device' if decode == 'device' else ''}: "
+              f"{', decode + augment on the device' if decode == 'device' else ''}"
+              f"{', float32 batches (normalised in the loader processes)' if not uint8 else ''}: "
               f"{batches * loader.batch_size / t:.0f} img/s (spread {s:.2f} s over {sizes.repeats} runs)", flush=True)
     return out
 
@@ -266,26 +334,83 @@ def bench_mmt(sizes: Sizes, data: Path) -> dict:
     method.setup(wrap=gpu_layout(lambda m: m, device))  # the layout a Ray Train worker gives them
     finish_networks(method, device, compile_=False)
     start = time.perf_counter()
-    out = train_epoch(method, EpochContext(0), amp=True)
+    ctx = EpochContext(0)
+    out = train_epoch(method, ctx, amp=True)
     sync()
     total = time.perf_counter() - start
     res = {"epoch_s": total, "refresh_s": out["refresh_time"], "train_s": out["epoch_time"], "iters": out["iters"],
-           "images_per_s": out["images_per_s"], "refresh_share": out["refresh_time"] / total}
-    print(f"MMT epoch: {total:.1f} s ({out['iters']:.0f} iterations), refresh {out['refresh_time']:.1f} s", flush=True)
+           "images_per_s": out["images_per_s"], "refresh_share": out["refresh_time"] / total,
+           "iteration_ms": 1000 * out["epoch_time"] / max(out["iters"], 1),
+           "cluster_s": out.get("pseudo_cluster_time", float("nan")),
+           "cluster_on_gpu": out.get("pseudo_cluster_on_gpu", 0.0)}
+    print(f"MMT epoch: {total:.1f} s ({out['iters']:.0f} iterations, {res['iteration_ms']:.0f} ms each), refresh "
+          f"{out['refresh_time']:.1f} s (clustering {res['cluster_s']:.2f} s)", flush=True)
+    res["split_ms"] = mmt_split(method, ctx, sizes.split_iters)
+    print("MMT iteration, split (each part synchronised): " + ", ".join(
+        f"{k} {v:.1f} ms" for k, v in res["split_ms"].items()), flush=True)
     return res
 
 
+def mmt_split(method, ctx, iters: int) -> dict[str, float]:
+    """Milliseconds an MMT iteration spends in each part, over `iters` iterations, the device synchronised after
+    each part (so the parts add up to more than the unsynchronised iteration: the host's and the GPU's work no
+    longer overlap): the next batch (loading, and finishing on the device), forward of both nets and both mean
+    nets with the losses, backward, the optimiser, the mean nets' update."""
+    from reid_ray.data.loader import epoch_batches
+    from reid_ray.engine import amp_dtype, to_device
+
+    device = method.device
+    cuda = device.type == "cuda"
+    dtype = amp_dtype(device) if cuda else None
+    parts = dict.fromkeys(("data", "forward_and_losses", "backward", "optimiser", "mean_nets"), 0.0)
+    batches = epoch_batches(method.train_loader, iters)
+
+    def lap(name, t):
+        sync()
+        parts[name] += time.perf_counter() - t
+        return time.perf_counter()
+    for _ in range(iters):
+        t = time.perf_counter()
+        batch = next(batches)
+        if cuda:
+            to_device(batch, device)
+        t = lap("data", t)
+        with torch.autocast("cuda", dtype=dtype) if cuda else nullcontext():
+            losses = method.train_step(batch, ctx)
+        t = lap("forward_and_losses", t)
+        method.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        t = lap("backward", t)
+        method.optimizer.step()
+        t = lap("optimiser", t)
+        method.after_step(ctx)
+        lap("mean_nets", t)
+        ctx.iteration += 1
+    return {k: 1000 * v / iters for k, v in parts.items()}
+
+
 def bench_kmeans(sizes: Sizes) -> dict:
+    """k-means of Market's size by every engine the PseudoLabeler can use here: faiss's GPU build (where it is
+    installed), faiss-cpu, and the torch path (`clustering.backend=torch`) on the GPU (on the CPU with --tiny);
+    each with its objective, so the engines are compared at equal quality."""
     from reid_ray.clustering.kmeans import faiss_gpus, kmeans_labels
 
     n, d, k = sizes.kmeans
     x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     out = {"shape": [n, d, k]}
-    for where in (["gpu"] if faiss_gpus() else []) + ["cpu"]:
-        t, s = timed(lambda w=where: kmeans_labels(x, k, seed=0, use_gpu=w == "gpu"), sizes.repeats)
+    engines = (["gpu"] if faiss_gpus() else []) + ["cpu"]
+    engines += ["torch_gpu"] if torch.cuda.is_available() else (["torch_cpu"] if sizes.tiny else [])
+    for where in engines:
+        kw = {"backend": "torch"} if where.startswith("torch") else {"backend": "faiss", "use_gpu": where == "gpu"}
+        last = {}
+
+        def run(kw=kw, last=last):
+            last["res"] = kmeans_labels(x, k, seed=0, **kw)
+        t, s = timed(run, sizes.repeats)
         out[f"{where}_s"], out[f"{where}_spread_s"] = t, s
-        print(f"k-means {n} x {d}, k={k} on the {where}: {t:.2f} s", flush=True)
+        out[f"{where}_objective"] = last["res"].stats.get("kmeans_objective", float("nan"))
+        print(f"k-means {n} x {d}, k={k}, {where}: {t:.2f} s (objective {out[f'{where}_objective']:.1f})", flush=True)
     return out
 
 
@@ -345,16 +470,27 @@ def markdown(rec: dict) -> str:
     for k, val in tr.items():
         if k.startswith("loader_only"):
             where = "on the device" if "device_decode" in k else "in the loader processes"
-            lines.append(f"| loader alone, {k.split('_')[2]} processes (decode + augment {where}) | {val:.0f} img/s |")
+            ships = "float32 batches, normalised in the loader" if "float32" in k else "uint8 batches"
+            lines.append(f"| loader alone, {k.split('_')[2]} processes (decode + augment {where}; {ships}) | "
+                         f"{val:.0f} img/s |")
     if "mmt" in rec:
         m = rec["mmt"]
         lines.append(f"| one MMT epoch ({m['iters']:.0f} iterations, two nets + two mean nets) | {m['epoch_s']:.1f} s, "
                      f"refresh {m['refresh_s']:.1f} s ({100 * m['refresh_share']:.0f} %) |")
+        if "iteration_ms" in m:
+            lines.append(f"| MMT iteration (unsynchronised, in the epoch) | {m['iteration_ms']:.0f} ms |")
+            lines.append(f"| MMT refresh's clustering (k-means, {'GPU' if m['cluster_on_gpu'] else 'CPU'}) | "
+                         f"{m['cluster_s']:.2f} s |")
+        if "split_ms" in m:
+            lines.append("| MMT iteration split (synchronised after each part) | " + ", ".join(
+                f"{k.replace('_', ' ')} {v:.1f} ms" for k, v in m["split_ms"].items()) + " |")
     km = rec.get("kmeans", {})
-    for where in ("gpu", "cpu"):
+    names = {"gpu": "faiss GPU", "cpu": "faiss CPU", "torch_gpu": "torch GPU", "torch_cpu": "torch CPU"}
+    for where, label in names.items():
         if f"{where}_s" in km:
-            lines.append(f"| faiss k-means {km['shape'][0]} x {km['shape'][1]}, k = {km['shape'][2]}, {where.upper()} | "
-                         f"{km[f'{where}_s']:.2f} s |")
+            obj = km.get(f"{where}_objective")
+            lines.append(f"| k-means {km['shape'][0]} x {km['shape'][1]}, k = {km['shape'][2]}, {label} | "
+                         f"{km[f'{where}_s']:.2f} s" + (f" (objective {obj:.1f})" if obj is not None else "") + " |")
     ev = rec.get("eval", {})
     for where in ("cuda", "cpu"):
         if f"evaluate_rank_{where}_s" in ev:

@@ -55,6 +55,9 @@ class OptimConfig:
     gamma: float = 0.1
     base_lr_mult: float = 1.0          # lr multiplier of the backbone (the ImageNet layers); 0.1: a tenth of the new layers'
     bn_weight_decay: bool = True       # False: no weight decay on BatchNorm weights and biases
+    fused: str = "auto"                # the optimiser's fused kernel (one launch for every parameter): auto: on CUDA
+    #                                    (its `found_inf` also lets a NaN step be skipped without a host sync);
+    #                                    elsewhere the foreach path | true | false
 
 
 @dataclass
@@ -172,7 +175,8 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
 _CHOICES = {"clustering.where": ("actor", "local"), "clustering.backend": ("auto", "faiss", "torch"),
             "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
             "checkpoint_upload": ("auto", "sync", "async"), "loader.decode": ("cpu", "device"),
-            "optim.optimizer": ("adam", "sgd")}
+            "optim.optimizer": ("adam", "sgd"),
+            "optim.fused": ("auto", "true", "false")}
 
 
 def check_choices(cfg: TrainConfig, method_choices: dict | None = None) -> None:

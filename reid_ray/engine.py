@@ -37,6 +37,9 @@ def finish_networks(method: Method, device: torch.device, compile_: bool) -> Non
     keep their state_dict keys, so checkpoints, `best.pt`, `--init`, export and `--resume` read plain
     networks, with one worker (no DDP wrapper) as with many (`torch.compile(m)` would prefix `_orig_mod.`)."""
     if device.type == "cuda":
+        # every training batch has one shape (P×K images of one size): cuDNN times its convolution algorithms
+        # once per shape and keeps the fastest (they may differ in the last bits from run to run)
+        torch.backends.cudnn.benchmark = True
         for m in method.eval_models().values():
             m.to(memory_format=torch.channels_last)
     if compile_:
@@ -47,7 +50,17 @@ def finish_networks(method: Method, device: torch.device, compile_: bool) -> Non
 def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[str, float]:
     """One epoch: `method.iterations()` steps (the loader restarted as often as needed), or one pass of the
     method's train loader when that is None; returns mean losses, lr, images/s, epoch time
-    (of the training iterations) and `refresh_time` (what the method did when the epoch started)."""
+    (of the training iterations) and `refresh_time` (what the method did when the epoch started).
+
+    A step whose loss is NaN or inf on any rank is skipped on every rank (no parameter, optimiser or mean-net
+    update) and counted; `max_nonfinite_steps` of them in a row stop the run (`Diverged`). Where the method
+    allows it (`Method.device_skip`) and the optimiser is fused (`optim.fused`, the default on CUDA), the check
+    stays on the device: the step always runs, the optimiser is told to skip through its `found_inf` tensor
+    (what a GradScaler passes it), the mean nets get a zero weight (`ctx.step_ok`), and the counters are read
+    once, at the end of the epoch, so the host never waits for the GPU between forward and backward. A run
+    that diverges then stops at the end of that epoch (its remaining steps are skipped in the same way unless
+    their losses are finite again). Elsewhere, the flag is read every step (a host synchronisation, which costs
+    nothing on a CPU) and a non-finite step runs no backward at all."""
     t_start = time.perf_counter()
     method.on_epoch_start(ctx)
     refresh_time = time.perf_counter() - t_start
@@ -55,13 +68,29 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     use_amp = amp and device.type == "cuda"
     dtype = amp_dtype(device) if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 needs no loss scaling
+    on_device = (type(method).device_skip and not scaler.is_enabled()
+                 and all(g.get("fused") for g in method.optimizer.param_groups))
     sums: dict[str, torch.Tensor] = {}
+    tally = _StepTally(device, ctx, method.cfg.max_nonfinite_steps) if on_device else None
     n_img, steps, skipped, t0 = 0, 0, 0, time.perf_counter()
     for batch in epoch_batches(method.train_loader, method.iterations()):
-        if device.type == "cuda":  # channels_last inputs for the channels_last models (distributed/worker.py)
-            batch["img"] = batch["img"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            to_device(batch, device)
         with torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext():
             losses = method.train_step(batch, ctx)
+        if on_device:
+            ok = finite_flag(losses["loss"], ctx.world_size)
+            method.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            method.optimizer.found_inf = 1 - ok  # the fused kernel leaves every parameter and moment as it was
+            method.optimizer.step()
+            ctx.step_ok = ok
+            method.after_step(ctx)
+            for k, v in losses.items():  # a skipped step's NaN never reaches the sums
+                sums[k] = sums.get(k, 0.0) + torch.where(ok > 0, v.detach().float(), 0.0)
+            tally.add(ok, len(batch["img"]))
+            ctx.iteration += 1
+            continue
         if not finite_on_every_rank(losses["loss"], ctx.world_size):
             skipped += 1  # no backward, no step, no mean-net update: every rank skips this batch together
             ctx.nonfinite_in_a_row += 1
@@ -82,6 +111,10 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
         n_img += len(batch["img"])
         steps += 1
         ctx.iteration += 1
+    if on_device:
+        method.optimizer.found_inf = None
+        ctx.step_ok = None
+        steps, skipped, n_img = tally.read()  # the epoch's one synchronisation
     seconds = time.perf_counter() - t0
     lr = method.optimizer.param_groups[0]["lr"]
     method.scheduler.step()
@@ -92,12 +125,65 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     return out
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of the batch on `device` (copies that do not wait for the host), its images (`img`, MMT's
+    `img2`, ECN's `img_cam`, the target's `t_img`...) channels_last, the layout of the networks on a GPU
+    (`gpu_layout`)."""
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            batch[k] = v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 and v.is_floating_point() else v
+    return batch
+
+
+class _StepTally:
+    """An epoch's step counters kept on the device (`train_epoch`'s device-side skip): finite steps, their
+    images, skipped steps, the current run of non-finite steps (carried in from `ctx.nonfinite_in_a_row`) and
+    the first step at which that run reached the limit. `read` is the one host synchronisation."""
+
+    def __init__(self, device: torch.device, ctx: EpochContext, limit: int):
+        self.ctx, self.start, self.limit = ctx, ctx.iteration, limit
+        z = torch.zeros((), device=device, dtype=torch.int64)
+        self.steps, self.images, self.skipped, self.step = z.clone(), z.clone(), z.clone(), z.clone()
+        self.run = torch.full((), ctx.nonfinite_in_a_row, device=device, dtype=torch.int64)
+        self.first_hit = torch.full((), -1, device=device, dtype=torch.int64)
+
+    def add(self, ok: torch.Tensor, images: int) -> None:
+        good = ok.to(torch.int64)
+        self.steps += good
+        self.images += good * images
+        self.skipped += 1 - good
+        self.run.mul_(1 - good).add_(1 - good)          # +1 on a non-finite step, back to 0 on a finite one
+        self.step += 1
+        hit = (self.run >= self.limit) & (self.first_hit < 0)
+        self.first_hit.copy_(torch.where(hit, self.step, self.first_hit))
+
+    def read(self) -> tuple[int, int, int]:
+        """(finite steps, skipped steps, images of the finite steps); raises `Diverged` where the run of
+        non-finite steps reached the limit during the epoch."""
+        steps, images, skipped, run, first = (int(t) for t in torch.stack(
+            [self.steps, self.images, self.skipped, self.run, self.first_hit]).tolist())
+        self.ctx.nonfinite_in_a_row = run
+        if first >= 0:
+            raise Diverged(f"training diverged: {self.limit} non-finite losses in a row (epoch {self.ctx.epoch + 1}, "
+                           f"step {self.start + first}); lower optim.lr, or raise max_nonfinite_steps")
+        return steps, skipped, images
+
+
+def finite_flag(loss: torch.Tensor, world_size: int) -> torch.Tensor:
+    """1.0 where the loss is finite on every rank, else 0.0: a device tensor, never read by the host (an
+    all-reduce of the flag on the device, so all ranks decide alike)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(())
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        bad = bad.reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = bad.reshape(())
+    return 1 - bad
+
+
 def finite_on_every_rank(loss: torch.Tensor, world_size: int) -> bool:
     """Whether the loss is finite on every rank (one all-reduce of a flag, so all ranks decide alike)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    return bool(finite_flag(loss, world_size).item())
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:

@@ -1,5 +1,6 @@
 """The Ray-free training path: a method, one epoch, evaluation."""
 
+import pytest
 import torch
 
 from reid_ray.config import resolve_config
@@ -72,3 +73,76 @@ def test_gpu_layout_comes_before_ddp_and_compile_keeps_plain_networks(tiny_synth
     single.load_state_dict(state)  # --resume of a plain checkpoint after compiling
     assert torch.equal(single.models["net1"].classifier.weight, method.models["net1"].module.classifier.weight)
     assert gpu_layout(prepare_model, cpu) is prepare_model and not channels_last(single.models["net1"])
+
+
+def _baseline(tiny_synth, *sets):
+    cfg = resolve_config("baseline", sets=["num_identities=4", "warmup_epochs=0", *sets],
+                         flags=dict(data_root=str(tiny_synth)))
+    domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
+    method = METHODS["baseline"](cfg, domains, torch.device("cpu"))
+    method.setup()
+    return method
+
+
+def _nan_at(method, steps):
+    """The method's loss is NaN at these global steps (0-based)."""
+    step = method.train_step
+
+    def faulty(batch, ctx):
+        losses = step(batch, ctx)
+        if ctx.iteration in steps:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+    method.train_step = faulty
+
+
+def test_the_optimiser_is_fused_on_a_gpu_and_a_checkpoint_keeps_this_runs_kernel(tiny_synth):
+    assert not _baseline(tiny_synth).optimizer.param_groups[0].get("fused")  # auto on a CPU: torch's default
+    fused = _baseline(tiny_synth, "optim.fused=true")
+    assert fused.optimizer.param_groups[0]["fused"]
+    plain = _baseline(tiny_synth, "optim.fused=false")
+    fused.load_state_dict(plain.state_dict())  # a checkpoint of a CPU run, resumed where the kernel is fused
+    assert all(g["fused"] for g in fused.optimizer.param_groups)
+    plain.load_state_dict(fused.state_dict())
+    assert not any(g["fused"] for g in plain.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("device_skip", [True, False])
+def test_a_nan_step_skipped_on_the_device_leaves_what_the_host_path_leaves(tiny_synth, monkeypatch, device_skip):
+    """With a fused optimiser the NaN check stays on the device (the step runs, the fused kernel skips it
+    through found_inf, the counters are read once an epoch): the same parameters, Adam state, losses and
+    counts as the host path, which runs no backward for such a step."""
+    from reid_ray.methods.baseline import Baseline
+
+    def run(on_device):
+        monkeypatch.setattr(Baseline, "device_skip", on_device)
+        method = _baseline(tiny_synth, "optim.fused=true")
+        _nan_at(method, {1, 2})
+        ctx = EpochContext(0)
+        out = train_epoch(method, ctx)
+        return method, ctx, out
+
+    host_method, host_ctx, host = run(False)
+    method, ctx, out = run(device_skip)
+    assert out["skipped_steps"] == host["skipped_steps"] == 2 and out["iters"] == host["iters"] == ctx.iteration - 2
+    assert ctx.nonfinite_in_a_row == host_ctx.nonfinite_in_a_row == 0 and ctx.step_ok is None
+    assert out["loss"] == pytest.approx(host["loss"], rel=1e-6) and out["images_per_s"] > 0
+    for k, v in host_method.eval_model().state_dict().items():
+        assert torch.equal(v, method.eval_model().state_dict()[k]), k
+    steps = {float(s["step"]) for s in method.optimizer.state.values()}
+    assert steps == {float(s["step"]) for s in host_method.optimizer.state.values()} == {out["iters"]}
+
+
+def test_a_run_diverges_on_the_device_with_the_host_paths_message(tiny_synth, monkeypatch):
+    from reid_ray import Diverged
+    from reid_ray.methods.baseline import Baseline
+
+    messages = []
+    for on_device in (False, True):
+        monkeypatch.setattr(Baseline, "device_skip", on_device)
+        method = _baseline(tiny_synth, "optim.fused=true", "max_nonfinite_steps=2")
+        _nan_at(method, set(range(1, 1000)))
+        with pytest.raises(Diverged, match="2 non-finite losses in a row") as e:
+            train_epoch(method, EpochContext(0))
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and "step 3" in messages[0]

@@ -1,5 +1,6 @@
 """MMT and its losses, Ray-free: hand-checked soft losses, EMA, and a short adaptation run."""
 
+import copy
 import math
 
 import numpy as np
@@ -143,3 +144,18 @@ def test_adam_moments_reset_at_every_refresh_as_the_authors_new_optimiser(tiny_s
     assert len(method.optimizer.state) > 0
     method.on_epoch_start(EpochContext(1))  # a refresh: new clusters behind the classifier rows
     assert (len(method.optimizer.state) == 0) == reset
+
+
+def test_ema_weight_scaled_on_the_device_by_the_steps_flag():
+    """A device-side skip hands the mean-net update a 0/1 flag tensor: 0 leaves the mean net as it was, 1 is
+    the plain update (to float rounding: e + w·(p - e) instead of lerp)."""
+    torch.manual_seed(0)
+    ema, net = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = [p.clone() for p in ema.parameters()]
+    ema_update(ema, net, alpha=0.9, step=5, ok=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
+    plain = copy.deepcopy(ema)
+    ema_update(plain, net, alpha=0.9, step=5)
+    ema_update(ema, net, alpha=0.9, step=5, ok=torch.tensor(1.0))
+    for a, b, e, p in zip(ema.parameters(), plain.parameters(), before, net.parameters()):
+        assert torch.allclose(a, b, atol=1e-7) and torch.allclose(a, e + (p - e) / 6, atol=1e-7)  # a = min(1 - 1/6, 0.9)

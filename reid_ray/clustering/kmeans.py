@@ -27,8 +27,8 @@ try:
 except ImportError:  # neither extra installed: a clear error where clustering starts, not at import
     faiss = None
 
-FAISS_MISSING = ("faiss is not installed: pip install -e '.[cpu]' (faiss-cpu) or, on CUDA machines, "
-                 "pip install -e '.[gpu]' (faiss-gpu for CUDA 13)")
+FAISS_MISSING = ("faiss is not installed: pip install -e '.[cpu]' (faiss-cpu), or pip install -e '.[gpu]' "
+                 "(faiss-gpu for CUDA 13); on a GPU, --set clustering.backend=torch clusters without faiss")
 
 
 def require_faiss():

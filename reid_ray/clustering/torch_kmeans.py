@@ -6,7 +6,7 @@
 
 Why torch: faiss stays the first choice (its GPU build where it is installed, faiss-cpu on every CPU), but
 no faiss GPU wheel reaches many GPU boxes: faiss-gpu and faiss-gpu-cu12 are CUDA 12 builds, the CUDA 13
-one needs ~311 MiB of cuVS libraries (../shared/PLATFORM_NOTES.md). torch is on every box, and the
+one needs ~311 MiB of cuVS libraries beside it. torch is on every box, and the
 PseudoLabeler actor (or rank 0 with `--clustering local`) already holds a GPU share.
 
 The algorithm is faiss's `Clustering::train` (faiss/Clustering.cpp), not k-means++: subsample to

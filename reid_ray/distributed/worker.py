@@ -120,7 +120,7 @@ def _train(config: dict) -> None:
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
-    if device.type == "cuda":  # the current device is where loader.decode=device decodes (DecodingLoader)
+    if device.type == "cuda":  # the current device is where the loaders finish their batches (FinishingLoader)
         torch.cuda.set_device(device)
     domains = load_domains(cfg.source, cfg.target, cfg.data_root)
     method_cls = method_class(cfg.method)

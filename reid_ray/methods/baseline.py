@@ -33,6 +33,7 @@ class Baseline(Method):
     name = "baseline"
     Params = BaselineParams
     adapts = False
+    device_skip = True  # its state moves only through the optimiser
 
     def setup(self, wrap=lambda m: m) -> None:
         cfg = self.cfg
@@ -48,7 +49,7 @@ class Baseline(Method):
         self.triplet = TripletLoss(self.p.margin, self.p.soft_margin)
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
-        img, y = batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device)
+        img, y = batch["img"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
         out = self.models["net"](img)
         ce = self.ce(out["logits"], y)
         feats, labels = gather_batch(out["feat"], y)

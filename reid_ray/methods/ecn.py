@@ -165,7 +165,7 @@ class ECN(Method):
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev, p = self.device, self.p
-        x, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev)
+        x, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
         views = [batch["t_img"]] + ([batch["t_img_cam"]] if "t_img_cam" in batch else [])
         t = torch.cat(views).to(dev, non_blocking=True)
         if dev.type == "cuda":

@@ -144,7 +144,7 @@ class MAR(Method):
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev, p, net = self.device, self.p, self.models["net"]
-        img, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev)
+        img, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
         t_img = batch["t_img"].to(dev, non_blocking=True)
         with frozen_bn_stats(net, p.target_bn):
             f_s = F.normalize(net(img)["bn_feat"], dim=1)

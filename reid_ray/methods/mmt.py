@@ -25,7 +25,7 @@ After every refresh the Adam moments start afresh (`reset_optimizer`: the author
 optimiser each epoch), at a constant lr with no warmup (the paper's schedule, `config_defaults`).
 BatchNorm normalises each group of 16 consecutive images (`model.samples_per_bn`), as the authors' 4-GPU
 DataParallel did, independently of how many workers share the batch.
-Evaluation: both mean nets; the better one is reported.
+Evaluation: both mean nets, mean net 1 reported (the other's mAP logged beside it: engine.evaluate_method).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class MMT(Method):
     Params = MMTParams
     needs_source_init = True
     uses_clustering = True
+    device_skip = True  # its state moves only through the optimiser and the mean nets' update (after_step)
     choices = {"params.cluster_algorithm": ("kmeans", "dbscan"), "params.target_sampler": ("cross_camera", "pk")}
 
     # 150 true target ids: k ≈ 0.7× (SYNTHETIC_NOTES: 0.5-1.0× works); 40 iterations an epoch (≈ 7 passes of
@@ -169,8 +170,7 @@ class MMT(Method):
             raise ReidRayError("MMT needs a clusterer (the PseudoLabeler actor or --clustering local)")
         if ctx.epoch % self.p.refresh_every == 0 or self.train_loader is None:
             if ctx.epoch == 0 and self.train_loader is None and self.p.adabn_init:
-                for ema in self.emas:
-                    adapt_bn(ema, self.extract_loader, self.device)
+                adapt_bn(self.emas, self.extract_loader, self.device)  # one pass of the target for both mean nets
             for ema in self.emas:
                 sync_buffers(ema)
             # one pass over this rank's shard feeds both mean nets (each image decoded once)
@@ -201,7 +201,7 @@ class MMT(Method):
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev = self.device
         views = [batch["img"].to(dev, non_blocking=True), batch["img2"].to(dev, non_blocking=True)]
-        y = batch["label"].to(dev)
+        y = batch["label"].to(dev, non_blocking=True)
         outs = [self._used(self.models[f"net{i + 1}"](views[i])) for i in range(2)]
         with torch.no_grad():
             refs = [self._used(self.emas[i](views[i])) for i in range(2)]
@@ -227,7 +227,7 @@ class MMT(Method):
 
     def after_step(self, ctx: EpochContext) -> None:
         for i in range(2):
-            ema_update(self.emas[i], unwrap(self.models[f"net{i + 1}"]), self.p.alpha, ctx.iteration)
+            ema_update(self.emas[i], unwrap(self.models[f"net{i + 1}"]), self.p.alpha, ctx.iteration, ctx.step_ok)
 
     def epoch_metrics(self) -> dict[str, float]:
         return self.last_stats

@@ -97,7 +97,7 @@ class SAN(Method):
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev, p = self.device, self.p
-        img, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev)
+        img, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
         out = self.models["san"](img)
         ce = self.ce(out["logits"], y)
         feats, labels = gather_batch(out["feat"], y)

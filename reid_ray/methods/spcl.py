@@ -181,7 +181,7 @@ class SpCL(Method):
 
     def train_step(self, batch: dict, ctx: EpochContext) -> dict[str, torch.Tensor]:
         dev, net = self.device, self.models["net"]
-        x, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev)
+        x, y = batch["img"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
         with frozen_bn_stats(net, self.p.target_bn):
             f_s = F.normalize(net(x)["bn_feat"], dim=1)
         f_t = F.normalize(net(batch["t_img"].to(dev, non_blocking=True))["bn_feat"], dim=1)

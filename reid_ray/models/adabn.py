@@ -17,15 +17,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @torch.no_grad()
-def adapt_bn(model: nn.Module, loader, device: torch.device | str = "cpu") -> int:
+def adapt_bn(model: nn.Module | list[nn.Module], loader, device: torch.device | str = "cpu") -> int:
     """Replace the running mean/var of every BatchNorm of `model` by their average over one pass of
-    `loader` (train-mode forward, cumulative average); returns the number of batches used.
+    `loader` (train-mode forward, cumulative average); returns the number of batches used. A list of
+    networks (MMT's two mean nets) is adapted in the same pass: each batch is loaded once and fed to each.
 
     Under DDP with global BatchNorm (GlobalBatchNorm / SyncBatchNorm) the statistics are the global
     batches'; every rank runs the same number of batches (the fewest any rank has), so the
     collectives inside the layers pair up.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    models = model if isinstance(model, (list, tuple)) else [model]
+    bns = [m for net in models for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -35,13 +37,17 @@ def adapt_bn(model: nn.Module, loader, device: torch.device | str = "cpu") -> in
         t = torch.tensor([n], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         n = int(t)
-    was_training = model.training
-    model.train()
+    was_training = [net.training for net in models]
+    for net in models:
+        net.train()
     for i, batch in enumerate(loader):
         if i >= n:
             break
-        model(batch["img"].to(device, non_blocking=True))
-    model.train(was_training)
+        img = batch["img"].to(device, non_blocking=True)
+        for net in models:
+            net(img)
+    for net, training in zip(models, was_training):
+        net.train(training)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     return n
