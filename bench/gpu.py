@@ -524,11 +524,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                     help=f"what to time, in this order (default: all of {', '.join(SECTIONS)})")
     ap.add_argument("--mmt-iters", type=int, default=None, help="MMT iterations timed (default 400, the paper's)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (and loader batches) a timed run "
+                    "(default 50)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up, their median kept "
+                    "(default 3)")
     args = ap.parse_args(argv)
     from reid_ray import write_text_atomic
 
     sizes = Sizes(args.tiny)
     sizes.mmt_iters = args.mmt_iters or sizes.mmt_iters
+    sizes.steps, sizes.repeats = args.steps or sizes.steps, args.repeats or sizes.repeats
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = market_data(Path(args.data or out / "market-shaped"), sizes)

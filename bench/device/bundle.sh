@@ -26,12 +26,12 @@ target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
 
 # What reid-ray needs beyond the image (pyproject.toml's dependencies less torch, torchvision, numpy, pyarrow,
 # pillow, pyyaml, rich, matplotlib, scikit-learn; the `cpu` extra's faiss): Ray with the dashboard (Ray Train
-# V2's placement-group cleaner needs the state API, PLATFORM_NOTES.md), MLflow's client and its SQLite store
+# V2's placement-group cleaner needs the state API), MLflow's client and its SQLite store
 # (sqlalchemy + alembic), Optuna. mlflow-skinny instead of mlflow: the full package adds the UI's JavaScript,
 # Flask, gunicorn, docker and graphene (the tracking server), none of which a run imports.
 requirements=("ray[default,train,tune]==2.60.*" mlflow-skinny sqlalchemy alembic optuna "faiss-cpu>=1.15,<2")
 
-# Never bundled: the packages the image is known to have (PLATFORM_NOTES.md, "The bare GPU box"), so its own
+# Never bundled: the packages the image is known to have (bench/RESULTS.md, "GPU figures on an NVIDIA H200"), so its own
 # builds stay in use. Wheel names are normalised to lower case with underscores. Everything else the resolver
 # picks is bundled, even where the image may hold a copy as some package's dependency (typing_extensions,
 # filelock, protobuf, packaging, six): a newer pure-Python copy first on PYTHONPATH is harmless, a missing one
@@ -85,7 +85,7 @@ echo "== stripping what no run on the box loads"
 site=$work/site
 # - ray/jars: Ray's Java workers (35 MB; no Java here)
 # - *.map: the dashboard's JavaScript source maps (7 MB); the dashboard itself (its Python HTTP server, the state
-#   API, and the built web client) stays: Ray Train V2 needs the state API (PLATFORM_NOTES.md)
+#   API, and the built web client) stays: Ray Train V2 needs the state API
 # - tests/test folders and __pycache__: nothing imports them at run time
 # - bin/: console scripts whose shebang is this machine's Python; on the box `python -m ray.scripts.scripts`
 #   is the `ray` CLI
