@@ -55,6 +55,52 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
                           timeout=timeout)
 
 
+def seed_source_models(cfg, count: int | None = None) -> list[Path]:
+    """The source models `cfg`'s method starts from, trained in this process (seconds, no Ray) into the cache
+    the driver reads first (`driver.pretraining_plan`), in the format it writes: a Ray test of a UDA method then
+    pays no source training under Ray that none of its assertions looks at. The Ray path of the pretraining
+    stays tested where a test asserts it (test_kill_and_resume: two source models, trained once and cached).
+    `count`: the first that many of them only (the others are trained under Ray, as a user's run trains them)."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from reid_ray.config import to_dict
+    from reid_ray.data.domains import load_domains
+    from reid_ray.distributed.driver import pretraining_plan
+    from reid_ray.engine import evaluate_method, train_epoch
+    from reid_ray.methods import METHODS, EpochContext, method_class
+
+    paths = []
+    n = method_class(cfg.method).source_models(cfg.params)
+    for i in range(n if count is None else min(count, n)):
+        cached, pre = pretraining_plan(dataclasses.replace(cfg, seed=cfg.seed + i))
+        if not Path(cached).is_file():
+            domains = load_domains(pre.source, pre.target, pre.data_root)
+            method = METHODS["baseline"](pre, domains, torch.device("cpu"))
+            method.setup()
+            for epoch in range(pre.epochs):
+                train_epoch(method, EpochContext(epoch))
+            metrics = {"epoch": float(pre.epochs)}
+            for name, ds in (("source", domains.source), ("target", domains.target)):
+                metrics.update(evaluate_method(method, ds, pre, name)[0])
+            Path(cached).parent.mkdir(parents=True, exist_ok=True)
+            Path(cached).with_suffix(".json").write_text(json.dumps(metrics, indent=1))
+            torch.save({"method": method.state_dict(), "epoch": pre.epochs - 1, "config": to_dict(pre)}, cached)
+        paths.append(Path(cached))
+    return paths
+
+
+def seed_sweep_source_models(argv: list[str], count: int | None = None) -> list[Path]:
+    """`seed_source_models` for the sweep that `python <argv>` (`-m reid_ray.tune ...`) would run."""
+    from reid_ray.tune import build_parser, prepare_sweep
+
+    base = prepare_sweep(build_parser().parse_args(argv[2:])).base
+    base.use_gpu = "false"  # what run_sweep sets before it asks for the source models, on a machine without GPUs
+    return seed_source_models(base, count)
+
+
 @dataclass
 class CliRun:
     """One CLI run that several tests read: its folder, argv, MLflow store and what it printed."""
@@ -100,6 +146,9 @@ def cli_sweep(tmp_path_factory) -> CliRun:
             "--num-samples", "2", "--epochs", "2", "--grace-period", "1", "--output", str(root / "out"),
             "--mlflow-uri", uri, "--name", "t", "--optuna-storage", f"sqlite:///{root / 'optuna.db'}",
             "--set", "two_sources=true"]  # the demo's default is one source model
+    # the first source model cached here; the second is pretrained under Ray by the sweep, whose MLflow run the
+    # report test reads (a baseline beside the MMT trials)
+    seed_sweep_source_models(argv, count=1)
     return CliRun(root, argv, uri, run_cli(argv, root))
 
 

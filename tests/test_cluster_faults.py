@@ -38,7 +38,7 @@ def test_a_lost_node_costs_a_restart_not_the_run(two_nodes, tiny_synth, tmp_path
 
     cluster, second = two_nodes
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    cfg = resolve_config("baseline", sets=["num_identities=4", "warmup_epochs=1", "checkpoint_upload=sync"],
+    cfg = resolve_config("baseline", sets=["num_identities=4", "warmup_epochs=1", "checkpoint_upload=sync", "log_model=false"],
                          flags=dict(data_root=str(tiny_synth), output=str(tmp_path / "out"), epochs=6, eval_every=6,
                                     workers=2, name="lost", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
     events, result = {}, {}

@@ -86,7 +86,7 @@ def worker_tracebacks(text: str) -> list[str]:
 def _args(tmp_path, data_root, *sets):
     return ["--method", "faulty", "--data-root", str(data_root), "--output", str(tmp_path / "out"),
             "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", "faults",
-            "--set", "num_identities=4", *[a for s in sets for a in ("--set", s)]]
+            "--set", "num_identities=4", "--set", "log_model=false", *[a for s in sets for a in ("--set", s)]]
 
 
 @pytest.mark.ray
@@ -132,7 +132,8 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(r
     cmd = [sys.executable, "-m", "reid_ray.tune", "--method", "baseline", "--name", "s", "--output", str(out),
            "--mlflow-uri", uri, "--data-root", str(tiny_synth), "--num-samples", "2", "--max-concurrent", "1",
            "--scheduler", "none", "--epochs", "3", "--experiment", "sweep-faults",
-           "--set", "num_identities=4", "--set", "pretrain_epochs=1", "--set", "checkpoint_upload=sync"]
+           "--set", "num_identities=4", "--set", "pretrain_epochs=1", "--set", "checkpoint_upload=sync",
+           "--set", "log_model=false"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -115,7 +115,7 @@ def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
 
     init = tmp_path / "source.pt"  # a stand-in source model, as a baseline's checkpoint.pt holds it
     torch.save({"method": {"models": {"net": build_reid_net(ModelConfig(arch="small"), 12).state_dict()}}}, init)
-    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=6", "iters=2", "two_sources=false",
+    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=6", "iters=2", "two_sources=false", "log_model=false",
                                       "use_gpu=true", "max_failures=0"],
                          flags=dict(data_root=str(tiny_synth), output=str(tmp_path / "out"), workers=1, epochs=1,
                                     mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", init=[str(init)]))
@@ -123,8 +123,11 @@ def test_train_mmt_plans_and_starts_on_one_logical_gpu(tiny_synth, tmp_path):
 
     port = _free_port()  # this Ray's own state API: another local Ray may be running (as init_ray does)
     api = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=4, num_gpus=1, dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+    ctx = ray.init(address="local", num_cpus=4, num_gpus=1, dashboard_port=port,
+                   runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+    # the dashboard's address as Ray reports it: the free port can be taken by one of Ray's own gRPC servers
+    # between _free_port and the dashboard's start (seen once: the state query read an HTTP/2 frame)
+    api = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else api
     try:
         if torch.cuda.is_available():  # a real GPU: the run trains
             run_training(cfg)

@@ -83,7 +83,8 @@ class Runs:
         self.uri = f"sqlite:///{out / 'mlflow.db'}"
 
     def cfg(self, method: str, name: str, base: str | None = None, max_failures: int = 2):
-        return resolve_config(method, sets=["num_identities=4", "pretrain_epochs=1", f"max_failures={max_failures}",
+        return resolve_config(method, sets=["num_identities=4", "pretrain_epochs=1", "log_model=false",
+                                            f"max_failures={max_failures}",
                                             "checkpoint_upload=sync", *SETS[base or method]],
                               flags=dict(data_root=str(self.data), output=str(self.out), epochs=3, eval_every=3,
                                          name=name, mlflow_uri=self.uri))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import seed_sweep_source_models
 from tests.ray_helpers import committed_epoch
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
@@ -68,12 +69,14 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  params.num_clusters: {distribution: int, low: 8, high: 12}\n"
                      "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
-                     "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  params.iters: 4\n  params.num_clusters: 10\n")
+                     "fixed:\n  loader.num_identities: 4\n  pretrain_epochs: 1\n  params.iters: 4\n  params.num_clusters: 10\n"
+                     "  log_model: false\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
     tune = [sys.executable, "-m", "reid_ray.tune", "--method", "mmt", "--data-root", str(tiny_synth), "--output", str(out),
             "--mlflow-uri", uri, "--search-space", str(space), "--num-samples", "2", "--max-concurrent", "1",
             "--epochs", "2", "--scheduler", "none", "--name", "job", "--experiment", "job"]
+    seed_sweep_source_models(tune[1:])  # the job finds its source model cached: no pretraining under Ray
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
     deadline = time.monotonic() + 120
     while True:  # the head (started with --block) and its job agent come up within seconds

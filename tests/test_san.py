@@ -155,7 +155,8 @@ def test_san_trains_under_ray_on_two_workers(ray_local, tiny_synth, tmp_path):
     from reid_ray.config import resolve_config
     from reid_ray.distributed.driver import run_training
 
-    cfg = resolve_config("san", sets=["num_identities=4", "warmup_epochs=0", "params.texture_lr=1e-3"], flags=dict(
+    cfg = resolve_config("san", sets=["num_identities=4", "warmup_epochs=0", "params.texture_lr=1e-3",
+                                              "log_model=false"], flags=dict(
         data_root=str(tiny_synth), output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         epochs=2, eval_every=2, workers=2))
     out = run_training(cfg)

@@ -141,11 +141,16 @@ def test_spcl_trains_under_ray_on_two_workers_with_the_actor(ray_local, tiny_syn
 
     from reid_ray.train import main
 
+    from reid_ray.train import build_parser, config_from_args
+    from tests.conftest import seed_source_models
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert main(["--method", "spcl", "--data-root", str(tiny_synth), "--output", str(tmp_path / "out"),
-                 "--mlflow-uri", uri, "--workers", "2", "--epochs", "2", "--eval-every", "2", "--name", "spcl",
-                 "--set", "num_identities=4", "--set", "k1=10", "--set", "eps=0.5", "--set", "min_samples=2",
-                 "--set", "iters=2", "--set", "pretrain_epochs=1"]) == 0
+    argv = ["--method", "spcl", "--data-root", str(tiny_synth), "--output", str(tmp_path / "out"),
+            "--mlflow-uri", uri, "--workers", "2", "--epochs", "2", "--eval-every", "2", "--name", "spcl",
+            "--set", "num_identities=4", "--set", "k1=10", "--set", "eps=0.5", "--set", "min_samples=2",
+            "--set", "iters=2", "--set", "pretrain_epochs=1", "--set", "log_model=false"]
+    seed_source_models(config_from_args(build_parser().parse_args(argv)))  # its source model: cached, not under Ray
+    assert main(argv) == 0
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("synth-a->synth-b").experiment_id],
                                 "tags.mlflow.runName = 'spcl'")

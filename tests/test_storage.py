@@ -195,7 +195,7 @@ def test_train_and_resume_with_output_on_s3(ray_s3, s3, tiny_synth, mlflow_uri, 
     monkeypatch.chdir(tmp_path)  # where a URI taken for a local folder would appear (./s3:/...)
     uri = mlflow_uri
     common = ["--data-root", str(tiny_synth), "--output", OUT, "--mlflow-uri", uri, "--workers", "1",
-              "--set", "num_identities=4", "--set", "checkpoint_upload=sync"]
+              "--set", "num_identities=4", "--set", "checkpoint_upload=sync", "--set", "log_model=false"]
     assert main([*common, "--name", "s3-run", "--epochs", "2"]) == 0
     printed = capsys.readouterr().out
     keys = s3.keys("runs/s3-run/")

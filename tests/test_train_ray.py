@@ -24,7 +24,7 @@ def data_root(tmp_path_factory):
 
 
 def cfg_for(tmp_path, data_root, **kw):
-    return resolve_config("baseline", sets=["num_identities=8", "warmup_epochs=1"], flags=dict(
+    return resolve_config("baseline", sets=["num_identities=8", "warmup_epochs=1", "log_model=false"], flags=dict(
         data_root=str(data_root), output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         **{"epochs": 2, "eval_every": 1, **kw}))
 

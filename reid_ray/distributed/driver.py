@@ -18,6 +18,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import ray
 import ray.train
@@ -165,8 +166,8 @@ def source_inits(cfg: TrainConfig) -> list[str]:
     return [str(storage.absolute(path)) for path in inits]  # URIs as they are: each worker fetches its copy
 
 
-def source_pretraining(cfg: TrainConfig) -> str:
-    """The baseline checkpoint a method starts from: trained once per config, then cached.
+def pretraining_plan(cfg: TrainConfig) -> tuple[Any, TrainConfig]:
+    """(where the source model of `cfg` is cached, the baseline config that trains it).
 
     The cache key is everything that shapes the source model (data, model, transforms,
     loader, the baseline's optimiser, pretraining epochs, seed), so a sweep over the method's own
@@ -180,13 +181,19 @@ def source_pretraining(cfg: TrainConfig) -> str:
         d.pop(k, None)
     key = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
     cached = storage.absolute(cfg.output) / "pretrain" / f"baseline-{key}.pt"  # a URI under a URI --output
+    pre = from_dict({**to_dict(cfg), "method": "baseline", "params": to_dict(base)["params"], "name": f"pretrain-{key}",
+                     "optim": to_dict(base)["optim"], "epochs": d["epochs"], "eval_every": d["epochs"],
+                     "resume": "", "init": []})
+    return cached, pre
+
+
+def source_pretraining(cfg: TrainConfig) -> str:
+    """The baseline checkpoint a method starts from: trained once per config (`pretraining_plan`), then cached."""
+    cached, pre = pretraining_plan(cfg)
     if storage.is_file(cached):
         print(f"source model: cached {cached}", flush=True)
         return str(cached)
     print(f"source model: training the baseline on {cfg.source} first (cached as {cached})", flush=True)
-    pre = from_dict({**to_dict(cfg), "method": "baseline", "params": to_dict(base)["params"], "name": f"pretrain-{key}",
-                     "optim": to_dict(base)["optim"], "epochs": d["epochs"], "eval_every": d["epochs"],
-                     "resume": "", "init": []})
     out = run_training(pre)
     metrics = {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))}
     if storage.is_uri(cached):  # each object appears whole; the .pt last, as below
