@@ -30,7 +30,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray per test module (PLATFORM_NOTES.md: sharing it saves ~4 s per test), started as the
+    """One local Ray per test module (sharing it saves ~4 s per test), started as the
     CLI starts it: a new instance even beside a `ray start` cluster, with its API server named for Ray Train's
     placement-group cleaner (otherwise a stale /tmp/ray/ray_current_cluster costs every run 12 s at its end)."""
     import ray

@@ -76,7 +76,7 @@ def test_dashboard_on_gpu_extra_and_data(path):
 
 
 def test_no_config_turns_the_dashboard_off():
-    # Ray Train V2 frees stopped trials' resources through the dashboard (PLATFORM_NOTES.md)
+    # Ray Train V2 frees stopped trials' resources through the dashboard
     for path in LAUNCHER:
         config = prepared(path)
         commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]

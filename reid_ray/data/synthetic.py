@@ -13,7 +13,7 @@ Market reader reads it, plus:
     view left, back view right, one body template for all: SAN's target);
   - `synth_meta.json`: the generator version and config.
 
-Design (measured in ../shared/SYNTHETIC_NOTES.md): identity cues (clothing
+Design (measured in the benchmark's design runs, bench/RESULTS.md "The synthetic benchmark"): identity cues (clothing
 colours, patterns, body proportions, accessories) are drawn from the SAME
 distribution in both domains; the domain gap lives in what a camera changes
 (background, illumination, colour cast, contrast, blur, noise, scale), with

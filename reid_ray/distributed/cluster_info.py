@@ -24,7 +24,7 @@ def check_ray(r, use_ray: bool) -> int:
     try:
         if started:
             # RAY_ADDRESS or a Ray already running on this node: join it without resources
-            # (PLATFORM_NOTES.md); else a local Ray for a moment
+            # (a job's Ray refuses them); else a local Ray for a moment
             ctx = ray.init(address=address or None, logging_level="ERROR", log_to_driver=False)
         else:
             ctx = None

