@@ -57,7 +57,7 @@ class OptimConfig:
     bn_weight_decay: bool = True       # False: no weight decay on BatchNorm weights and biases
     fused: str = "auto"                # the optimiser's fused kernel (one launch for every parameter): auto: on CUDA
     #                                    (its `found_inf` also lets a NaN step be skipped without a host sync);
-    #                                    elsewhere the foreach path | true | false
+    #                                    elsewhere torch's default path | true | false
 
 
 @dataclass
