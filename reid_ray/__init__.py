@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import signal
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -16,10 +19,85 @@ class ReidRayError(Exception):
     always names the problem and the fix.
     """
 
+    def __init__(self, *args):
+        # raised in a DataLoader process, torch re-raises it in the training process as
+        # `type(e)("Caught X in DataLoader worker process N.\nOriginal Traceback ...\nreid_ray.X: <message>")`:
+        # the user's line is the original message, not torch's wrapper
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_unwrap_loader_message(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+_LOADER_WRAPPER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _unwrap_loader_message(message: str, name: str) -> str:
+    if not _LOADER_WRAPPER.match(message):
+        return message
+    found = re.search(rf"^(?:[\w.]+\.)?{name}: (.*)\Z", message, re.MULTILINE | re.DOTALL)
+    return found.group(1).strip() if found else message
+
 
 class Diverged(ReidRayError):
     """Training stopped: too many non-finite losses in a row (`max_nonfinite_steps`). The run ends with
     status "diverged" (MLflow tag, Tune result, summary); the message says what to lower."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or a stop request (SIGTERM: a preemption notice, `ray job stop`, `kill`): the run
+    stops its Ray work, keeps its last checkpoint and marks its MLflow run KILLED; the CLI prints the
+    command that resumes it and exits 128 + the signal's number (130, 143)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def catch_stop_signals(again: bool = False) -> None:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread. The first one restores the default
+    handlers: a second Ctrl-C stops at once, without the cleanup. `again=True` (init_ray, after `ray.init`,
+    which turns SIGTERM into a bare exit): only where a CLI asked for them before."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if again and signal.getsignal(signal.SIGINT) is not _stop:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+
+
+def _stop(signum, _frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def disk_full(e: BaseException, path: str | os.PathLike, needed_bytes: int | None = None) -> BaseException:
+    """`e` as the user's error when it is a full disk (ENOSPC, EDQUOT): one line naming the folder, its free
+    space and what the write needed; any other error as it is."""
+    full = isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e))
+    if not full:  # (pyarrow's copies, Ray Train's uploads, carry the text without the errno)
+        return e
+    import shutil
+
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    need = f", about {needed_bytes / 2**20:.0f} MiB needed" if needed_bytes else ""
+    return ReidRayError(f"the disk holding {folder} is full ({free}{need}) writing {Path(path).name}: the previous "
+                        "checkpoint is intact; free some space (or pass --output on a larger disk), then resume "
+                        "with --resume")
 
 
 @contextlib.contextmanager

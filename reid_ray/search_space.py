@@ -69,6 +69,9 @@ def default_path(method: str, real: bool = False, preset: str | None = None) -> 
 def load_search_space(path: str | Path, cfg: TrainConfig) -> SearchSpace:
     """Read and validate a search space against the run's config (its method's parameters)."""
     path = Path(path)
+    if path.is_dir():
+        raise ReidRayError(f"search space {path}: a folder, not a file; pass a search space YAML (the shipped ones "
+                           f"are in {SEARCH_SPACE_DIR})")
     if not path.is_file():
         raise ReidRayError(f"search space {path}: no such file (the shipped ones are in {SEARCH_SPACE_DIR})")
     text = path.read_text()

@@ -16,67 +16,116 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from reid_ray import ReidRayError, storage
-from reid_ray.checks import check_ranges
-from reid_ray.config import TrainConfig, load_config_file, resolve_config
+from reid_ray.checks import check_paths, check_ranges
+from reid_ray.config import TrainConfig, dotted, flatten, load_config_file, resolve_config
 from reid_ray.methods import METHODS, method_class
-from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models, load_checkpoint
+from reid_ray.methods.base import (CHECKPOINT_FILE, check_source_models, load_checkpoint, newest_readable_checkpoint,
+                                   run_checkpoints)
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    """The run's config from the parsed flags: every layer of config.resolve_config."""
+    """The run's config from the parsed flags: every layer of config.resolve_config. With `--resume`, the
+    resumed run's own config (kept in its checkpoint) is the layer under the user's file, flags and --set:
+    the run continues with its name, folder, settings and MLflow run, and each setting a flag changes is
+    named on one line."""
     method, source, target, file = (None, None, None, {})
     if a.config:
         method, source, target, file = load_config_file(a.config)
-    resume = resolve_resume(a.resume, a.output or file.get("output") or "outputs", a.method or method or "baseline")
+    resume = resolve_resume(a.resume, a.output or file.get("output") or "outputs", a.method or method)
     flags = dict(data_root=a.data_root, workers=a.workers, epochs=a.epochs, eval_every=a.eval_every, seed=a.seed,
                  mlflow_uri=a.mlflow_uri, experiment=a.experiment, name=a.name, output=a.output,
                  resume=resume, init=a.init, clustering=a.clustering)
-    cfg = resolve_config(a.method or method or "baseline", a.source or source, a.target or target, preset=a.preset,
-                         file=file, flags=flags, sets=a.overrides)
+    saved = _saved_config(resume)
+    if saved is None:
+        cfg = resolve_config(a.method or method or "baseline", a.source or source, a.target or target,
+                             preset=a.preset, file=file, flags=flags, sets=a.overrides)
+    else:
+        cfg = _resumed_config(saved, resume, a.method or method, a.source or source, a.target or target, a.preset,
+                              file, flags, a.overrides)
     check_config(cfg)
     return cfg
 
 
-def resolve_resume(value: str | bool | None, output: str, method: str) -> str | None:
+def _saved_config(resume: str | None) -> dict | None:
+    """The config a `--resume` checkpoint was trained with (dotted keys), or None (no --resume, or a checkpoint
+    that does not say: check_config then names what is wrong with it)."""
+    if not resume or not storage.exists(resume):
+        return None
+    path = storage.join(resume, CHECKPOINT_FILE) if storage.is_dir(resume) else resume
+    try:
+        state = load_checkpoint(storage.fetch(path) if storage.is_uri(path) else path, mmap=True)
+    except ReidRayError:
+        return None
+    saved = state.get("config")
+    return dotted(saved) if isinstance(saved, dict) and saved.get("method") else None
+
+
+def _resumed_config(saved: dict, resume: str, method, source, target, preset, file: dict, flags: dict,
+                    sets: list[str]) -> TrainConfig:
+    saved = dict(saved)
+    run_method, run_source, run_target = (saved.pop(k, None) for k in ("method", "source", "target"))
+    if method and method != run_method:
+        raise ReidRayError(f"--resume {resume}: a checkpoint of method {run_method!r}, not {method!r}; pass "
+                           f"--method {run_method} (or leave --method out)")
+    saved.pop("resume", None)
+    run = resolve_config(run_method, run_source, run_target, file=saved)
+    cfg = resolve_config(run_method, source or run_source, target or run_target, preset=preset,
+                         file={**saved, **file}, flags=flags, sets=sets)
+    before, after = flatten(run), flatten(cfg)
+    for key in sorted(after):
+        if key != "resume" and before.get(key) != after[key]:
+            print(f"--resume: {key} {_shown(before.get(key))} → {_shown(after[key])}", flush=True)
+    return cfg
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resolve_resume(value: str | bool | None, output: str, method: str | None) -> str | None:
     """`--resume` as a checkpoint: a checkpoint file or directory (as before), a run's folder or its run name
-    under --output (its newest checkpoint), or no value: the newest run of --method under --output. A local
-    folder or a URI alike (reid_ray.storage)."""
+    under --output (its newest checkpoint that loads), or no value: the newest run under --output (of --method
+    when given). A local folder or a URI alike (reid_ray.storage)."""
     if value is None or value == "":
         return value
     if value is True:  # bare --resume: the run whose newest checkpoint was written last
         newest = {run: found[-1] for run, is_file, _ in storage.listing(output)
-                  if not is_file and run.startswith(f"{method}-") and (found := _checkpoints(storage.join(output, run)))}
+                  if not is_file and run.startswith(f"{method}-" if method else "") and run not in ("pretrain", "tune")
+                  and (found := run_checkpoints(storage.join(output, run)))}
         if not newest:
-            raise ReidRayError(f"--resume: no earlier {method} run with a checkpoint under {output}; pass its run name "
-                               "or a checkpoint path")
-        run, (ckpt, _) = max(newest.items(), key=lambda kv: (kv[1][1], kv[1][0]))
-        return str(storage.join(output, run, ckpt))
+            raise ReidRayError(f"--resume: no earlier {method or ''} run with a checkpoint under {output}; pass its "
+                               "run name or a checkpoint path")
+        run, _ = max(newest.items(), key=lambda kv: (kv[1][1], kv[1][0]))
+        return _newest_readable(storage.join(output, run), value)
     path = value if storage.is_uri(value) else Path(value).expanduser()
     if not storage.exists(path) and "/" not in value and storage.is_dir(storage.join(output, value)):
         path = storage.join(output, value)  # a run name
     if storage.is_dir(path) and not storage.is_file(storage.join(path, CHECKPOINT_FILE)):
-        found = _checkpoints(path)
-        if not found:
-            raise ReidRayError(f"--resume {value}: no checkpoint in {path} (a run folder holds checkpoint_*/"
-                               f"{CHECKPOINT_FILE}); pass a checkpoint path")
-        return str(storage.join(path, found[-1][0]))
+        return _newest_readable(path, value)
     return str(path) if storage.exists(path) else value  # a missing one: check_config names it
 
 
-def _checkpoints(run_dir) -> list[tuple[str, float]]:
-    """A run folder's Ray Train checkpoints (name, when its checkpoint file was written), oldest first (their
-    names are their timestamps)."""
-    return sorted((rel.split("/")[0], mtime) for rel, is_file, mtime in storage.listing(run_dir, recursive=True)
-                  if is_file and rel.startswith("checkpoint_") and rel.count("/") == 1
-                  and rel.endswith("/" + CHECKPOINT_FILE))
+def _newest_readable(run_dir, value) -> str:
+    """A run folder's newest checkpoint that loads; one cut short (a crash, a full disk) is named and passed over."""
+    found, unreadable = newest_readable_checkpoint(run_dir)
+    shown = "" if value is True else f" {value}"
+    if found is None:
+        what = f" (unreadable: {', '.join(unreadable)})" if unreadable else ""
+        raise ReidRayError(f"--resume{shown}: no checkpoint that loads in {run_dir}{what} (a run folder holds "
+                           f"checkpoint_*/{CHECKPOINT_FILE}); pass a checkpoint path")
+    for name in unreadable:
+        print(f"--resume: {storage.join(run_dir, name)} does not load (cut short?); using {found}", flush=True)
+    return found
 
 
 def check_config(cfg: TrainConfig) -> None:
     """What can be checked before Ray starts (the data's part: checks.check_run, in the driver)."""
     check_ranges(cfg)
+    check_paths(cfg)
     check_source_models(cfg)
     if cfg.resume:
         path = Path(cfg.resume)
@@ -105,6 +154,17 @@ def _same_network(state: dict, cfg: TrainConfig, what: str) -> None:
                            f"pass --set model.arch={theirs} or another checkpoint")
 
 
+def resume_line(cfg: TrainConfig, e: BaseException) -> str:
+    """What an interrupted run prints last: the command that continues it (its settings are in its checkpoint)."""
+    from reid_ray import Interrupted
+
+    why = e.name if isinstance(e, Interrupted) else "SIGINT"
+    output = "" if cfg.output == "outputs" else f" --output {cfg.output}"
+    if not run_checkpoints(storage.join(storage.absolute(cfg.output), cfg.name)):
+        return f"reid-ray: stopped ({why}) before run {cfg.name} wrote its first checkpoint; rerun the same command"
+    return f"reid-ray: stopped ({why}); resume with: python -m reid_ray.train --resume {cfg.name}{output}"
+
+
 def print_summary(cfg: TrainConfig, out: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -122,8 +182,9 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     from reid_ray.tracking import ui_hint
 
     uri = out["mlflow_uri"]
-    console.print(f"wall time {out['wall_time']:.0f} s\nMLflow run {out['mlflow_run_id']} in {uri}\n"
-                  f"{ui_hint(uri, cfg.experiment or f'{cfg.source}->{cfg.target}')}\ncheckpoint {out['checkpoint']}\n"
+    tracked = (f"MLflow run {out['mlflow_run_id']} in {uri}\n{ui_hint(uri, cfg.experiment or f'{cfg.source}->{cfg.target}')}"
+               if out["mlflow_run_id"] else f"MLflow run: {uri} did not answer at the end")
+    console.print(f"wall time {out['wall_time']:.0f} s\n{tracked}\ncheckpoint {out['checkpoint']}\n"
                   f"best checkpoint and CMC plot in {out['run_dir']}", soft_wrap=True)
     if out.get("mlflow_fallback"):
         where = out["mlflow_fallback"]
@@ -151,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="checkpoints and run files (default: outputs)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
                    help="continue from a checkpoint: a run name or folder under --output (its newest checkpoint), "
-                        "a checkpoint directory or checkpoint.pt; alone: the newest run of --method")
+                        "a checkpoint directory or checkpoint.pt; alone: the newest run (of --method, when "
+                        "given). The run's own settings, name and MLflow run come back; a flag beside it "
+                        "changes that setting (each change is named)")
     p.add_argument("--verbose", action="store_true", help="also print Ray's and Ray Train's own console output")
     p.add_argument("--init", nargs="+", default=None, metavar="CHECKPOINT",
                    help="UDA methods: the source-trained baseline checkpoint.pt to start from, one per source "
@@ -177,7 +240,13 @@ def main(argv=None) -> int:
         cfg = config_from_args(a)
         from reid_ray.distributed.driver import run_training
 
-        out = run_training(cfg)
+        cfg.name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"  # named here: the resume line says it
+        try:
+            out = run_training(cfg)
+        except KeyboardInterrupt as e:
+            print(resume_line(cfg, e), file=sys.stderr, flush=True)
+            e.reported = True
+            raise
         print_summary(cfg, out)
         return 0
 

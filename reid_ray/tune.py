@@ -63,13 +63,34 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
     if args.gpus_per_worker is not None:
         cfg.use_gpu = "true" if args.gpus_per_worker > 0 else "false"
     num_samples = args.num_samples if args.num_samples is not None else (3 if is_synthetic(cfg.source, cfg.target) else 16)
-    if num_samples < 1:
-        raise ReidRayError(f"--num-samples {num_samples}: a sweep needs at least one trial")
+    check_sweep_flags(args, num_samples)
     return Sweep(name=name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}", method=args.method, base=cfg,
                  space_path=str(space_path), space_text=space.text, num_samples=num_samples, seed=args.seed,
                  scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                  gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent,
                  optuna_storage=optuna_storage(args.optuna_storage))
+
+
+def check_sweep_flags(args: argparse.Namespace, num_samples: int) -> None:
+    """The sweep's own counts and limits: each at its smallest meaningful value or above, 0 included; "no
+    limit" is the flag left out, never 0."""
+    if num_samples < 1:
+        raise ReidRayError(f"--num-samples {num_samples}: a sweep needs at least one trial")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ReidRayError(f"--max-concurrent {args.max_concurrent}: at least 1 trial at a time (leave the flag out "
+                           "for as many as the cluster fits)")
+    if args.grace_period is not None and args.grace_period < 1:
+        raise ReidRayError(f"--grace-period {args.grace_period}: ASHA needs at least 1 epoch before it stops a trial "
+                           "(leave it out: eval_every)")
+    if not args.reduction_factor > 1:
+        raise ReidRayError(f"--reduction-factor {args.reduction_factor}: ASHA keeps 1/factor of the trials at each "
+                           "rung, so it must be above 1 (e.g. 2); --scheduler none stops no trial")
+    if args.gpus_per_worker is not None and not args.gpus_per_worker >= 0:
+        raise ReidRayError(f"--gpus-per-worker {args.gpus_per_worker}: must be 0 (CPU) or more")
+    if args.gpus_per_worker:
+        from reid_ray.distributed.driver import check_gpus_reachable
+
+        check_gpus_reachable(True, "pass --gpus-per-worker 0")
 
 
 def optuna_storage(url: str | None) -> str | None:
@@ -134,7 +155,21 @@ def main(argv=None) -> int:
         from reid_ray.distributed.sweep import run_sweep
         from reid_ray.report import print_results
 
-        out = run_sweep(sweep)
+        try:
+            out = run_sweep(sweep)
+        except KeyboardInterrupt as e:
+            from reid_ray import Interrupted
+
+            why = e.name if isinstance(e, Interrupted) else "SIGINT"
+            output = "" if sweep.base.output == str(storage.absolute("outputs")) else f" --output {sweep.base.output}"
+            if storage.is_file(storage.join(sweep_dir(sweep.base.output, sweep.name), SWEEP_FILE)):
+                line = (f"finished trials are kept, the others continue from their last checkpoint with: "
+                        f"python -m reid_ray.tune --resume {sweep.name}{output}")
+            else:
+                line = "before the sweep's first trial; rerun the same command"
+            print(f"reid-ray: stopped ({why}); {line}", file=sys.stderr, flush=True)
+            e.reported = True
+            raise
         print_results(out)
         return 0 if out.errors < out.trials else 1
 

@@ -25,6 +25,13 @@ def _unsafe(path: Path) -> str:
     return str(path)
 
 
+def _truncated(path: Path) -> str:
+    torch.save({"method": {"models": {"net": {"w": torch.zeros(4096)}}}, "epoch": 0,
+                "config": {"method": "baseline", "model": {"arch": "small"}}}, path)
+    path.write_bytes(path.read_bytes()[:6000])  # a crash or a full disk mid-write
+    return str(path)
+
+
 def _folder(path: Path) -> str:
     path.mkdir()
     return str(path)
@@ -99,7 +106,25 @@ CASES = [
     ("--resume of another method", "train",
      lambda t, d: ["--method", "mmt", "--resume", _ckpt(t / "c.pt")], "a checkpoint of method 'baseline', not 'mmt'"),
     ("--resume of another backbone", "train",
-     lambda t, d: ["--resume", _ckpt(t / "r50.pt", arch="resnet50")], "a checkpoint of a resnet50 network"),
+     lambda t, d: ["--resume", _ckpt(t / "r50.pt", arch="resnet50"), "--set", "model.arch=small"],
+     "a checkpoint of a resnet50 network"),
+    ("--resume of a checkpoint cut short", "train",
+     lambda t, d: ["--resume", _truncated(t / "cut.pt")], "cut.pt: not a checkpoint torch can read"),
+    ("--output is a file", "train", lambda t, d: ["--output", _space(t / "out.txt", "x")],
+     "--output " + "{t}/out.txt: a file, not a folder"),
+    ("--output where nothing can be written", "train", lambda t, d: ["--output", "/sys/reid-ray-out"],
+     "--output /sys/reid-ray-out: cannot write in /sys"),
+    ("--data-root is a file", "train", lambda t, d: ["--data-root", _space(t / "data.txt", "x")],
+     "--data-root " + "{t}/data.txt: a file, not a folder"),
+    ("--mlflow-uri names a folder", "train",
+     lambda t, d: ["--mlflow-uri", f"sqlite:///{_folder(t / 'store')}"], "store: a folder, not a file"),
+    ("--init is a folder", "train",
+     lambda t, d: ["--method", "ecn", "--data-root", str(d), "--init", _folder(t / "weights")],
+     "--init " + "{t}/weights: a folder, not a file"),
+    ("--config is a folder", "train", lambda t, d: ["--config", _folder(t / "conf")], "conf: a folder, not a file"),
+    ("a GPU asked for where there is none", "train",
+     lambda t, d: ["--data-root", str(d), "--set", "num_identities=4", "--set", "use_gpu=true"],
+     "no GPU torch can use and no Ray cluster to add one (RAY_ADDRESS is unset); pass --set use_gpu=false"),
     ("--resume that could run code", "train",
      lambda t, d: ["--resume", _unsafe(t / "evil.pt")], "refused by the safe checkpoint loader"),
     ("too many --init checkpoints", "train",
@@ -126,6 +151,20 @@ CASES = [
                    "--search-space", _space(t / "k.yaml", "params:\n  params.num_clusters: {distribution: int, "
                                                           "low: 10, high: 5000}\n")],
      "params.num_clusters = 5000 would fail a trial"),
+    ("--max-concurrent 0", "tune", lambda t, d: ["--max-concurrent", "0", "--output", str(t / "out")],
+     "--max-concurrent 0: at least 1 trial at a time (leave the flag out"),
+    ("--grace-period 0", "tune", lambda t, d: ["--grace-period", "0", "--output", str(t / "out")],
+     "--grace-period 0: ASHA needs at least 1 epoch"),
+    ("--reduction-factor 1", "tune", lambda t, d: ["--reduction-factor", "1", "--output", str(t / "out")],
+     "--reduction-factor 1.0: ASHA keeps 1/factor"),
+    ("--gpus-per-worker below 0", "tune", lambda t, d: ["--gpus-per-worker", "-1", "--output", str(t / "out")],
+     "--gpus-per-worker -1.0: must be 0 (CPU) or more"),
+    ("--gpus-per-worker where there is no GPU", "tune",
+     lambda t, d: ["--gpus-per-worker", "1", "--output", str(t / "out")], "pass --gpus-per-worker 0"),
+    ("tune --output is a file", "tune", lambda t, d: ["--output", _space(t / "o.txt", "x"), "--data-root", str(d)],
+     "o.txt: a file, not a folder"),
+    ("--search-space is a folder", "tune", lambda t, d: ["--search-space", _folder(t / "spaces")],
+     "spaces: a folder, not a file"),
     ("--resume of a sweep that does not exist", "tune",
      lambda t, d: ["--resume", "--name", "nosuch", "--output", str(t / "out")], "no sweep named 'nosuch'"),
     ("missing dataset folder (datasets)", "cli",
@@ -133,11 +172,26 @@ CASES = [
 ]
 
 
+def _writable(folder: str) -> bool:
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("name, entry, argv, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(name, entry, argv, message, tiny_synth, tmp_path, capsys,
                                                           monkeypatch):
     monkeypatch.chdir(tmp_path)  # the defaults (outputs/, mlflow.db, data/) would land here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray, which has no autoscaler ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # ... on a machine without a GPU
+    if name == "--output where nothing can be written" and _writable("/sys"):
+        pytest.skip("/sys is writable here")
     args = argv(tmp_path, tiny_synth)
+    message = message.replace("{t}", str(tmp_path))
     before = set(tmp_path.rglob("*"))
     if entry == "train":
         args = [*args, *([] if "--output" in args else ["--output", str(tmp_path / "out")])]
@@ -183,3 +237,41 @@ def test_a_damaged_image_names_its_path(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ReidRayError, match=f"{bad}: not a readable image"):
         ImageDataset._load(str(bad))
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    """A dataset whose loader process meets a user's mistake (a damaged image, a wrong path)."""
+
+    def __init__(self, error: type):
+        self.error = error
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise self.error("/data/0001_c1s1_000001_00.jpg: not a readable image\n(replace or remove it)")
+
+
+@pytest.mark.parametrize("kind", ["ReidRayError", "Diverged"])
+def test_an_error_in_a_loader_process_reaches_the_user_as_its_own_message(kind):
+    """torch re-raises a loader process's exception with its own wrapper text ("Caught ... in DataLoader worker
+    process 0. Original Traceback ..."): the user's line is the original message."""
+    import reid_ray
+    from reid_ray.cli import run_cli
+
+    error = getattr(reid_ray, kind)
+    with pytest.raises(error) as caught:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(error), num_workers=1)))
+    assert str(caught.value) == "/data/0001_c1s1_000001_00.jpg: not a readable image\n(replace or remove it)"
+
+    def fail(_args):
+        raise caught.value
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_cli(fail, None) == 2
+    assert err.getvalue() == ("reid-ray: error: /data/0001_c1s1_000001_00.jpg: not a readable image "
+                              "(replace or remove it)\n")

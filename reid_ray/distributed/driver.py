@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path, PurePosixPath
@@ -24,8 +26,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from reid_ray import ReidRayError, storage, tracking, write_text_atomic
-from reid_ray.checks import check_ranges, check_run
+from reid_ray import Interrupted, ReidRayError, storage, tracking, write_text_atomic
+from reid_ray.checks import check_paths, check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.progress import RunProgress
@@ -34,7 +36,7 @@ from reid_ray.distributed.runtime import init_ray, train_env_defaults, wait_for_
 from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
-from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models
+from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models, load_checkpoint
 
 
 def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: ResourcePlan | None = None,
@@ -46,9 +48,16 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     rank 0 to find again (a trial's stable key; by default a new one per call). `show_progress`: the live
     epoch display on this process's console (off in a Tune trial, whose sweep has its own)."""
     check_ranges(cfg)
+    if plan is None:  # (a trial's: its sweep checked them)
+        check_paths(cfg)
+        check_gpus_reachable(cfg.use_gpu.lower() in ("true", "1", "yes"))
     domains = ensure_data(cfg)
     check_run(cfg, domains)
     tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
+    resumed = resumed_state(cfg)
+    if resumed:
+        warn_changed_data(resumed, domains, cfg.resume)
+        run_key = run_key or resumed.get("run_key")
     init_ray()
     if plan is not None:
         return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
@@ -108,7 +117,10 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     try:
         try:
             with progress:
-                result = trainer.fit()
+                result = fit_interruptibly(trainer)
+        except KeyboardInterrupt as e:
+            stop_interrupted_runs(e, uri, experiment, tracking.RUN_KEY, run_key)
+            raise
         except Exception:
             raise_recorded(stop)  # a user error or divergence a worker recorded, as itself (max_failures 0)
             # a rank 0 that was killed (not one that raised: it ends its own run) left its run RUNNING
@@ -119,7 +131,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         raise_recorded(stop)  # ... or after the retried group returned at once
     finally:
         for actor in (labeler, stop):
-            if actor is not None:
+            if actor is not None and ray.is_initialized():
                 ray.kill(actor)  # the actors die with their run
     fallback = output / name / "mlflow-fallback.db"  # rank 0's, where the tracking server stayed away (RunWriter)
     if storage.is_uri(fallback):  # uploaded there by rank 0: a store to download, then open as sqlite:///<copy>
@@ -137,6 +149,81 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
             "run_dir": str(output / name), "mlflow_uri": uri, "mlflow_run_id": runs[0].info.run_id if runs else None,
             "mlflow_fallback": fallback_store,
             "wall_time": time.perf_counter() - t0, "domains": domains, "config": cfg}
+
+
+def fit_interruptibly(trainer: TorchTrainer):
+    """`trainer.fit()`, run from a helper thread when called from the main thread: Ray Train then leaves
+    SIGINT alone (its own handler, main thread only, aborts the run and exits 0 or 1 without a word), and
+    Ctrl-C or SIGTERM reaches this thread as `Interrupted` (reid_ray.catch_stop_signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # a Tune trial: Tune stops it
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="reid-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a signal's handler runs between two waits
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: str, value: str) -> None:
+    """After Ctrl-C or SIGTERM: stop this driver's Ray work (the run's controller, workers and actors are
+    this driver's, and die with its connection; the last committed checkpoint stays where Ray Train put
+    it), then mark the MLflow runs it left RUNNING as KILLED, with the reason."""
+    reason = e.name if isinstance(e, Interrupted) else "SIGINT"
+    print(f"reid-ray: {reason}: stopping the run's Ray work (a second Ctrl-C stops at once) ...", file=sys.stderr,
+          flush=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        for run in tracking.find_runs(uri, experiment, tag, value):
+            if run.info.status == "RUNNING":
+                tracking.set_status(uri, run.info.run_id, "KILLED", f"interrupted ({reason})")
+    except Exception as err:  # the tracking server is away: the run shows RUNNING until it is resumed
+        print(f"reid-ray: could not mark the MLflow run KILLED ({type(err).__name__}); --resume reopens it",
+              file=sys.stderr, flush=True)
+
+
+def check_gpus_reachable(forced: bool, fix: str = "pass --set use_gpu=false") -> None:
+    """A GPU request that no machine can ever meet: a local Ray (no RAY_ADDRESS, so no autoscaler) on a
+    machine whose torch sees no GPU. A cluster keeps its wait for the autoscaler (gpu_wait_s)."""
+    if not forced or os.environ.get("RAY_ADDRESS") or (ray.is_initialized() and ray.cluster_resources().get("GPU")):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ReidRayError("use_gpu=true, but this machine has no GPU torch can use and no Ray cluster to add one "
+                           f"(RAY_ADDRESS is unset); {fix}, or set RAY_ADDRESS to a cluster with GPUs or an "
+                           "autoscaler")
+
+
+def resumed_state(cfg: TrainConfig) -> dict | None:
+    """What a `--resume` checkpoint says of the run it continues (its MLflow run key, its datasets' digests),
+    when this run continues it under the same name; None otherwise."""
+    if not cfg.resume:
+        return None
+    path = storage.join(cfg.resume, CHECKPOINT_FILE) if storage.is_dir(cfg.resume) else cfg.resume
+    state = load_checkpoint(storage.fetch(path) if storage.is_uri(path) else path, mmap=True)
+    same_run = state.get("config", {}).get("name") == cfg.name
+    return {"run_key": state.get("run_key") if same_run else None, "data": state.get("data", {})}
+
+
+def warn_changed_data(resumed: dict, domains, resume: str) -> None:
+    """One warning per dataset whose manifest digest differs from the one the checkpoint was trained on."""
+    for role, ds in (("source", domains.source), ("target", domains.target)):
+        then, now = resumed["data"].get(role), ds.digest()
+        if then and then != now:
+            print(f"reid-ray: warning: the {role} dataset {ds.name} changed since {resume} was written "
+                  f"(manifest digest {then} -> {now}); resuming on the data as it is now", file=sys.stderr,
+                  flush=True)
 
 
 # --------------------------------------------------------------------------- source models

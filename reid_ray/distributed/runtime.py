@@ -10,7 +10,7 @@ import time
 
 import ray
 
-from reid_ray import console
+from reid_ray import catch_stop_signals, console
 
 
 def init_ray() -> None:
@@ -22,6 +22,7 @@ def init_ray() -> None:
     quiet = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)  # resources belong to the cluster: passing any raises
+        catch_stop_signals(again=True)
         return
 
     # OpenMP threads that spin while they wait make every parallel region crawl as soon as another
@@ -35,6 +36,7 @@ def init_ray() -> None:
     # address="local": a new instance, even where a `ray start` cluster runs on this machine (plain ray.init()
     # would join that one); RAY_ADDRESS=auto joins it
     ray.init(address="local", dashboard_port=port, runtime_env={"env_vars": env}, **quiet)
+    catch_stop_signals(again=True)  # ray.init's own SIGTERM handler exits without a word: the CLI's again
 
 
 def omp_env() -> dict[str, str]:

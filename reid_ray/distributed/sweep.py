@@ -12,9 +12,11 @@ its rank 0 can end its run: `CloseStoppedRuns` (a Tune callback) ends that run a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import optuna
@@ -25,10 +27,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from reid_ray import Diverged, ReidRayError, console, storage, tracking
-from reid_ray.checks import check_ranges, check_run
+from reid_ray.checks import check_paths, check_ranges, check_run
 from reid_ray.config import TrainConfig, apply_overrides, flatten
 from reid_ray.data.domains import ensure_data
-from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits
+from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits, stop_interrupted_runs
 from reid_ray.distributed.progress import SweepProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources
 from reid_ray.distributed.runtime import init_ray, wait_for_gpus
@@ -99,14 +101,19 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     base = sweep.base
     space = load_search_space(sweep.space_path, base) if Path(sweep.space_path).is_file() else None
     check_ranges(base)
+    check_paths(base)
     domains = ensure_data(base)
     check_sweep(base, space, domains)
     tracking.check_uri(tracking.resolve_uri(base.mlflow_uri))
+    with sweep_lock(sweep_dir(base.output, sweep.name), sweep.name):
+        return _locked_sweep(sweep, base, space, method_class(base.method))
+
+
+def _locked_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, method_cls) -> SweepOutcome:
     init_ray()
     if sweep.gpus_per_worker is None:  # pass it explicitly on a cluster that scales GPUs from zero
         sweep.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     base.use_gpu = "true" if sweep.gpus_per_worker > 0 else "false"
-    method_cls = method_class(base.method)
     base.init = source_inits(base)  # pretrained (or checked) once here, not by every trial
     uses_actor = method_cls.uses_clustering and base.clustering.where == "actor"
     trials = min(sweep.num_samples, sweep.max_concurrent or sweep.num_samples)
@@ -150,15 +157,62 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
                                                                 SweepProgress(sweep.name, sweep.num_samples,
                                                                               base.epochs)]))
     status = "FAILED"
+    # Ctrl-C and SIGTERM are this driver's (reid_ray.catch_stop_signals): Tune's own SIGINT handler would end
+    # the sweep as if it had finished, and print a resume command that is not reid-ray's
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt as e:  # the trials' and the sweep's MLflow runs: KILLED, none left RUNNING
+            status = "KILLED"
+            stop_interrupted_runs(e, uri, experiment, "sweep", sweep.name)
+            raise
         rows = [_row(res, base.epochs, uri, experiment) for res in grid]
         out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri,
                                           errors=grid.num_errors, trials=len(grid)), space)
         status = "FINISHED"
     finally:
-        tracking.end_run(uri, sweep.parent_run_id, status)
+        if status != "KILLED":
+            tracking.end_run(uri, sweep.parent_run_id, status)
     return out
+
+
+@contextlib.contextmanager
+def sweep_lock(folder, name: str):
+    """One driver per sweep folder: a second sweep started with the same name (it would resume the first's
+    state under its feet) is refused with one line. An OS lock (flock) on `<folder>/.lock`: a driver that
+    crashes or is killed releases it with its process, so a stale lock file never blocks a resume. A sweep
+    folder under a URI has no lock."""
+    if storage.is_uri(folder):
+        yield
+        return
+    import fcntl
+    import json
+    import socket
+    import time
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            try:
+                held = json.loads(f.read() or "{}")
+            except ValueError:
+                held = {}
+            by = f" (pid {held.get('pid')} on {held.get('host')}, since {held.get('since')})" if held else ""
+            raise ReidRayError(f"sweep {name} is running already{by}; wait for it to end, stop it, or start this "
+                               "one with another --name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:

@@ -30,13 +30,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from reid_ray import Diverged, ReidRayError, atomic_path, storage, tracking
+from reid_ray import Diverged, ReidRayError, disk_full, storage, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import verdict
 from reid_ray.engine import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
 from reid_ray.methods import EpochContext, method_class
-from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint
+from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, save_checkpoint
 from reid_ray.sweep_config import METRIC
 
 
@@ -70,11 +70,19 @@ def _quiet_ray_train() -> None:
         pass
 
 
-def _load_state(cfg: TrainConfig) -> dict | None:
-    ckpt = ray.train.get_checkpoint()  # [3] set when Ray restarts a failed worker group
+def _load_state(cfg: TrainConfig, run_dir: str) -> dict | None:
+    ckpt = ray.train.get_checkpoint()  # [3] set when Ray restarts a failed worker group (or reruns the run's name)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+            try:
+                return load_checkpoint(Path(d) / CHECKPOINT_FILE, "checkpoint")
+            except ReidRayError as e:  # cut short (a crash mid-upload, a full disk): the newest that loads
+                older, _ = newest_readable_checkpoint(run_dir, skip=(Path(ckpt.path).name,))
+                if older is None:
+                    raise
+                _say(f"reid-ray: {e}; resuming from the newest checkpoint that loads, {older}")
+                return load_checkpoint(storage.fetch(storage.join(older, CHECKPOINT_FILE))
+                                       if storage.is_uri(older) else Path(older) / CHECKPOINT_FILE)
     if cfg.resume:  # checked by the driver before Ray started (train.check_config)
         if storage.is_uri(cfg.resume):  # a copy on this node (the driver's node has it cached already)
             path = storage.join(cfg.resume, CHECKPOINT_FILE) if storage.is_dir(cfg.resume) else cfg.resume
@@ -134,7 +142,7 @@ def _train(config: dict) -> None:
     ectx = EpochContext(epoch=0, rank=rank, world_size=world)
     start, best = 0, {"target_mAP": -1.0}
     last_target = 0.0  # the latest target mAP, carried between evaluations (Tune's ranking metric)
-    state = _load_state(cfg)
+    state = _load_state(cfg, config["run_dir"])
     if state is not None:
         method.load_state_dict(state["method"])
         start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
@@ -154,7 +162,10 @@ def _train(config: dict) -> None:
             run.log_datasets(tracking.dataset_records(domains))
     try:
         _epochs(method, cfg, ectx, start, best, last_target, run, run_dir, upload,
-                state.get("report") if state else None, remote)
+                state.get("report") if state else None, remote,
+                # what a resumed run checks against (distributed/driver.py): its MLflow run, its datasets
+                {"run_key": ml["run_key"], "data": {"source": domains.source.digest(),
+                                                    "target": domains.target.digest()}})
     except BaseException as e:
         if run:
             note = ("diverged" if isinstance(e, Diverged) else
@@ -189,7 +200,7 @@ def _unstage(run_dir: Path, remote: str | None) -> None:
 
 def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
             run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync", last_report: dict | None = None,
-            remote: str | None = None) -> None:
+            remote: str | None = None, identity: dict | None = None) -> None:
     domains, rank, curves = method.domains, ectx.rank, {}
     if start >= cfg.epochs and last_report:
         # restarted after its last checkpoint (a sweep resumed after its driver was killed): the run is done,
@@ -231,18 +242,23 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                 if keep or improved:
                     state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
                              "last_target": last_target, "rng": rng_state(), "config": to_dict(cfg),
-                             "report": {k: float(v) for k, v in report.items()}}
+                             "report": {k: float(v) for k, v in report.items()}, **(identity or {})}
                 if keep:
-                    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                    save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if improved:
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    with atomic_path(run_dir / "best.pt") as part:
-                        torch.save(state, part)
+                    save_checkpoint(state, run_dir / "best.pt")
                     _publish(run_dir, remote, "best.pt")
             mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
-            ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
-                             delete_local_checkpoint_after_upload=True)  # [4]
+            try:
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                                 delete_local_checkpoint_after_upload=True)  # [4]
+            except OSError as e:  # the upload to the run's storage: Ray Train keeps the previous checkpoint
+                err = disk_full(e, storage.join(remote or run_dir, CHECKPOINT_FILE))
+                if err is e:
+                    raise
+                raise err from None
         finally:
             if upload == "sync" or checkpoint is None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reid_ray import ReidRayError
+from reid_ray import ReidRayError, atomic_path, disk_full
 from reid_ray.config import NoParams
 from reid_ray.data.domains import Domains
 
@@ -244,6 +244,62 @@ def load_checkpoint(path: str | Path, flag: str = "--resume", mmap: bool = False
     if not isinstance(state, dict) or "method" not in state:
         raise ReidRayError(f"{flag} {path}: not a reid-ray checkpoint (expected a checkpoint.pt written by reid-ray train)")
     return state
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """`torch.save` through a temporary name beside `path` (reid_ray.atomic_path): a crash or a full disk
+    mid-write leaves the previous file whole. A full disk is the user's error, naming the folder, its free
+    space and the checkpoint's size."""
+    try:
+        with atomic_path(path) as part:
+            torch.save(state, part)
+    except OSError as e:
+        err = disk_full(e, path, state_nbytes(state))
+        if err is e:
+            raise
+        raise err from None
+
+
+def state_nbytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state: about a checkpoint's size on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def run_checkpoints(run_dir) -> list[tuple[str, float]]:
+    """A run folder's Ray Train checkpoints (name, when its checkpoint file was written), oldest first (their
+    names are their timestamps); a local folder or a URI alike."""
+    from reid_ray import storage
+
+    if not storage.is_dir(run_dir):
+        return []
+    return sorted((rel.split("/")[0], mtime) for rel, is_file, mtime in storage.listing(run_dir, recursive=True)
+                  if is_file and rel.startswith("checkpoint_") and rel.count("/") == 1
+                  and rel.endswith("/" + CHECKPOINT_FILE))
+
+
+def newest_readable_checkpoint(run_dir, skip: tuple[str, ...] = ()) -> tuple[str | None, list[str]]:
+    """(the newest checkpoint directory of `run_dir` whose checkpoint.pt loads, the newer ones that did not):
+    a checkpoint cut short by a crash or a full disk is passed over, never loaded half."""
+    from reid_ray import storage
+
+    unreadable = []
+    for name, _ in reversed(run_checkpoints(run_dir)):
+        if name in skip:
+            continue
+        path = storage.join(run_dir, name, CHECKPOINT_FILE)
+        try:
+            load_checkpoint(storage.fetch(path) if storage.is_uri(path) else path, mmap=True)
+        except ReidRayError:
+            unreadable.append(name)
+            continue
+        return str(storage.join(run_dir, name)), unreadable
+    return None, unreadable
 
 
 def unwrap(model: nn.Module) -> nn.Module:
