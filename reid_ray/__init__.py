@@ -75,10 +75,23 @@ def catch_stop_signals(again: bool = False) -> None:
         signal.signal(sig, _stop)
 
 
+_received: list[int] = []  # the stop signals this process was sent, in order
+
+
 def _stop(signum, _frame):
+    _received.append(signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     raise Interrupted(signum)
+
+
+def stopped_by(e: KeyboardInterrupt) -> Interrupted:
+    """The `Interrupted` a KeyboardInterrupt stands for. Ray's blocking calls (ray.get, ray.wait) turn a
+    signal handler's exception into a plain KeyboardInterrupt of their own, so the signal is read back from
+    what `_stop` recorded (SIGINT where it recorded none: Python's own Ctrl-C)."""
+    if isinstance(e, Interrupted):
+        return e
+    return Interrupted(_received[-1] if _received else signal.SIGINT)
 
 
 def disk_full(e: BaseException, path: str | os.PathLike, needed_bytes: int | None = None) -> BaseException:

@@ -28,7 +28,7 @@ from reid_ray import ReidRayError
 def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command, turning user errors into one clear line and exit code 2, and Ctrl-C (SIGINT) or SIGTERM
     into exit code 130 or 143 (the command itself has stopped its Ray work and said how to resume)."""
-    from reid_ray import Interrupted, catch_stop_signals
+    from reid_ray import catch_stop_signals, stopped_by
 
     catch_stop_signals()
     try:
@@ -37,7 +37,7 @@ def run_cli(fn: Callable[[argparse.Namespace], int | None], args: argparse.Names
         print(f"reid-ray: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
     except KeyboardInterrupt as e:
-        stopped = e if isinstance(e, Interrupted) else Interrupted()
+        stopped = stopped_by(e)
         if not getattr(e, "reported", False):
             print(f"reid-ray: stopped ({stopped.name})", file=sys.stderr)
         return stopped.exit_code

@@ -156,9 +156,9 @@ def _same_network(state: dict, cfg: TrainConfig, what: str) -> None:
 
 def resume_line(cfg: TrainConfig, e: BaseException) -> str:
     """What an interrupted run prints last: the command that continues it (its settings are in its checkpoint)."""
-    from reid_ray import Interrupted
+    from reid_ray import stopped_by
 
-    why = e.name if isinstance(e, Interrupted) else "SIGINT"
+    why = stopped_by(e).name
     output = "" if cfg.output == "outputs" else f" --output {cfg.output}"
     if not run_checkpoints(storage.join(storage.absolute(cfg.output), cfg.name)):
         return f"reid-ray: stopped ({why}) before run {cfg.name} wrote its first checkpoint; rerun the same command"
@@ -188,7 +188,7 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
                   f"best checkpoint and CMC plot in {out['run_dir']}", soft_wrap=True)
     if out.get("mlflow_fallback"):
         where = out["mlflow_fallback"]
-        if storage.is_uri(where):
+        if storage.is_uri(where) and not where.startswith("sqlite:"):  # an object store's copy, not a local store
             where += " (an SQLite store: download it, then mlflow ui --backend-store-uri sqlite:///<the copy>)"
         console.print(f"[yellow]the tracking server was unreachable at the end: the rest of the run's metrics are in "
                       f"{where}[/yellow]")

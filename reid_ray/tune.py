@@ -158,9 +158,9 @@ def main(argv=None) -> int:
         try:
             out = run_sweep(sweep)
         except KeyboardInterrupt as e:
-            from reid_ray import Interrupted
+            from reid_ray import stopped_by
 
-            why = e.name if isinstance(e, Interrupted) else "SIGINT"
+            why = stopped_by(e).name
             output = "" if sweep.base.output == str(storage.absolute("outputs")) else f" --output {sweep.base.output}"
             if storage.is_file(storage.join(sweep_dir(sweep.base.output, sweep.name), SWEEP_FILE)):
                 line = (f"finished trials are kept, the others continue from their last checkpoint with: "

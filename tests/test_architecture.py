@@ -134,7 +134,7 @@ def test_resume_checkpoints_load_safely_and_are_checked_before_ray(tmp_path, cap
         path.write_text("not a checkpoint")
     else:
         torch.save({"method": {}, "config": {"method": "mmt"}}, path)
-    assert main(["--resume", str(path)]) == 2
+    assert main(["--method", "baseline", "--resume", str(path)]) == 2  # (without --method: the checkpoint's)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
 

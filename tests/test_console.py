@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from reid_ray import ReidRayError
 
@@ -37,7 +38,7 @@ def test_train_resume_takes_a_run_name_a_run_folder_a_checkpoint_or_nothing(tmp_
     for run, stamps in (("baseline-1", ("2026-12-01_10-00-00", "2026-12-01_10-05-00")), ("baseline-2", ("2026-12-01_11",))):
         for stamp in stamps:
             (out / run / f"checkpoint_{stamp}").mkdir(parents=True)
-            (out / run / f"checkpoint_{stamp}" / "checkpoint.pt").write_bytes(b"x")
+            torch.save({"method": {}, "epoch": 0}, out / run / f"checkpoint_{stamp}" / "checkpoint.pt")
     os.utime(out / "baseline-1" / "checkpoint_2026-12-01_10-05-00" / "checkpoint.pt", (1, 1))  # baseline-2 is newer
     newest_of_1 = str(out / "baseline-1" / "checkpoint_2026-12-01_10-05-00")
     assert resolve_resume("baseline-1", str(out), "baseline") == newest_of_1                 # a run name
@@ -48,7 +49,7 @@ def test_train_resume_takes_a_run_name_a_run_folder_a_checkpoint_or_nothing(tmp_
     with pytest.raises(ReidRayError, match="no earlier mmt run with a checkpoint"):
         resolve_resume(True, str(out), "mmt")
     (out / "empty-run").mkdir()
-    with pytest.raises(ReidRayError, match="no checkpoint in"):
+    with pytest.raises(ReidRayError, match="no checkpoint that loads in"):
         resolve_resume("empty-run", str(out), "baseline")
 
 

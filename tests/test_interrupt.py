@@ -249,3 +249,17 @@ def test_ctrl_c_then_sigterm_then_a_bare_resume_ends_like_the_uninterrupted_run(
     expected = {m.step: m.value for m in ref_client.get_metric_history(reference[0].info.run_id, "target_mAP")}
     assert sorted(history) == sorted(expected) == [1, 2]
     assert [history[s] for s in (1, 2)] == pytest.approx([expected[s] for s in (1, 2)], abs=1e-6)
+
+
+def test_a_tracking_server_gone_at_the_end_is_said_so_not_run_none(capsys):
+    from reid_ray.config import resolve_config
+    from reid_ray.train import print_summary
+
+    out = {"metrics": {"source_mAP": 50.0, "target_mAP": 20.0}, "wall_time": 3.0, "mlflow_run_id": None,
+           "mlflow_uri": "http://127.0.0.1:9", "checkpoint": "/o/r/checkpoint_x", "run_dir": "/o/r",
+           "mlflow_fallback": "sqlite:////o/r/mlflow-fallback.db"}
+    print_summary(resolve_config("baseline"), out)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MLflow run None" not in text and "MLflow run: http://127.0.0.1:9 did not answer at the end" in text
+    assert "the rest of the run's metrics are in sqlite:////o/r/mlflow-fallback.db" in text
+    assert "download it" not in text  # a local store opens as it is

@@ -100,6 +100,17 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
         assert time.monotonic() < deadline and not ended, job("logs")[-3000:]
         time.sleep(0.5)
     assert "stopped" in (job("stop") + job("status")).lower()
+    # the driver's SIGTERM: the runs it leaves are KILLED (none RUNNING), and its last line says how to resume
+    deadline = time.monotonic() + 60
+    while "STOPPED" not in job("status") and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = job("logs")
+    assert "reid-ray: stopped (SIGTERM); finished trials are kept, the others continue from their last checkpoint " \
+           f"with: python -m reid_ray.tune --resume job --output {out}" in logs, logs[-3000:]
+    client = MlflowClient(uri)
+    stopped = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    assert not [r for r in stopped if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in stopped]
+    assert {r.data.tags.get("status") for r in stopped if r.info.status == "KILLED"} == {"interrupted (SIGTERM)"}
 
     second = subprocess.run([*submit, "--", *tune, "--resume"], env=env, capture_output=True, text=True, timeout=900,
                             cwd=ROOT)

@@ -26,7 +26,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from reid_ray import Interrupted, ReidRayError, storage, tracking, write_text_atomic
+from reid_ray import ReidRayError, stopped_by, storage, tracking, write_text_atomic
 from reid_ray.checks import check_paths, check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
@@ -175,14 +175,13 @@ def fit_interruptibly(trainer: TorchTrainer):
 
 
 def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: str, value: str) -> None:
-    """After Ctrl-C or SIGTERM: stop this driver's Ray work (the run's controller, workers and actors are
-    this driver's, and die with its connection; the last committed checkpoint stays where Ray Train put
-    it), then mark the MLflow runs it left RUNNING as KILLED, with the reason."""
-    reason = e.name if isinstance(e, Interrupted) else "SIGINT"
+    """After Ctrl-C or SIGTERM: mark the MLflow runs this driver left RUNNING as KILLED, with the reason, then
+    stop its Ray work (the run's controller, workers and actors are this driver's, and die with its
+    connection; the last committed checkpoint stays where Ray Train put it). In that order: `ray job stop`
+    sends SIGKILL 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), and the runs' status is what must land."""
+    reason = stopped_by(e).name
     print(f"reid-ray: {reason}: stopping the run's Ray work (a second Ctrl-C stops at once) ...", file=sys.stderr,
           flush=True)
-    if ray.is_initialized():
-        ray.shutdown()
     try:
         for run in tracking.find_runs(uri, experiment, tag, value):
             if run.info.status == "RUNNING":
@@ -190,6 +189,8 @@ def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: 
     except Exception as err:  # the tracking server is away: the run shows RUNNING until it is resumed
         print(f"reid-ray: could not mark the MLflow run KILLED ({type(err).__name__}); --resume reopens it",
               file=sys.stderr, flush=True)
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def check_gpus_reachable(forced: bool, fix: str = "pass --set use_gpu=false") -> None:
