@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,11 +154,74 @@ def cli_sweep(tmp_path_factory) -> CliRun:
     return CliRun(root, argv, uri, run_cli(argv, root))
 
 
+# --------------------------------------------------------------------------- the suite's time budget
+
+SUITE_BUDGET_S = 15 * 60  # `make test` on 2 cores (README); printed against, never failed on: a noisy machine is slow
+TEST_BUDGET_S = {"ray": 60.0, "other": 10.0}  # a test's own time (setup + call + teardown, shared fixtures apart)
+_budgets: dict[str, float] = {}
+_own: dict[str, float] = defaultdict(float)
+_shared: dict[str, float] = defaultdict(float)  # "scope fixture name" -> its setup, charged to no test
+_current = {"test": ""}
+_started = time.monotonic()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        mark = item.get_closest_marker("budget")
+        _budgets[item.nodeid] = float(mark.args[0]) if mark else TEST_BUDGET_S[
+            "ray" if item.get_closest_marker("ray") else "other"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _current["test"] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    t0 = time.monotonic()
+    yield
+    if fixturedef.scope != "function":  # set up once for many tests: not the first user's own time
+        took = time.monotonic() - t0
+        _shared[f"{fixturedef.scope} fixture {fixturedef.argname}"] += took
+        _own[_current["test"]] -= took
+
+
+def pytest_runtest_logreport(report):
+    _own[report.nodeid] += report.duration
+
+
+def _time_report(terminalreporter) -> None:
+    """The suite's time in CI's log: the total against the budget, per file, the shared fixtures, and each test
+    past its budget (`TEST_BUDGET_S`, or its own `@pytest.mark.budget(s)`)."""
+    tests = [nodeid for nodeid in _own if nodeid]
+    if not tests:
+        return
+    total, wall = sum(_own.values()) + sum(_shared.values()), time.monotonic() - _started
+    tr = terminalreporter
+    tr.section("the suite's time")
+    tr.write_line(f"{len(tests)} tests: {wall:.0f} s of pytest (tests and fixtures {total:.0f} s); budget "
+                  f"{SUITE_BUDGET_S} s on 2 cores: {'within it' if wall <= SUITE_BUDGET_S else f'{wall - SUITE_BUDGET_S:.0f} s over'}")
+    files: dict[str, float] = defaultdict(float)
+    for nodeid in tests:
+        files[nodeid.split("::")[0]] += _own[nodeid]
+    for name, took in sorted(files.items(), key=lambda kv: -kv[1])[:12]:
+        tr.write_line(f"  {took:7.1f} s  {name}")
+    for name, took in sorted(_shared.items(), key=lambda kv: -kv[1]):
+        if took >= 1:
+            tr.write_line(f"  {took:7.1f} s  {name} (set up once, charged to no test)")
+    over = [(nodeid, took, _budgets[nodeid]) for nodeid, took in _own.items()
+            if nodeid in _budgets and took > _budgets[nodeid]]
+    for nodeid, took, budget in sorted(over, key=lambda t: t[2] - t[1]):
+        tr.write_line(f"  over budget: {nodeid} took {took:.1f} s (budget {budget:.0f} s)")
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The fault tests' record of Ray's deaths (tests/ray_helpers.RECORDS), last: where CI's log is cut, its
-    end is kept."""
+    """The suite's time, then the fault tests' record of Ray's deaths (tests/ray_helpers.RECORDS), last: where
+    CI's log is cut, its end is kept."""
     from tests.ray_helpers import RECORDS
 
+    _time_report(terminalreporter)
     if RECORDS:
         terminalreporter.section("Ray's record of unexpected deaths in fault tests")
         for rec in RECORDS:

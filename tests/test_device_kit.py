@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.faults]  # 193 s on 2 cores (five Ray runs): `make test-quick` skips it
 
 
+@pytest.mark.budget(200)  # five Ray runs
 def test_device_kit_runs_tiny_on_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # this interpreter's environment (Ray, MLflow, Optuna, faiss installed): run.sh needs no bundle then

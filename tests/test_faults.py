@@ -117,6 +117,7 @@ def test_a_run_that_diverges_stops_with_status_diverged(ray_local, tiny_synth, t
 
 @pytest.mark.ray
 @pytest.mark.faults
+@pytest.mark.budget(100)  # a 2-trial sweep, SIGKILLed, then resumed: two drivers
 def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(ray_local, tiny_synth, tmp_path):
     """`python -m reid_ray.tune` on the running cluster (RAY_ADDRESS), SIGKILLed once its first trial has
     finished and its second has a checkpoint; `--resume` finishes the sweep. The first trial is not rerun,

@@ -207,6 +207,7 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout_s: float = 3
 
 @pytest.mark.ray
 @pytest.mark.faults
+@pytest.mark.budget(120)  # three train processes, each with its own Ray
 def test_ctrl_c_then_sigterm_then_a_bare_resume_ends_like_the_uninterrupted_run(cli_training, tmp_path):
     """The CLI run of conftest (2 epochs), again under another name: Ctrl-C after its first checkpoint; a bare
     `--resume NAME` SIGTERMed once its MLflow run is RUNNING again; a second bare `--resume NAME` finishes it.

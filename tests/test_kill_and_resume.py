@@ -104,6 +104,7 @@ def runs(ray_local, tiny_synth, tmp_path_factory):
 
 # --------------------------------------------------------------------------- end to end (the calm runs)
 
+@pytest.mark.budget(100)  # MMT's two source models pretrained under Ray first (cached for the module)
 def test_mmt_end_to_end_with_the_actor_on_two_workers(runs):
     m = runs.calm("mmt")["metrics"]
     # labels identical on both ranks (checked by checksum in every refresh), quality and timings logged
@@ -202,6 +203,7 @@ def _history(out: dict, key: str) -> dict[int, list[float]]:
     return steps
 
 
+@pytest.mark.budget(90)  # a restarted actor and a restarted worker group
 def test_mmt_survives_its_actor_killed_mid_refresh_and_a_killed_worker_and_ends_as_if_uninterrupted(runs):
     calm = runs.calm("mmt")
     out, killed = _killed_run(runs, "mmt-actor-kill", "mmt")

@@ -62,6 +62,7 @@ def head(tmp_path):
             pass
 
 
+@pytest.mark.budget(200)  # `ray start`, two job submissions of a 2-trial sweep, `ray stop`
 def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path):
     from mlflow.tracking import MlflowClient
 

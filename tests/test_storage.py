@@ -119,7 +119,7 @@ def test_resume_and_init_checks_read_uris(s3, tmp_path):
     with pytest.raises(ReidRayError, match="no earlier mmt run"):
         train.resolve_resume(True, OUT, "mmt")
     storage.write_text(f"{OUT}/empty-run/notes.txt", "")
-    with pytest.raises(ReidRayError, match="no checkpoint in"):
+    with pytest.raises(ReidRayError, match="no checkpoint that loads in"):
         train.resolve_resume("empty-run", OUT, "baseline")
 
     # checked before Ray starts, from a copy of the file (no "./s3:/..." local paths)
