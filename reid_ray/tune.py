@@ -76,6 +76,10 @@ def check_sweep_flags(args: argparse.Namespace, num_samples: int) -> None:
     limit" is the flag left out, never 0."""
     if num_samples < 1:
         raise ReidRayError(f"--num-samples {num_samples}: a sweep needs at least one trial")
+    for flag, value, meaning in (("--workers-per-trial", args.workers_per_trial, "Ray Train workers per trial"),
+                                 ("--epochs", args.epochs, "epochs per trial")):
+        if value is not None and value < 1:
+            raise ReidRayError(f"{flag} {value}: {meaning} must be at least 1")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ReidRayError(f"--max-concurrent {args.max_concurrent}: at least 1 trial at a time (leave the flag out "
                            "for as many as the cluster fits)")

@@ -275,3 +275,36 @@ def test_an_error_in_a_loader_process_reaches_the_user_as_its_own_message(kind):
         assert run_cli(fail, None) == 2
     assert err.getvalue() == ("reid-ray: error: /data/0001_c1s1_000001_00.jpg: not a readable image "
                               "(replace or remove it)\n")
+
+
+NUMERIC_FLAGS = [  # (entry point, flag, smallest valid value): every count, size and limit a command line takes
+    ("train", "--workers", 1), ("train", "--epochs", 1), ("train", "--eval-every", 1), ("train", "--seed", 0),
+    ("tune", "--num-samples", 1), ("tune", "--max-concurrent", 1), ("tune", "--grace-period", 1),
+    ("tune", "--workers-per-trial", 1), ("tune", "--epochs", 1), ("tune", "--gpus-per-worker", 0),
+    ("tune", "--reduction-factor", 1.5),
+]
+
+
+@pytest.mark.parametrize("entry, flag, low", NUMERIC_FLAGS, ids=[f"{e} {f}" for e, f, _ in NUMERIC_FLAGS])
+def test_every_numeric_flag_at_0_and_below_is_one_line_naming_it(entry, flag, low, tmp_path, capsys, monkeypatch):
+    """Nothing means "no limit" by being 0: below its smallest valid value, every flag is refused before Ray starts."""
+    monkeypatch.chdir(tmp_path)
+    main = {"train": train_main, "tune": tune_main}[entry]
+    for value in sorted({0, -1, low - 1} - {v for v in (0, -1) if v >= low}):
+        assert main([flag, str(value), "--output", str(tmp_path / "out")]) == 2, (flag, value)
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("reid-ray: error: "), err
+        assert flag in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", sorted(__import__("reid_ray.checks", fromlist=["MINIMUM"]).MINIMUM))
+def test_every_config_count_below_its_minimum_is_one_line_naming_the_key(key, tmp_path, capsys, monkeypatch):
+    from reid_ray.checks import MINIMUM
+
+    monkeypatch.chdir(tmp_path)
+    low = MINIMUM[key][0]
+    assert train_main(["--set", f"{key}={int(low) - 1}", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"reid-ray: error: {key}={int(low) - 1}"), err  # (-1 or -1.0)
+    assert not (tmp_path / "out").exists()
