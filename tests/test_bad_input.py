@@ -161,6 +161,8 @@ CASES = [
      "--gpus-per-worker -1.0: must be 0 (CPU) or more"),
     ("--gpus-per-worker where there is no GPU", "tune",
      lambda t, d: ["--gpus-per-worker", "1", "--output", str(t / "out")], "pass --gpus-per-worker 0"),
+    ("tune --set use_gpu=true where there is no GPU", "tune",
+     lambda t, d: ["--set", "use_gpu=true", "--output", str(t / "out")], "pass --gpus-per-worker 0"),
     ("tune --output is a file", "tune", lambda t, d: ["--output", _space(t / "o.txt", "x"), "--data-root", str(d)],
      "o.txt: a file, not a folder"),
     ("--search-space is a folder", "tune", lambda t, d: ["--search-space", _folder(t / "spaces")],
