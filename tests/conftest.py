@@ -119,15 +119,16 @@ class CliRun:
 
 @pytest.fixture(scope="session")
 def cli_training(tiny_synth, tmp_path_factory) -> CliRun:
-    """`python -m reid_ray.train` (the baseline, 2 epochs, one checkpoint: checkpoint_every 2): the console tests
-    read its output, the Ray Train tests its checkpoint and MLflow run (one run instead of one per test: most
-    of a run is Ray's fixed cost)."""
+    """`python -m reid_ray.train` (the baseline, 4 epochs evaluated at 2 and 4, one checkpoint: checkpoint_every 4):
+    the console tests read its output, the Ray Train tests its checkpoint and MLflow run, the interrupt test
+    compares its stopped and resumed twin with it (one run instead of one per test: most of a run is Ray's
+    fixed cost; 4 short epochs leave a stop after the first checkpoint work to interrupt)."""
     root = tmp_path_factory.mktemp("cli_training")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    argv = ["-m", "reid_ray.train", "--data-root", str(tiny_synth), "--epochs", "2", "--eval-every", "1",
+    argv = ["-m", "reid_ray.train", "--data-root", str(tiny_synth), "--epochs", "4", "--eval-every", "2",
             "--output", str(root / "out"), "--mlflow-uri", uri, "--name", "quiet", "--set", "num_identities=4",
             "--set", "warmup_epochs=1", "--set", "log_model=false",
-            "--set", "checkpoint_every=2"]
+            "--set", "checkpoint_every=4"]
     return CliRun(root, argv, uri, run_cli(argv, root))
 
 
@@ -165,30 +166,35 @@ _current = {"test": ""}
 _started = time.monotonic()
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        mark = item.get_closest_marker("budget")
-        _budgets[item.nodeid] = float(mark.args[0]) if mark else TEST_BUDGET_S[
-            "ray" if item.get_closest_marker("ray") else "other"]
+class _Clock:
+    """The suite's time per test, registered as a plugin of its own (pytest_configure): a conftest's hooks see
+    only the nodes under its folder, and a session fixture is set up for the session's node."""
+
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            mark = item.get_closest_marker("budget")
+            _budgets[item.nodeid] = float(mark.args[0]) if mark else TEST_BUDGET_S[
+                "ray" if item.get_closest_marker("ray") else "other"]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        _current["test"] = item.nodeid
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        t0 = time.monotonic()
+        yield
+        if fixturedef.scope != "function":  # set up once for many tests: not the first user's own time
+            took = time.monotonic() - t0
+            _shared[f"{fixturedef.scope} fixture {fixturedef.argname}"] += took
+            _own[_current["test"]] -= took
+
+    def pytest_runtest_logreport(self, report):
+        _own[report.nodeid] += report.duration
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    _current["test"] = item.nodeid
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef, request):
-    t0 = time.monotonic()
-    yield
-    if fixturedef.scope != "function":  # set up once for many tests: not the first user's own time
-        took = time.monotonic() - t0
-        _shared[f"{fixturedef.scope} fixture {fixturedef.argname}"] += took
-        _own[_current["test"]] -= took
-
-
-def pytest_runtest_logreport(report):
-    _own[report.nodeid] += report.duration
+def pytest_configure(config):
+    config.pluginmanager.register(_Clock(), "reid-ray-clock")
 
 
 def _time_report(terminalreporter) -> None:

@@ -209,7 +209,7 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout_s: float = 3
 @pytest.mark.faults
 @pytest.mark.budget(120)  # three train processes, each with its own Ray
 def test_ctrl_c_then_sigterm_then_a_bare_resume_ends_like_the_uninterrupted_run(cli_training, tmp_path):
-    """The CLI run of conftest (2 epochs), again under another name: Ctrl-C after its first checkpoint; a bare
+    """The CLI run of conftest (4 epochs), again under another name: Ctrl-C after its first checkpoint; a bare
     `--resume NAME` SIGTERMed once its MLflow run is RUNNING again; a second bare `--resume NAME` finishes it.
     Each stop exits 130/143 with the resume command, and leaves its MLflow run KILLED; the end is the
     uninterrupted run's, in the same MLflow run."""
@@ -248,8 +248,8 @@ def test_ctrl_c_then_sigterm_then_a_bare_resume_ends_like_the_uninterrupted_run(
     history = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "target_mAP"),
                                                key=lambda m: m.timestamp)}
     expected = {m.step: m.value for m in ref_client.get_metric_history(reference[0].info.run_id, "target_mAP")}
-    assert sorted(history) == sorted(expected) == [1, 2]
-    assert [history[s] for s in (1, 2)] == pytest.approx([expected[s] for s in (1, 2)], abs=1e-6)
+    assert sorted(history) == sorted(expected) == [2, 4]
+    assert [history[s] for s in (2, 4)] == pytest.approx([expected[s] for s in (2, 4)], abs=1e-6)
 
 
 def test_a_tracking_server_gone_at_the_end_is_said_so_not_run_none(capsys):

@@ -30,7 +30,7 @@ def cfg_for(tmp_path, data_root, **kw):
 
 
 def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
-    """The CLI run of conftest (baseline, 2 epochs), then `--resume` from its checkpoint to a third epoch."""
+    """The CLI run of conftest (baseline, 4 epochs), then `--resume` from its checkpoint to a fifth epoch."""
     from mlflow.tracking import MlflowClient
 
     assert cli_training.proc.returncode == 0, cli_training.text
@@ -40,7 +40,7 @@ def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
     for key in ("loss", "ce", "triplet", "lr", "images_per_s", "epoch_time", "source_mAP", "target_mAP",
                 "target_R1", "target_R5", "target_R10"):
         assert key in m, key
-    assert m["epoch"] == 2 and 0 <= m["target_mAP"] <= 100
+    assert m["epoch"] == 4 and 0 <= m["target_mAP"] <= 100
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "baseline"
     assert run.data.params["optim.lr"] == "0.00035"
     assert len(client.get_metric_history(run.info.run_id, "target_mAP")) == 2
@@ -49,21 +49,22 @@ def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
     (checkpoint,) = [line.split(" ", 1)[1] for line in cli_training.proc.stdout.splitlines()
                      if line.startswith("checkpoint ")]
     state = torch.load(f"{checkpoint}/checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 1 and {"method", "rng", "best"} <= set(state)
-    # checkpoint_every=2: epoch 1 reported without a checkpoint, epoch 2 with one (and best.pt when it improved)
+    assert state["epoch"] == 3 and {"method", "rng", "best"} <= set(state)
+    # checkpoint_every=4: epochs 1-3 reported without a checkpoint, epoch 4 with one (and best.pt when it improved)
     assert [p.name for p in Path(checkpoint).parent.glob("checkpoint_*") if p.is_dir()] == [Path(checkpoint).name]
     assert (Path(checkpoint).parent / "best.pt").is_file()
 
-    # --resume continues from the saved epoch: only epoch 3 runs (its checkpoint uploaded asynchronously)
-    argv = [*cli_training.argv, "--epochs", "3", "--resume", checkpoint, "--name", "resumed",
+    # --resume continues from the saved epoch: only epoch 5 runs (its checkpoint uploaded asynchronously); --name
+    # beside it makes a new run (a new folder and MLflow run) from that checkpoint
+    argv = [*cli_training.argv, "--epochs", "5", "--resume", checkpoint, "--name", "resumed",
             "--set", "checkpoint_upload=async"]
     resumed = run_cli(argv, cli_training.root)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (again,) = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name == "resumed"]
-    assert [h.value for h in client.get_metric_history(again.info.run_id, "epoch")] == [3.0]
+    assert [h.value for h in client.get_metric_history(again.info.run_id, "epoch")] == [5.0]
     (checkpoint,) = [line.split(" ", 1)[1] for line in resumed.stdout.splitlines() if line.startswith("checkpoint ")]
     resumed_state = torch.load(f"{checkpoint}/checkpoint.pt", weights_only=False)
-    assert resumed_state["epoch"] == 2 and from_dict(resumed_state["config"]).epochs == 3
+    assert resumed_state["epoch"] == 4 and from_dict(resumed_state["config"]).epochs == 5
 
 
 def test_one_and_two_workers_agree_at_equal_global_batch(ray_local, data_root, tmp_path):

@@ -175,13 +175,18 @@ def fit_interruptibly(trainer: TorchTrainer):
 
 
 def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: str, value: str) -> None:
-    """After Ctrl-C or SIGTERM: mark the MLflow runs this driver left RUNNING as KILLED, with the reason, then
-    stop its Ray work (the run's controller, workers and actors are this driver's, and die with its
-    connection; the last committed checkpoint stays where Ray Train put it). In that order: `ray job stop`
-    sends SIGKILL 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), and the runs' status is what must land."""
+    """After Ctrl-C or SIGTERM: stop this driver's Ray work (the run's controller, workers and actors are this
+    driver's, and die with its connection; the last committed checkpoint stays where Ray Train put it), and
+    mark the MLflow runs it left RUNNING as KILLED, with the reason. On a local Ray, workers first: a rank 0
+    still running could otherwise end its run FINISHED after the mark. On a cluster (RAY_ADDRESS) the mark
+    first: `ray job stop` sends SIGKILL 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), and leaving the
+    cluster is only a disconnect."""
     reason = stopped_by(e).name
     print(f"reid-ray: {reason}: stopping the run's Ray work (a second Ctrl-C stops at once) ...", file=sys.stderr,
           flush=True)
+    local = not os.environ.get("RAY_ADDRESS")
+    if local and ray.is_initialized():
+        ray.shutdown()
     try:
         for run in tracking.find_runs(uri, experiment, tag, value):
             if run.info.status == "RUNNING":
