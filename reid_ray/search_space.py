@@ -29,7 +29,8 @@ from reid_ray import ReidRayError
 from reid_ray.config import TrainConfig, apply_overrides, valid_keys
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# the top-level search_spaces/ of a source tree (through the link reid_ray/search_spaces), or the copy a wheel holds
+SEARCH_SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
 
 
 @dataclass

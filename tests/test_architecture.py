@@ -162,3 +162,25 @@ def test_a_trial_that_tune_stops_gets_its_run_closed(tmp_path, epoch, expected):
     run = MlflowClient(uri).get_run(run_id)
     assert (run.info.status, run.data.tags["status"]) == expected
     assert MlflowClient(uri).get_run(other).info.status == "RUNNING"  # only that trial's run
+
+
+def test_a_wheel_carries_the_search_spaces(tmp_path):
+    """`reid-ray tune` reads search_spaces/<method>.yaml: a non-editable install has only what the wheel holds."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "reid_ray", "search_spaces"):
+        copy = shutil.copytree if (root / name).is_dir() else shutil.copy2
+        kw = {"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}
+        copy(root / name, src / name, **kw)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("reid_ray-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"reid_ray/search_spaces/{p.relative_to(root / 'search_spaces')}" for p in (root / "search_spaces").rglob("*.yaml")}
+    assert shipped and shipped <= names, sorted(shipped - names)
