@@ -195,9 +195,7 @@ def load_config_file(path: str | Path) -> tuple[str | None, str | None, str | No
 
     from reid_ray import storage
 
-    from reid_ray.checks import check_file
-
-    check_file(str(path), "--config")
+    storage.check_file(str(path), "--config")
     if not storage.is_file(path):  # a local file, or one under a URI (a sweep's best_config.yaml on s3://)
         raise ReidRayError(f"--config {path}: no such file")
     p = storage.fetch(path)

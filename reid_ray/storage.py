@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from reid_ray import ReidRayError
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -240,3 +242,41 @@ def stage(path) -> Path:
     if not is_uri(path):
         return Path(path)
     return Path(tempfile.mkdtemp(prefix="reid-ray-stage-"))
+
+
+# --------------------------------------------------------------------------- the kind of a path a flag names
+
+def check_folder(path: str, flag: str, writes: bool = False) -> None:
+    """`path` is a folder, or can be made as one (an ancestor that exists is a folder this user can write to)."""
+    if not path or is_uri(path):
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ReidRayError(f"{flag} {path}: a file, not a folder; pass a folder (it is made when missing)")
+    if writes:
+        _writable(p, flag, path)
+
+
+def check_file(path: str, flag: str, writes: bool = False) -> None:
+    """`path` is a file (or, where the run writes it, can be made as one): not a folder."""
+    if not path or is_uri(path):
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ReidRayError(f"{flag} {path}: a folder, not a file; pass a file's path")
+    if writes:
+        _writable(p.parent, flag, path)
+
+
+def _writable(folder: Path, flag: str, path: str) -> None:
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ReidRayError(f"{flag} {path}: {existing} is a file, so no folder can be made under it; pass another path")
+    try:  # a real probe (permissions, a read-only mount, root's access() says yes to both), removed at once
+        with tempfile.TemporaryFile(dir=existing, prefix=".reid-ray-probe-"):
+            pass
+    except OSError as e:
+        raise ReidRayError(f"{flag} {path}: cannot write in {existing} ({e.strerror}); pass a folder you can "
+                           "write to") from None
