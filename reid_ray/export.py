@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reid_ray import ReidRayError, atomic_path
+from reid_ray import ReidRayError, atomic_path, storage
 
 if TYPE_CHECKING:
     import torch
@@ -349,6 +349,7 @@ def main_export(argv: list[str] | None = None) -> int:
 
     def _run(a) -> int:
         _require("export", "onnx", "onnxscript", "onnxruntime")
+        storage.check_file(a.onnx, "--onnx", writes=True)  # a wrong path fails before the checkpoint loads
         emb = load_embedder(a.checkpoint, a.net)
         t0 = time.perf_counter()
         res = export_onnx(emb, a.onnx, check=not a.no_check)
@@ -367,6 +368,7 @@ def main_export(argv: list[str] | None = None) -> int:
 def list_images(folder: str | Path) -> tuple[Path, list[Path]]:
     """(the folder, its jpg/jpeg/png files at any depth, sorted by their path inside it)."""
     root = Path(folder).expanduser()
+    storage.check_folder(str(folder), "--images")
     if not root.is_dir():
         raise ReidRayError(f"--images {folder}: no such folder; pass a folder of .jpg/.jpeg/.png images")
     files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
@@ -486,7 +488,8 @@ def main_embed(argv: list[str] | None = None) -> int:
 
     def _run(a) -> int:
         device = pick_device(a.device)
-        list_images(a.images)  # a wrong folder fails before the checkpoint loads
+        list_images(a.images)  # a wrong folder or file fails before the checkpoint loads
+        storage.check_file(a.out, "--out", writes=True)
         emb = load_embedder(a.checkpoint, a.net, device)
         t0 = time.perf_counter()
         res = embed_folder(emb, a.images, a.out, batch_size=a.batch_size, device=device)
