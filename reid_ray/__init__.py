@@ -94,23 +94,27 @@ def stopped_by(e: KeyboardInterrupt) -> Interrupted:
     return Interrupted(_received[-1] if _received else signal.SIGINT)
 
 
-def disk_full(e: BaseException, path: str | os.PathLike, needed_bytes: int | None = None) -> BaseException:
-    """`e` as the user's error when it is a full disk (ENOSPC, EDQUOT): one line naming the folder, its free
-    space and what the write needed; any other error as it is."""
-    full = isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e))
-    if not full:  # (pyarrow's copies, Ray Train's uploads, carry the text without the errno)
-        return e
-    import shutil
-
-    folder = Path(path).parent
+@contextlib.contextmanager
+def full_disk_is_the_users(path: str | os.PathLike, needed_bytes: int | None = None):
+    """A write to `path` whose full disk (ENOSPC, EDQUOT; pyarrow's copies and Ray Train's uploads carry only
+    the text "No space left") becomes the user's error: one line naming the folder, its free space and what
+    the write needed. Any other error stays itself."""
     try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    need = f", about {needed_bytes / 2**20:.0f} MiB needed" if needed_bytes else ""
-    return ReidRayError(f"the disk holding {folder} is full ({free}{need}) writing {Path(path).name}: the previous "
-                        "checkpoint is intact; free some space (or pass --output on a larger disk), then resume "
-                        "with --resume")
+        yield
+    except OSError as e:
+        if not (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)):
+            raise
+        import shutil
+
+        folder = Path(path).parent
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        need = f", about {needed_bytes / 2**20:.0f} MiB needed" if needed_bytes else ""
+        raise ReidRayError(f"the disk holding {folder} is full ({free}{need}) writing {Path(path).name}: the "
+                           "previous checkpoint is intact; free some space (or pass --output on a larger disk), "
+                           "then resume with --resume") from None
 
 
 @contextlib.contextmanager

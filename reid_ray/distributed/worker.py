@@ -30,7 +30,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from reid_ray import Diverged, ReidRayError, disk_full, storage, tracking
+from reid_ray import Diverged, ReidRayError, full_disk_is_the_users, storage, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import verdict
@@ -251,14 +251,10 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
                     save_checkpoint(state, run_dir / "best.pt")
                     _publish(run_dir, remote, "best.pt")
             mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
-            try:
+            # the upload to the run's storage: on a full disk Ray Train keeps the previous checkpoint
+            with full_disk_is_the_users(storage.join(remote or run_dir, CHECKPOINT_FILE)):
                 ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                                  delete_local_checkpoint_after_upload=True)  # [4]
-            except OSError as e:  # the upload to the run's storage: Ray Train keeps the previous checkpoint
-                err = disk_full(e, storage.join(remote or run_dir, CHECKPOINT_FILE))
-                if err is e:
-                    raise
-                raise err from None
         finally:
             if upload == "sync" or checkpoint is None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reid_ray import ReidRayError, atomic_path, disk_full
+from reid_ray import ReidRayError, atomic_path, full_disk_is_the_users
 from reid_ray.config import NoParams
 from reid_ray.data.domains import Domains
 
@@ -250,14 +250,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     """`torch.save` through a temporary name beside `path` (reid_ray.atomic_path): a crash or a full disk
     mid-write leaves the previous file whole. A full disk is the user's error, naming the folder, its free
     space and the checkpoint's size."""
-    try:
-        with atomic_path(path) as part:
-            torch.save(state, part)
-    except OSError as e:
-        err = disk_full(e, path, state_nbytes(state))
-        if err is e:
-            raise
-        raise err from None
+    with full_disk_is_the_users(path, state_nbytes(state)), atomic_path(path) as part:
+        torch.save(state, part)
 
 
 def state_nbytes(state: Any) -> int:
