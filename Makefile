@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m reid_ray.demo
+	$(BIN)/python -m reid_ray.cli.demo
 
 # the whole suite (what CI runs); PYTHONFAULTHANDLER: a crash in native code prints every thread's stack
 test: $(STAMP)

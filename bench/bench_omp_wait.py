@@ -13,7 +13,7 @@ import torch
 
 from reid_ray.config import resolve_config
 from reid_ray.data.domains import ensure_data
-from reid_ray.engine import train_epoch
+from reid_ray.training.loop import train_epoch
 from reid_ray.methods import METHODS, EpochContext
 
 torch.set_num_threads(int(sys.argv[2]))

@@ -57,7 +57,7 @@ class Loaded(list):
 
 def measure(data: str, batches: int, repeats: int, data_root: str = "data", sets: tuple[str, ...] = ()) -> dict:
     from reid_ray.data.loader import epoch_batches
-    from reid_ray.engine import train_epoch
+    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
 
     cfg, method = setup(data, data_root, sets)

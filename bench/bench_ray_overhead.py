@@ -32,7 +32,7 @@ from reid_ray.config import resolve_config  # noqa: E402
 from reid_ray.data.domains import ensure_data  # noqa: E402
 from reid_ray.distributed.driver import run_training  # noqa: E402
 from reid_ray.distributed.resources import plan_resources  # noqa: E402
-from reid_ray.engine import train_epoch  # noqa: E402
+from reid_ray.training.loop import train_epoch  # noqa: E402
 from reid_ray.methods import METHODS, EpochContext  # noqa: E402
 
 

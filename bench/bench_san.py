@@ -25,7 +25,7 @@ from bench.bench_uda import baseline
 from reid_ray import write_text_atomic
 from reid_ray.config import resolve_config
 from reid_ray.distributed.driver import run_training
-from reid_ray.methods.base import CHECKPOINT_FILE
+from reid_ray.training.checkpoint import CHECKPOINT_FILE
 
 OUT = Path("bench/out/san")
 VARIANTS = {"baseline": None, "san-notr": ["tr_weight=0"], "san": []}

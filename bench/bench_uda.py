@@ -21,7 +21,7 @@ from reid_ray import write_text_atomic
 from reid_ray.config import resolve_config
 from reid_ray.distributed.driver import run_training
 from reid_ray.methods import METHODS
-from reid_ray.methods.base import CHECKPOINT_FILE
+from reid_ray.training.checkpoint import CHECKPOINT_FILE
 
 
 def adabn_target_map(init: str, cfg) -> dict:
@@ -30,7 +30,7 @@ def adabn_target_map(init: str, cfg) -> dict:
 
     from reid_ray.data.domains import ensure_data
     from reid_ray.data.loader import build_test_loader
-    from reid_ray.engine import evaluate_model
+    from reid_ray.training.loop import evaluate_model
     from reid_ray.models.adabn import adapt_bn
     from reid_ray.models.reid_net import build_reid_net
 

@@ -58,7 +58,7 @@ def sync() -> None:
 
 
 def versions() -> dict:
-    from reid_ray.doctor import cuda_runtime, installed_faiss, nvidia_driver
+    from reid_ray.cli.doctor import cuda_runtime, installed_faiss, nvidia_driver
 
     try:
         import faiss
@@ -318,7 +318,7 @@ def bench_mmt(sizes: Sizes, data: Path) -> dict:
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import Domains
     from reid_ray.data.readers import read_dataset
-    from reid_ray.engine import finish_networks, gpu_layout, train_epoch
+    from reid_ray.training.loop import finish_networks, gpu_layout, train_epoch
     from reid_ray.methods import METHODS, EpochContext
 
     ds = read_dataset("market1501", data)
@@ -357,7 +357,7 @@ def mmt_split(method, ctx, iters: int) -> dict[str, float]:
     longer overlap): the next batch (loading, and finishing on the device), forward of both nets and both mean
     nets with the losses, backward, the optimiser, the mean nets' update."""
     from reid_ray.data.loader import epoch_batches
-    from reid_ray.engine import amp_dtype, to_device
+    from reid_ray.training.loop import amp_dtype, to_device
 
     device = method.device
     cuda = device.type == "cuda"

@@ -30,10 +30,10 @@ from pathlib import Path
 from bench.bench_uda import baseline
 from reid_ray import write_text_atomic
 from reid_ray.config import resolve_config
-from reid_ray.console import set_verbose
+from reid_ray.tracking.console import set_verbose
 from reid_ray.distributed.driver import run_training
 from reid_ray.methods import METHODS
-from reid_ray.methods.base import CHECKPOINT_FILE
+from reid_ray.training.checkpoint import CHECKPOINT_FILE
 
 MLFLOW_URI = "sqlite:///bench/out/mlflow.db"
 RECORDS = Path("bench/records")

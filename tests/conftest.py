@@ -71,7 +71,7 @@ def seed_source_models(cfg, count: int | None = None) -> list[Path]:
     from reid_ray.config import to_dict
     from reid_ray.data.domains import load_domains
     from reid_ray.distributed.driver import pretraining_plan
-    from reid_ray.engine import evaluate_method, train_epoch
+    from reid_ray.training.loop import evaluate_method, train_epoch
     from reid_ray.methods import METHODS, EpochContext, method_class
 
     paths = []
@@ -96,7 +96,7 @@ def seed_source_models(cfg, count: int | None = None) -> list[Path]:
 
 def seed_sweep_source_models(argv: list[str], count: int | None = None) -> list[Path]:
     """`seed_source_models` for the sweep that `python <argv>` (`-m reid_ray.tune ...`) would run."""
-    from reid_ray.tune import build_parser, prepare_sweep
+    from reid_ray.cli.tune import build_parser, prepare_sweep
 
     base = prepare_sweep(build_parser().parse_args(argv[2:])).base
     base.use_gpu = "false"  # what run_sweep sets before it asks for the source models, on a machine without GPUs

@@ -24,6 +24,102 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """The ids of import nodes under `if TYPE_CHECKING:` (annotations only: never run)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the reid_ray modules it imports, anywhere in the file (a function's lazy import too: it hides a
+    cycle, it does not remove one), except under TYPE_CHECKING. Importing a.b.c runs the packages a.b and a as
+    well; a module's own enclosing packages are left out (a package importing its parts is not a cycle)."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_only(tree)
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+        own = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}
+        edges = set()
+        for t in targets:
+            if not t.startswith("reid_ray"):
+                continue
+            explicit = t
+            while t and t not in files:
+                t = t.rpartition(".")[0]
+            if not t:
+                continue
+            edges.add(t)
+            edges.update(p for p in {t.rsplit(".", i)[0] for i in range(1, t.count(".") + 1)} - own if p in files)
+            if explicit in files:
+                edges.add(explicit)
+        graph[name] = edges - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert cycles(graph) == []
+    # the check can fail: a cycle through a lazy import is found
+    assert cycles({**graph, "reid_ray.methods.base": graph["reid_ray.methods.base"] | {"reid_ray.config.schema"}})
+    assert "reid_ray.methods.base" in graph["reid_ray.config.schema"]  # config reads each method's Params
+
+
+def test_the_layers_show_in_the_package():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(loose) <= 6, loose
+    assert {"cli", "config", "training", "inference", "tracking", "distributed"} <= {
+        p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+
+
 def test_only_the_ray_layer_imports_ray():
     offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m == "ray" or m.startswith("ray."))
                  for p in PACKAGE.rglob("*.py") if RAY_LAYER not in p.parents}
@@ -35,7 +131,9 @@ def test_only_the_ray_layer_imports_ray():
 
 def test_shared_code_names_no_method():
     pattern = re.compile(r"\b(mmt|ecn|mar|san|init2|two_sources|num_clusters)\b", re.IGNORECASE)
-    files = [*RAY_LAYER.rglob("*.py"), PACKAGE / "config.py", PACKAGE / "presets.py"]
+    # every layer a method plugs into: a method's name, parameters or checkpoint layout lives in its own file
+    files = [p for layer in ("distributed", "config", "training", "inference", "tracking")
+             for p in (PACKAGE / layer).rglob("*.py")]
     hits = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
@@ -64,7 +162,7 @@ def test_a_typo_in_a_config_file_is_an_error(tmp_path):
 
 
 def test_a_typo_in_a_flag_exits_2_before_ray(capsys):
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     assert main(["--method", "mmt", "--set", "params.num_cluster=10"]) == 2
     err = capsys.readouterr().err
@@ -89,7 +187,7 @@ def test_dbscan_pseudo_labels_are_selectable_for_mmt(tiny_synth):
 
     from reid_ray.clustering.client import LocalClusterer
     from reid_ray.data.readers import read_dataset
-    from reid_ray.engine import train_epoch
+    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import METHODS, Domains, EpochContext
 
     cfg = resolve_config("mmt", sets=["num_identities=4", "cluster_algorithm=dbscan", "eps=0.5", "min_samples=2", "k1=10",
@@ -125,7 +223,7 @@ class _Payload:
 def test_resume_checkpoints_load_safely_and_are_checked_before_ray(tmp_path, capsys, content, message):
     import torch
 
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     path = tmp_path / "checkpoint.pt"
     if content == "unsafe":

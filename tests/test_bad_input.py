@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from reid_ray.cli import main as cli_main
-from reid_ray.train import main as train_main
-from reid_ray.tune import main as tune_main
+from reid_ray.cli.train import main as train_main
+from reid_ray.cli.tune import main as tune_main
 
 
 def _ckpt(path: Path, method: str = "baseline", arch: str = "small") -> str:
@@ -309,9 +309,9 @@ def test_every_numeric_flag_at_0_and_below_is_one_line_naming_it(entry, flag, lo
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", sorted(__import__("reid_ray.checks", fromlist=["MINIMUM"]).MINIMUM))
+@pytest.mark.parametrize("key", sorted(__import__("reid_ray.config.checks", fromlist=["MINIMUM"]).MINIMUM))
 def test_every_config_count_below_its_minimum_is_one_line_naming_the_key(key, tmp_path, capsys, monkeypatch):
-    from reid_ray.checks import MINIMUM
+    from reid_ray.config.checks import MINIMUM
 
     monkeypatch.chdir(tmp_path)
     low = MINIMUM[key][0]

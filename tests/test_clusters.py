@@ -123,10 +123,10 @@ def test_one_tune_command_everywhere():
     assert command in " ".join((ROOT / "README.md").read_text().split()), "README's Scale out shows another command"
     args = shlex.split(command)[3:]
 
-    from reid_ray.presets import resolve_preset
+    from reid_ray.config.presets import resolve_preset
     resolve_preset(args[args.index("--preset") + 1])
     assert args[args.index("--data-root") + 1] == "/data" and args[args.index("--output") + 1] == "/outputs"
-    from reid_ray.tune import build_parser
+    from reid_ray.cli.tune import build_parser
     build_parser().parse_args(args)  # the command parses with tune's own parser
 
 

@@ -10,7 +10,7 @@ from reid_ray.config import (
     resolve_config,
     to_dict,
 )
-from reid_ray.methods.base import warmup_step_scheduler
+from reid_ray.training.optim import warmup_step_scheduler
 
 
 def test_overrides_by_dotted_path_and_unique_leaf():

@@ -32,7 +32,7 @@ def test_help_lists_every_command_and_version_works(capsys):
 
 
 def test_train_resume_takes_a_run_name_a_run_folder_a_checkpoint_or_nothing(tmp_path):
-    from reid_ray.train import resolve_resume
+    from reid_ray.cli.train import resolve_resume
 
     out = tmp_path / "outputs"
     for run, stamps in (("baseline-1", ("2026-12-01_10-00-00", "2026-12-01_10-05-00")), ("baseline-2", ("2026-12-01_11",))):
@@ -54,7 +54,7 @@ def test_train_resume_takes_a_run_name_a_run_folder_a_checkpoint_or_nothing(tmp_
 
 
 def test_tune_resume_takes_a_sweep_name_or_folder(tmp_path):
-    from reid_ray.tune import build_parser, prepare_sweep
+    from reid_ray.cli.tune import build_parser, prepare_sweep
 
     out = tmp_path / "outputs"
     for value, message in (("nosuch", "no sweep named 'nosuch'"), (str(out / "tune" / "nosuch"), "no sweep in that")):
@@ -70,7 +70,7 @@ def test_tune_resume_takes_a_sweep_name_or_folder(tmp_path):
 def test_the_final_table_fits_the_terminal_and_names_what_it_left_out():
     from rich.console import Console
 
-    from reid_ray.report import fitted_table, short_names
+    from reid_ray.tracking.report import fitted_table, short_names
 
     params = ["params.num_clusters", "params.alpha", "optim.lr", "model.lr"]
     names = short_names(params)
@@ -92,7 +92,7 @@ def test_the_final_table_fits_the_terminal_and_names_what_it_left_out():
 
 
 def test_epoch_lines_carry_the_loss_target_map_and_time():
-    from reid_ray.console import epoch_line, status_text
+    from reid_ray.tracking.console import epoch_line, status_text
 
     m = {"epoch": 3, "loss": 5.8177, "target_mAP": 45.123, "target_R1": 60.0, "epoch_time": 7.06}
     assert epoch_line("mmt-1", m, 8) == "mmt-1  epoch 3/8  loss 5.818  target mAP 45.1  R1 60.0  (7.1 s)"
@@ -130,7 +130,7 @@ def test_the_bar_keeps_its_times_on_a_narrow_terminal_and_is_not_drawn_into_a_lo
 
     from rich.console import Console
 
-    from reid_ray.console import make_progress
+    from reid_ray.tracking.console import make_progress
 
     buf = io.StringIO()
     progress = make_progress(Console(file=buf, force_terminal=True, width=80, color_system=None))

@@ -3,7 +3,7 @@
 import pytest
 
 from reid_ray.data.readers import read_dataset
-from reid_ray.doctor import main
+from reid_ray.cli.doctor import main
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def test_local_mlflow_store_on_a_cluster_is_flagged(tmp_path, monkeypatch, capsy
 
 
 def test_cuda_stack_mismatches_are_problems_with_fixes():
-    from reid_ray.doctor import cuda_major, cuda_stack_problems
+    from reid_ray.cli.doctor import cuda_major, cuda_stack_problems
 
     assert cuda_major("13.0") == 13 and cuda_major("faiss-gpu-cu12") == 12 and cuda_major("faiss-gpu") is None
     ok = cuda_stack_problems("13.0", 1, "580.65.06", ["faiss-gpu-cu13-cuvs"], 1)

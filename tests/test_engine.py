@@ -5,7 +5,7 @@ import torch
 
 from reid_ray.config import resolve_config
 from reid_ray.data.readers import read_dataset
-from reid_ray.engine import evaluate_model, train_epoch
+from reid_ray.training.loop import evaluate_model, train_epoch
 from reid_ray.methods import METHODS, Domains, EpochContext
 
 
@@ -37,7 +37,7 @@ def test_gpu_layout_comes_before_ddp_and_compile_keeps_plain_networks(tiny_synth
     """On a GPU the networks are channels_last before DDP wraps them (it buckets gradients in their layout), the
     mean nets too; `model.compile` compiles in place, so checkpoints hold the plain networks' keys with one
     worker (no DDP wrapper) as with several, and a plain checkpoint loads after compiling."""
-    from reid_ray.engine import finish_networks, gpu_layout
+    from reid_ray.training.loop import finish_networks, gpu_layout
 
     cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=6"], flags=dict(data_root=str(tiny_synth)))
     domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))

@@ -20,8 +20,8 @@ from reid_ray.config import resolve_config, to_dict
 from reid_ray.data.loader import ImageDataset
 from reid_ray.data.readers import read_dataset
 from reid_ray.data.transforms import test_transform as eval_transform
-from reid_ray.engine import evaluate_model, rng_state
-from reid_ray.export import (
+from reid_ray.training.loop import evaluate_model, rng_state
+from reid_ray.inference.export import (
     COMMANDS,
     evaluate_checkpoint,
     list_images,
@@ -101,7 +101,7 @@ def test_commands_are_exposed_for_the_cli():
 def test_onnx_equals_torch_at_two_batch_sizes(baseline, tiny_synth, tmp_path, capfd):
     import onnx
 
-    from reid_ray.export import onnx_session
+    from reid_ray.inference.export import onnx_session
 
     folder, method, cfg = baseline
     out = tmp_path / "embedder.onnx"
@@ -216,7 +216,7 @@ def test_a_multi_network_checkpoint_exports_the_network_evaluation_reports(tiny_
 
 
 def test_a_wrapped_network_is_found_under_its_name(baseline):
-    from reid_ray.export import network_states
+    from reid_ray.inference.export import network_states
 
     _, method, _ = baseline
     net = method.eval_model().state_dict()
@@ -228,7 +228,7 @@ def test_a_wrapped_network_is_found_under_its_name(baseline):
 
 
 def test_the_torchscript_exporter_takes_over_when_the_new_one_fails(baseline, tmp_path, monkeypatch, capfd):
-    from reid_ray.export import export_onnx, onnx_session
+    from reid_ray.inference.export import export_onnx, onnx_session
 
     folder, method, cfg = baseline
     real = torch.onnx.export
@@ -298,7 +298,7 @@ def test_bad_input_is_one_line_and_exit_2(case, baseline, tiny_synth, tmp_path, 
 def test_a_network_without_its_classifier_is_found_and_embeds(tmp_path):
     """SpCL classifies against its memory: its checkpoint's network has a BNNeck and no classifier."""
     from reid_ray.config import resolve_config, to_dict
-    from reid_ray.export import load_embedder
+    from reid_ray.inference.export import load_embedder
     from reid_ray.models.reid_net import build_reid_net
 
     cfg = resolve_config("spcl")

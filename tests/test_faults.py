@@ -46,7 +46,7 @@ class Faulty(Toy):
 def test_a_nan_loss_is_skipped_and_counted_in_process(tiny_synth):
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import load_domains
-    from reid_ray.engine import train_epoch
+    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
 
     cfg = resolve_config("faulty", sets=["nan_from_step=1", "nan_steps=2", "num_identities=2"],
@@ -66,7 +66,7 @@ def test_diverges_after_max_nonfinite_steps_in_process(tiny_synth):
     from reid_ray import Diverged
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import load_domains
-    from reid_ray.engine import train_epoch
+    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
 
     cfg = resolve_config("faulty", sets=["nan_from_step=1", "num_identities=4", "max_nonfinite_steps=2"],
@@ -91,7 +91,7 @@ def _args(tmp_path, data_root, *sets):
 
 @pytest.mark.ray
 def test_a_user_error_inside_a_worker_is_one_line_exit_2_and_not_retried(ray_local, tiny_synth, tmp_path, capfd):
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     assert main(_args(tmp_path, tiny_synth, "fail_rank=1", "max_failures=2")) == 2
     out, err = capfd.readouterr()
@@ -103,7 +103,7 @@ def test_a_user_error_inside_a_worker_is_one_line_exit_2_and_not_retried(ray_loc
 def test_a_run_that_diverges_stops_with_status_diverged(ray_local, tiny_synth, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     assert main(_args(tmp_path, tiny_synth, "nan_from_step=1", "max_nonfinite_steps=3")) == 2
     out, err = capfd.readouterr()

@@ -17,7 +17,7 @@ import torch
 
 from reid_ray import Interrupted, ReidRayError, catch_stop_signals
 from reid_ray.config import resolve_config, to_dict
-from reid_ray.methods.base import CHECKPOINT_FILE, newest_readable_checkpoint, save_checkpoint
+from reid_ray.training.checkpoint import CHECKPOINT_FILE, newest_readable_checkpoint, save_checkpoint
 from tests.conftest import cli_env, run_cli
 
 
@@ -81,7 +81,7 @@ def _saved_run(tmp_path: Path, data_root: Path, **flags) -> tuple[str, dict]:
 
 def test_resume_by_run_name_restores_the_runs_config_and_names_each_flag_that_changes_it(tiny_synth, tmp_path,
                                                                                          capsys, monkeypatch):
-    from reid_ray.train import build_parser, config_from_args
+    from reid_ray.cli.train import build_parser, config_from_args
 
     monkeypatch.chdir(tmp_path)
     ckpt, saved = _saved_run(tmp_path, tiny_synth)
@@ -95,7 +95,7 @@ def test_resume_by_run_name_restores_the_runs_config_and_names_each_flag_that_ch
 
 
 def test_resume_refuses_another_method_and_passes_over_a_checkpoint_cut_short(tiny_synth, tmp_path, capsys):
-    from reid_ray.train import build_parser, config_from_args
+    from reid_ray.cli.train import build_parser, config_from_args
 
     ckpt, _ = _saved_run(tmp_path, tiny_synth)
     with pytest.raises(ReidRayError, match="a checkpoint of method 'baseline', not 'mmt'; pass --method baseline"):
@@ -254,7 +254,7 @@ def test_ctrl_c_then_sigterm_then_a_bare_resume_ends_like_the_uninterrupted_run(
 
 def test_a_tracking_server_gone_at_the_end_is_said_so_not_run_none(capsys):
     from reid_ray.config import resolve_config
-    from reid_ray.train import print_summary
+    from reid_ray.cli.train import print_summary
 
     out = {"metrics": {"source_mAP": 50.0, "target_mAP": 20.0}, "wall_time": 3.0, "mlflow_run_id": None,
            "mlflow_uri": "http://127.0.0.1:9", "checkpoint": "/o/r/checkpoint_x", "run_dir": "/o/r",

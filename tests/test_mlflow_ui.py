@@ -14,7 +14,7 @@ import copy
 
 import pytest
 
-from reid_ray import mlflow_ui as ui
+from tests import mlflow_ui as ui
 
 pytestmark = pytest.mark.skipif(ui.chromium_path() is None,
                                 reason="no Chromium to drive (CI installs Debian's chromium in .ci/run; locally: "

@@ -11,7 +11,7 @@ from reid_ray import ReidRayError
 from reid_ray.clustering.client import ClusterSpec, LocalClusterer
 from reid_ray.config import resolve_config
 from reid_ray.data.readers import read_dataset
-from reid_ray.engine import evaluate_method, train_epoch
+from reid_ray.training.loop import evaluate_method, train_epoch
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
 from reid_ray.methods import METHODS, Domains, EpochContext
 from reid_ray.methods.mmt import ema_update
@@ -124,7 +124,7 @@ def test_source_inits_pretrain_seed_and_seed_plus_one(monkeypatch, tmp_path):
 
 
 def test_cli_two_inits_only_for_mmt(tmp_path, capsys):
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     assert main(["--method", "ecn", "--init", str(a), str(b), "--data-root", str(tmp_path)]) == 2

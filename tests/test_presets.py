@@ -6,7 +6,7 @@ from reid_ray import ReidRayError
 from reid_ray.config import TrainConfig, flatten, resolve_config
 from reid_ray.data.readers import dataset_names
 from reid_ray.methods import METHODS
-from reid_ray.presets import apply_preset, preset_names, resolve_preset
+from reid_ray.config.presets import apply_preset, preset_names, resolve_preset
 
 PRESETS = {name: resolve_preset(name) for name in preset_names()}
 
@@ -96,7 +96,7 @@ def test_parameter_groups_base_lr_and_no_weight_decay_on_batchnorm():
     import torch
 
     from reid_ray.config import OptimConfig
-    from reid_ray.methods.base import build_optimizer, param_groups
+    from reid_ray.training.optim import build_optimizer, param_groups
     from reid_ray.models.reid_net import ModelConfig, build_reid_net
 
     net = build_reid_net(ModelConfig(arch="small", sync_bn=False), 5)
@@ -119,7 +119,7 @@ def test_mars_embedded_schedule_is_the_papers_halved():
     12 and 17): epoch e (0-based) trains at Adam's 3.5e-4 up to e = 7, at 3.5e-5 from e = 8."""
     import torch
 
-    from reid_ray.methods.base import warmup_step_scheduler
+    from reid_ray.training.optim import warmup_step_scheduler
 
     mar = resolve_config("mar")
     assert (mar.epochs, mar.optim.milestones, mar.optim.warmup_epochs) == (10, (8,), 0)

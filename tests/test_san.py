@@ -68,7 +68,7 @@ def test_texture_lookup_stem_first_then_pid_and_missing_folder(tmp_path):
 
 def test_san_pg_pairs_train_predict_and_bad_input(tiny_synth, tmp_path, capsys):
     from reid_ray.cli import main as cli_main
-    from reid_ray.san_pg import main
+    from reid_ray.cli.san_pg import main
 
     pg = tmp_path / "pg"
     assert main(["pairs", "--dataset", "synth-a", "--data-root", str(tiny_synth), "--out", str(pg)]) == 0

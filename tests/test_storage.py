@@ -104,7 +104,7 @@ def test_storage_helpers_on_s3_and_locally(s3, tmp_path):
 
 
 def test_resume_and_init_checks_read_uris(s3, tmp_path):
-    from reid_ray import train
+    from reid_ray.cli import train
 
     for run, stamps in (("baseline-1", ("2026-12-01_10", "2026-12-01_11")), ("baseline-2", ("2026-12-01_09",))):
         time.sleep(1.1 * (run == "baseline-2"))  # S3 keeps whole seconds: baseline-2's checkpoint is written last
@@ -159,10 +159,10 @@ def test_source_model_cache_lives_under_the_uri(s3, monkeypatch):
 
 
 def test_sweep_state_and_summary_under_the_uri(s3, mlflow_uri):
-    from reid_ray.report import SweepOutcome, TrialRow, finalize_sweep
-    from reid_ray.sweep_config import Sweep, latest_sweep, sweep_dir
+    from reid_ray.tracking.report import SweepOutcome, TrialRow, finalize_sweep
+    from reid_ray.config.sweep import Sweep, latest_sweep, sweep_dir
     from reid_ray.tracking import start_run
-    from reid_ray.tune import build_parser, prepare_sweep
+    from reid_ray.cli.tune import build_parser, prepare_sweep
 
     uri = mlflow_uri
     base = resolve_config("baseline", flags=dict(output=OUT, mlflow_uri=uri))
@@ -190,7 +190,7 @@ def test_sweep_state_and_summary_under_the_uri(s3, mlflow_uri):
 def test_train_and_resume_with_output_on_s3(ray_s3, s3, tiny_synth, mlflow_uri, tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     monkeypatch.chdir(tmp_path)  # where a URI taken for a local folder would appear (./s3:/...)
     uri = mlflow_uri

@@ -63,7 +63,7 @@ def test_toy_method_is_registered_typed_and_resolved():
 def test_toy_method_trains_through_the_cli(ray_local, tiny_synth, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.train import main
+    from reid_ray.cli.train import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["--method", "toy", "--data-root", str(tiny_synth), "--output", str(tmp_path / "out"),

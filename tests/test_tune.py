@@ -10,7 +10,7 @@ import yaml
 from reid_ray import ReidRayError
 from reid_ray.config import load_config_file, resolve_config
 from reid_ray.distributed.resources import plan_resources
-from reid_ray.search_space import default_path, load_search_space
+from reid_ray.config.search_space import default_path, load_search_space
 from tests.conftest import run_cli
 
 
@@ -31,7 +31,7 @@ def test_shipped_search_spaces_are_valid(method):
 
 
 def test_a_preset_sweep_reads_the_real_benchmarks_search_space(tmp_path):
-    from reid_ray.tune import build_parser, prepare_sweep
+    from reid_ray.cli.tune import build_parser, prepare_sweep
 
     a = build_parser().parse_args(["--method", "mmt", "--preset", "duke2market", "--output", str(tmp_path)])
     sweep = prepare_sweep(a)
@@ -127,7 +127,7 @@ def test_two_trial_sweep_end_to_end(cli_sweep, tmp_path):
     """The CLI sweep of conftest (Optuna + ASHA, 2 MMT trials), then the same command again: it resumes."""
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.report import report_experiment
+    from reid_ray.tracking.report import report_experiment
 
     assert cli_sweep.proc.returncode == 0, cli_sweep.text
     uri, out = cli_sweep.uri, cli_sweep.root / "out"
@@ -205,7 +205,7 @@ def test_cpus_per_gpu_is_the_tightest_gpu_node():
 
 @pytest.mark.parametrize("method", ["mmt", "ecn"])
 def test_synthetic_sweep_is_short_and_ranks_on_the_target(method, tmp_path):
-    from reid_ray.tune import build_parser, prepare_sweep
+    from reid_ray.cli.tune import build_parser, prepare_sweep
 
     a = build_parser().parse_args(["--method", method, "--output", str(tmp_path), "--num-samples", "2"])
     a.gpus_per_worker = 0.0

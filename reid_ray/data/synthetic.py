@@ -159,7 +159,7 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SynthConfig = SynthCo
                 raise ReidRayError(f"{top} exists but was generated with another config or version; "
                                    f"delete it, pass --overwrite, or choose another folder")
         todo.append(domain)
-    from reid_ray.progress import bar
+    from reid_ray.tracking.progress import bar
 
     total = len(todo) * (config.train_ids + config.test_ids)
     with bar(total, "synthesising", "ids") if progress and todo else contextlib.nullcontext() as shown:
@@ -253,7 +253,7 @@ def generate_market_shaped(out_dir: str | os.PathLike, seed: int = 0, *, quality
             (top / folder).mkdir(parents=True)
         workers = workers or os.cpu_count() or 1
         parts = [(str(top), seed, quality, plan[i::workers * 8]) for i in range(workers * 8)]
-        from reid_ray.progress import bar
+        from reid_ray.tracking.progress import bar
 
         total = sum(len(c) for _, _, c in plan)
         with (bar(total, "synthesising (Market-shaped)", "images") if progress else contextlib.nullcontext()) as shown, \

@@ -27,7 +27,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from reid_ray import ReidRayError, stopped_by, storage, tracking, write_text_atomic
-from reid_ray.checks import check_paths, check_ranges, check_run
+from reid_ray.config.checks import check_paths, check_ranges, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.progress import RunProgress
@@ -36,7 +36,8 @@ from reid_ray.distributed.runtime import init_ray, train_env_defaults, wait_for_
 from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
-from reid_ray.methods.base import CHECKPOINT_FILE, check_source_models, load_checkpoint
+from reid_ray.methods.base import check_source_models
+from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 
 def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: ResourcePlan | None = None,

@@ -10,7 +10,8 @@ import time
 
 import ray
 
-from reid_ray import catch_stop_signals, console
+from reid_ray import catch_stop_signals
+from reid_ray.tracking import console
 
 
 def init_ray() -> None:

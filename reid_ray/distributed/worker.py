@@ -34,10 +34,10 @@ from reid_ray import Diverged, ReidRayError, full_disk_is_the_users, storage, tr
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import verdict
-from reid_ray.engine import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
+from reid_ray.training.loop import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
 from reid_ray.methods import EpochContext, method_class
-from reid_ray.methods.base import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, save_checkpoint
-from reid_ray.sweep_config import METRIC
+from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, save_checkpoint
+from reid_ray.config.sweep import METRIC
 
 
 class _UserErrorTraceback(logging.Filter):
@@ -268,7 +268,22 @@ def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict
         if (run_dir / "best.pt").exists():
             run.log_artifact(run_dir / "best.pt", "checkpoints")
             if cfg.log_model:  # the best network as an MLflow model, its metrics linked to it
-                run.log_model(run_dir / "best.pt", best, int(best.get("epoch", cfg.epochs)))
+                emb = _embedder(run_dir / "best.pt")
+                if emb is not None:
+                    run.log_model(emb, best, int(best.get("epoch", cfg.epochs)))
+
+
+def _embedder(checkpoint: Path):
+    """The retrieval embedder of the run's best.pt, or None (with a line in the log) where it cannot be rebuilt:
+    the run and its other records stand."""
+    from reid_ray.inference.export import load_embedder
+
+    try:
+        return load_embedder(checkpoint)
+    except Exception as e:
+        _say(f"reid-ray: the best network of {checkpoint} was not logged as an MLflow model "
+             f"({' '.join(str(e).split())[:200]})")
+        return None
 
 
 def _say(line: str) -> None:

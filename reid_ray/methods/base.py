@@ -38,16 +38,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reid_ray import ReidRayError, atomic_path, full_disk_is_the_users
-from reid_ray.config import NoParams
+from reid_ray import ReidRayError
 from reid_ray.data.domains import Domains
+from reid_ray.training.checkpoint import load_checkpoint
+from reid_ray.training.optim import build_optimizer, param_groups, warmup_step_scheduler
 
 if TYPE_CHECKING:
     from reid_ray.clustering.client import ClusterSpec
     from reid_ray.config import TrainConfig
 
 METHODS: dict[str, type[Method]] = {}
-CHECKPOINT_FILE = "checkpoint.pt"   # what each reported checkpoint directory holds
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -95,6 +95,11 @@ def check_batch(n: int, batch: int, workers: int, what: str, flag: str) -> None:
         raise ReidRayError(f"{what}: a batch of {batch} must be a positive multiple of the {workers} workers ({flag})")
     if n < batch:
         raise ReidRayError(f"{what} has {n} images, fewer than one batch of {batch}; lower it ({flag})")
+
+
+@dataclass
+class NoParams:
+    """The `params` of a method that has none of its own."""
 
 
 @dataclass
@@ -228,121 +233,8 @@ class Method:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def load_checkpoint(path: str | Path, flag: str = "--resume", mmap: bool = False) -> dict:
-    """A reid-ray checkpoint, read with the safe loader (`torch.load(weights_only=True)`: tensors and plain
-    types only, so a shared file cannot run code); a clear error for anything else."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise ReidRayError(f"{flag} {path}: refused by the safe checkpoint loader (it holds more than tensors and "
-                           f"plain values: {str(e).splitlines()[0][:120]}); only checkpoints written by reid-ray load") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # KeyError: the unpickler, on some text files
-        raise ReidRayError(f"{flag} {path}: not a checkpoint torch can read ({type(e).__name__}); pass a "
-                           "checkpoint.pt written by reid-ray train") from None
-    if not isinstance(state, dict) or "method" not in state:
-        raise ReidRayError(f"{flag} {path}: not a reid-ray checkpoint (expected a checkpoint.pt written by reid-ray train)")
-    return state
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """`torch.save` through a temporary name beside `path` (reid_ray.atomic_path): a crash or a full disk
-    mid-write leaves the previous file whole. A full disk is the user's error, naming the folder, its free
-    space and the checkpoint's size."""
-    with full_disk_is_the_users(path, state_nbytes(state)), atomic_path(path) as part:
-        torch.save(state, part)
-
-
-def state_nbytes(state: Any) -> int:
-    """The bytes of the tensors in a (nested) state: about a checkpoint's size on disk."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_nbytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_nbytes(v) for v in state)
-    return 0
-
-
-def run_checkpoints(run_dir) -> list[tuple[str, float]]:
-    """A run folder's Ray Train checkpoints (name, when its checkpoint file was written), oldest first (their
-    names are their timestamps); a local folder or a URI alike."""
-    from reid_ray import storage
-
-    if not storage.is_dir(run_dir):
-        return []
-    return sorted((rel.split("/")[0], mtime) for rel, is_file, mtime in storage.listing(run_dir, recursive=True)
-                  if is_file and rel.startswith("checkpoint_") and rel.count("/") == 1
-                  and rel.endswith("/" + CHECKPOINT_FILE))
-
-
-def newest_readable_checkpoint(run_dir, skip: tuple[str, ...] = ()) -> tuple[str | None, list[str]]:
-    """(the newest checkpoint directory of `run_dir` whose checkpoint.pt loads, the newer ones that did not):
-    a checkpoint cut short by a crash or a full disk is passed over, never loaded half."""
-    from reid_ray import storage
-
-    unreadable = []
-    for name, _ in reversed(run_checkpoints(run_dir)):
-        if name in skip:
-            continue
-        path = storage.join(run_dir, name, CHECKPOINT_FILE)
-        try:
-            load_checkpoint(storage.fetch(path) if storage.is_uri(path) else path, mmap=True)
-        except ReidRayError:
-            unreadable.append(name)
-            continue
-        return str(storage.join(run_dir, name)), unreadable
-    return None, unreadable
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-def warmup_step_scheduler(optimizer, warmup_epochs: int, warmup_factor: float, milestones, gamma: float):
-    """BoT's lr schedule, stepped once per epoch: linear warmup, then ×gamma at each milestone."""
-    def factor(epoch: int) -> float:
-        if epoch < warmup_epochs:
-            return warmup_factor + (1 - warmup_factor) * epoch / warmup_epochs
-        return gamma ** int(np.searchsorted(sorted(milestones), epoch, side="right"))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def param_groups(modules, optim_cfg) -> list[dict]:
-    """Parameter groups by role: backbone (`*backbone.*`, lr × base_lr_mult) or new layers, and BatchNorm
-    (no weight decay when `bn_weight_decay` is off) or the rest; highest lr first (`param_groups[0]`'s lr is
-    the one logged)."""
-    o = optim_cfg
-    groups: dict[tuple[float, float], list] = {}  # (lr, weight decay) -> parameters, in module order
-    for module in modules:
-        norms = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                 for p in m.parameters(recurse=False)}
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                base = name.startswith("backbone.") or ".backbone." in name
-                key = (o.lr * (o.base_lr_mult if base else 1.0),
-                       0.0 if id(p) in norms and not o.bn_weight_decay else o.weight_decay)
-                groups.setdefault(key, []).append(p)
-    # one group when all agree (the default): the same optimiser state layout as a plain parameter list
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items(), reverse=True)]
-
-
-def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
-    """Adam or SGD (momentum 0.9) over `params`, with the fused kernel where `optim.fused` asks for it (`auto`:
-    when the parameters are on a GPU, where it replaces ~10 launches a parameter group by one; on a CPU torch's
-    default path, which every CPU figure in bench/RESULTS.md was measured with)."""
-    o = optim_cfg
-    if o.optimizer not in ("adam", "sgd"):
-        raise ReidRayError(f"unknown optimizer {o.optimizer!r}; valid: adam, sgd")
-    params = list(params)
-    first = next((p for g in params for p in (g["params"] if isinstance(g, dict) else [g])), None)
-    on_gpu = first is not None and first.device.type == "cuda"
-    fused = on_gpu if str(o.fused) == "auto" else str(o.fused).lower() in ("true", "1", "yes")
-    kind = {"fused": True} if fused else {}  # torch's default otherwise: foreach on a GPU, the per-tensor loop on a CPU
-    if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kind)
-    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=0.9, **kind)
 
 
 def gather_batch(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

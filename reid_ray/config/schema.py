@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 from reid_ray import ReidRayError
 from reid_ray.data.loader import LoaderConfig
 from reid_ray.data.transforms import TransformConfig
+from reid_ray.methods.base import NoParams
 from reid_ray.models.reid_net import ModelConfig
 from reid_ray.models.sync_bn import check_samples_per_bn
 
@@ -72,11 +73,6 @@ class ClusteringConfig:
 
 
 @dataclass
-class NoParams:
-    """The `params` of a method that has none of its own."""
-
-
-@dataclass
 class TrainConfig:
     method: str = "baseline"
     source: str = "synth-a"
@@ -95,7 +91,7 @@ class TrainConfig:
     checkpoint_every: int = 1          # epochs between checkpoints (the last epoch always has one); a restart
                                        # after a lost worker repeats up to this many epochs, exactly
     max_failures: int = 2              # worker failures tolerated (resume from the last checkpoint)
-    log_model: bool = True             # the best network as an MLflow model at the end (reid_ray.export's embedder)
+    log_model: bool = True             # the best network as an MLflow model at the end (reid_ray.inference embedder)
     max_nonfinite_steps: int = 10      # NaN/inf losses in a row (each step skipped) before the run stops "diverged"
     output: str = "outputs"
     resume: str = ""
@@ -143,7 +139,7 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     or a {key: value} mapping."""
     from reid_ray.data.readers import dataset_names
     from reid_ray.methods import method_class
-    from reid_ray.presets import apply_preset
+    from reid_ray.config.presets import apply_preset
 
     cls = method_class(method)
     preset_overrides: dict = {}

@@ -99,7 +99,7 @@ class Embedder:
 
 def checkpoint_file(path: str | Path) -> Path:
     """The checkpoint file `path` names: the file itself, or a folder's checkpoint.pt (or best.pt)."""
-    from reid_ray.methods.base import CHECKPOINT_FILE
+    from reid_ray.training.checkpoint import CHECKPOINT_FILE
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -167,7 +167,7 @@ def load_embedder(checkpoint: str | Path, net: str | None = None, device: str | 
     """The retrieval network of a reid-ray checkpoint (see the module's docstring for which), in eval mode."""
     from torch import nn
 
-    from reid_ray.methods.base import load_checkpoint
+    from reid_ray.training.checkpoint import load_checkpoint
     from reid_ray.models.reid_net import ReIDNet
 
     path = checkpoint_file(checkpoint)
@@ -510,7 +510,7 @@ def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, r
     import torch
 
     from reid_ray.data.readers import read_dataset
-    from reid_ray.engine import query_gallery_features, rank_metrics
+    from reid_ray.training.loop import query_gallery_features, rank_metrics
     from reid_ray.evaluation import pairwise_distance, re_ranking
 
     ds = read_dataset(dataset, data_root)

@@ -1,11 +1,10 @@
 """Search spaces: `search_spaces/<method>.yaml` (embedded benchmark) and `search_spaces/real/<method>.yaml`
 (real benchmarks, picked by `--preset` or a real dataset), read and checked without Ray.
 
-    # MMT (Ge et al., ICLR 2020)
+    # a method's file names its parameters; search_spaces/ holds one space per method
     params:
-      # k of k-means (the paper's MMT-500/700)
-      params.num_clusters: {distribution: int, low: 60, high: 150}
-      params.alpha: {distribution: uniform, low: 0.95, high: 0.999}
+      params.k: {distribution: int, low: 60, high: 150}
+      params.momentum: {distribution: uniform, low: 0.95, high: 0.999}
       optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}
       model.arch: {distribution: choice, values: [small, resnet18]}
     fixed:            # optional: config overrides every trial shares
@@ -30,7 +29,7 @@ from reid_ray.config import TrainConfig, apply_overrides, valid_keys
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 # the top-level search_spaces/ of a source tree (through the link reid_ray/search_spaces), or the copy a wheel holds
-SEARCH_SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
+SEARCH_SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
 @dataclass
@@ -83,7 +82,7 @@ def load_search_space(path: str | Path, cfg: TrainConfig) -> SearchSpace:
         where = f" line {mark.line + 1}" if mark else ""
         raise ReidRayError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if root is None or not isinstance(root, yaml.MappingNode):
-        raise ReidRayError(f"{path}: expected a mapping with a 'params:' section (see {default_path('mmt')})")
+        raise ReidRayError(f"{path}: expected a mapping with a 'params:' section (see {default_path('baseline')})")
     sections = {k.value: v for k, v in root.value}
     unknown = set(sections) - {"params", "fixed"}
     if unknown:

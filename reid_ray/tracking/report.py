@@ -20,7 +20,7 @@ import yaml
 
 from reid_ray import ReidRayError, atomic_path, write_text_atomic
 from reid_ray.config import apply_overrides, to_dict
-from reid_ray.sweep_config import Sweep
+from reid_ray.config.sweep import Sweep
 
 # --------------------------------------------------------------------------- end of a sweep
 
@@ -171,7 +171,7 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
 
 
 def short_names(params: list[str]) -> dict[str, str]:
-    """`params.num_clusters` -> `num_clusters`, `optim.lr` -> `lr`: the last part of each dotted name, unless
+    """`params.alpha` -> `alpha`, `optim.lr` -> `lr`: the last part of each dotted name, unless
     two parameters share it."""
     last = [p.rsplit(".", 1)[-1] for p in params]
     return {p: s if last.count(s) == 1 else p for p, s in zip(params, last)}

@@ -9,7 +9,7 @@ prints every trial under the direct-transfer row with the best config. Extra arg
 
 import sys
 
-from reid_ray.tune import main
+from reid_ray.cli.tune import main
 
 if __name__ == "__main__":
     sys.exit(main(["--method", "mmt", *sys.argv[1:]]))

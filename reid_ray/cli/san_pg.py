@@ -87,7 +87,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from reid_ray.progress import bar
+    from reid_ray.tracking.progress import bar
 
     folder = Path(args.pairs).expanduser().resolve()
     images, textures = read_pairs(folder)
@@ -147,7 +147,7 @@ def load_generator(path: str, device: torch.device) -> tuple[SANModel, dict]:
 def predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from reid_ray.progress import bar
+    from reid_ray.tracking.progress import bar
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_generator(args.checkpoint, device)

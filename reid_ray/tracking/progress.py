@@ -1,5 +1,5 @@
-"""A progress bar for the CLIs' own loops (synthesising, SAN-PG), in the live displays' columns
-(reid_ray.console.make_progress): rich, the one progress library reid-ray uses."""
+"""A progress bar for the CLIs' own loops (synthesising, the texture generator), in the live displays' columns
+(reid_ray.tracking.console.make_progress): rich, the one progress library reid-ray uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from rich.progress import Progress, TaskID
 
-from reid_ray.console import console, make_progress
+from reid_ray.tracking.console import console, make_progress
 
 
 class Bar:

@@ -1,6 +1,6 @@
 """A sweep's settings, typed, and where they live on disk (Ray-free; the sweep itself is distributed/sweep.py).
 
-    sweep = Sweep(name="mmt-1", method="mmt", base=resolve_config("mmt", sweep=True), ...)
+    sweep = Sweep(name="s-1", method=m, base=resolve_config(m, sweep=True), ...)
     sweep.save(sweep_dir("outputs", sweep.name))    # reid_ray_sweep.json: what `--resume` reads back
 """
 

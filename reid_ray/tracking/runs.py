@@ -189,26 +189,23 @@ def log_datasets(uri: str, run_id: str, records: list[dict]) -> None:
     _client(uri).log_inputs(run_id, datasets=inputs)
 
 
-def log_model(uri: str, run_id: str, checkpoint: str, metrics: dict, step: int, name: str = "embedder") -> str:
-    """The checkpoint's retrieval network (reid_ray.export: backbone + BNNeck feature, L2-normalised) as an
-    MLflow 3 logged model of the run: torch.export'ed (`pt2`: loads without reid-ray's code, any batch size),
-    with an input example and signature, and the checkpoint's metrics linked to it (`best_*`, at `step`).
-    Returns the model's id; `mlflow.pytorch.load_model(f"models:/{id}")` loads it."""
+def log_model(uri: str, run_id: str, emb, metrics: dict, step: int, name: str = "embedder") -> str:
+    """A checkpoint's retrieval embedder (`reid_ray.inference.embedder.Embedder`: backbone + BNNeck feature,
+    L2-normalised) as an MLflow 3 logged model of the run: torch.export'ed (`pt2`: loads without reid-ray's code,
+    any batch size), with an input example and signature, and the checkpoint's metrics linked to it (`best_*`, at
+    `step`). Returns the model's id; `mlflow.pytorch.load_model(f"models:/{id}")` loads it."""
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.entities import LoggedModelOutput, Metric
     from mlflow.models import infer_signature
 
-    from reid_ray.export import load_embedder
-
     try:
-        emb = load_embedder(checkpoint)
         example = torch.rand(2, 3, *emb.size)  # two images: torch.export keeps the batch dynamic
         with torch.no_grad():
             signature = infer_signature(example.numpy(), emb.module(example).numpy())
-    except Exception as e:  # a network the embedder cannot rebuild: the run and its other records stand
-        _warn(f"the best network of {checkpoint} was not logged as an MLflow model ({' '.join(str(e).split())[:200]})")
+    except Exception as e:  # a network torch cannot run on the example: the run and its other records stand
+        _warn(f"the best network of {emb.path} was not logged as an MLflow model ({' '.join(str(e).split())[:200]})")
         return ""
     client = _client(uri)
     run = client.get_run(run_id)
@@ -307,7 +304,7 @@ class RunWriter:
            "status": lambda uri, run_id, status, note: set_status(uri, run_id, status, note),
            "datasets": lambda uri, run_id, records: log_datasets(uri, run_id, records),
            "figure": lambda uri, run_id, figure, artifact_file: log_figure(uri, run_id, figure, artifact_file),
-           "model": lambda uri, run_id, checkpoint, metrics, step: log_model(uri, run_id, checkpoint, metrics, step)}
+           "model": lambda uri, run_id, emb, metrics, step: log_model(uri, run_id, emb, metrics, step)}
 
     def _flush(self, force: bool = False) -> bool:
         """Write the buffer in order; False (and the rest kept) at the first write that fails."""
@@ -345,8 +342,8 @@ class RunWriter:
     def log_datasets(self, records: list[dict]) -> None:
         self._write("datasets", records)
 
-    def log_model(self, checkpoint, metrics: dict, step: int) -> None:
-        self._write("model", str(checkpoint), metrics, step)
+    def log_model(self, emb, metrics: dict, step: int) -> None:
+        self._write("model", emb, metrics, step)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self._write("figure", figure, artifact_file)

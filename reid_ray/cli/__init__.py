@@ -67,14 +67,14 @@ def _datasets(args: argparse.Namespace) -> int:
 
 # subcommands with parsers of their own (module, its main function): argv after the name goes to them
 FORWARDED = {
-    "train": ("reid_ray.train", "main", "train one method under Ray Train (= python -m reid_ray.train)"),
-    "tune": ("reid_ray.tune", "main", "sweep a method's hyperparameters with Ray Tune + Optuna (= python -m reid_ray.tune)"),
-    "report": ("reid_ray.report", "main", "Markdown table + PNG plots comparing the runs of an MLflow experiment"),
-    "evaluate": ("reid_ray.export", "main_evaluate", "mAP/CMC of any checkpoint on any dataset, optionally re-ranked"),
-    "export": ("reid_ray.export", "main_export", "write a checkpoint's retrieval embedder as ONNX"),
-    "embed": ("reid_ray.export", "main_embed", "embed a folder of images into a Parquet file of features"),
-    "doctor": ("reid_ray.doctor", "main", "what a run would use here: Ray, GPUs, CUDA, faiss, datasets, MLflow"),
-    "san-pg": ("reid_ray.san_pg", "main", "SAN's pseudo texture generator: pairs, train, predict"),
+    "train": ("reid_ray.cli.train", "main", "train one method under Ray Train (= python -m reid_ray.train)"),
+    "tune": ("reid_ray.cli.tune", "main", "sweep a method's hyperparameters with Ray Tune + Optuna (= python -m reid_ray.tune)"),
+    "report": ("reid_ray.tracking.report", "main", "Markdown table + PNG plots comparing the runs of an MLflow experiment"),
+    "evaluate": ("reid_ray.inference.export", "main_evaluate", "mAP/CMC of any checkpoint on any dataset, optionally re-ranked"),
+    "export": ("reid_ray.inference.export", "main_export", "write a checkpoint's retrieval embedder as ONNX"),
+    "embed": ("reid_ray.inference.export", "main_embed", "embed a folder of images into a Parquet file of features"),
+    "doctor": ("reid_ray.cli.doctor", "main", "what a run would use here: Ray, GPUs, CUDA, faiss, datasets, MLflow"),
+    "san-pg": ("reid_ray.cli.san_pg", "main", "SAN's pseudo texture generator: pairs, train, predict"),
 }
 
 

@@ -126,8 +126,8 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Every tensor of the batch on `device` (copies that do not wait for the host), its images (`img`, MMT's
-    `img2`, ECN's `img_cam`, the target's `t_img`...) channels_last, the layout of the networks on a GPU
+    """Every tensor of the batch on `device` (copies that do not wait for the host), its images (`img`, a second
+    view, a camera-style copy, the target's `t_img`...) channels_last, the layout of the networks on a GPU
     (`gpu_layout`)."""
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -193,8 +193,8 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 
 def evaluate_method(method: Method, dataset: ReIDDataset, cfg: TrainConfig, prefix: str) -> tuple[dict, list]:
     """Evaluate every network of the method. `<prefix>_mAP` etc. are the first's (`eval_models()`'s first, the
-    method's `eval_model()`: MMT's mean net 1), whatever the others score: the better of MMT's two mean nets
-    on the evaluated labels (what the authors' code reports) would be a model selected on the test set's
+    method's `eval_model()`, e.g. a mean-teacher method's first mean net), whatever the others score: the better
+    of two mean nets on the evaluated labels (what the authors' code reports) would be a model selected on the test set's
     labels. Each network's mAP is logged beside (`<prefix>_mAP_<name>`)."""
     results = {name: evaluate_model(m, dataset, cfg, method.device) for name, m in method.eval_models().items()}
     first = next(iter(results))

@@ -1,6 +1,6 @@
 """MLflow's web UI over a reid-ray store, driven by a headless browser: for tests and the docs screenshot.
 
-    python -m reid_ray.mlflow_ui --mlflow-uri sqlite:///mlflow.db --experiment "synth-a->synth-b" --out docs/mlflow-ui.png
+    python -m tests.mlflow_ui --mlflow-uri sqlite:///mlflow.db --experiment "synth-a->synth-b" --out docs/mlflow-ui.png
 
 starts `mlflow server` on 127.0.0.1 (a free port, its own process group, stopped on exit), opens the
 experiment's runs in headless Chromium (Playwright driving the system browser: `apt-get install chromium`,
@@ -349,7 +349,7 @@ def screenshot_experiment(store_uri: str, experiment: str, out: str | os.PathLik
 def main(argv=None) -> int:
     from reid_ray.cli import run_cli
 
-    p = argparse.ArgumentParser(prog="python -m reid_ray.mlflow_ui", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.mlflow_ui", description=__doc__.split("\n")[0])
     p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--experiment", default="synth-a->synth-b", help='default: "synth-a->synth-b"')
     p.add_argument("--sweep", default=None, help="the sweep shown (default: the experiment's newest)")
