@@ -83,3 +83,68 @@ def test_clustering_section_keeps_its_old_one_word_form(tmp_path):
         resolve_config("mmt", sets=["clustering.backend=gpu"])
     with pytest.raises(ReidRayError, match=r"^clustering.where='elsewhere'; valid: actor, local$"):
         resolve_config("mmt", file={"clustering": "elsewhere"})
+
+
+class _RayWouldStart(Exception):
+    """Raised where the run would start Ray: everything checked by then is what the pre-flight checks did."""
+
+
+@pytest.fixture
+def counted_checks(monkeypatch):
+    from collections import Counter
+
+    from reid_ray.config import checks
+
+    monkeypatch.setattr(checks, "RUNS", Counter())
+    monkeypatch.setattr(checks, "_passed", set())
+
+    def stop():
+        raise _RayWouldStart
+
+    import reid_ray.distributed.driver as driver
+    import reid_ray.distributed.sweep as sweep
+
+    monkeypatch.setattr(driver, "init_ray", stop)
+    monkeypatch.setattr(sweep, "init_ray", stop)
+    return checks
+
+
+def test_a_train_run_checks_each_thing_once_and_a_trial_checks_nothing(counted_checks, tiny_synth, tmp_path):
+    """The CLI checks before it resolves anything, the driver asks again; each check runs once per process."""
+    from reid_ray.cli.train import main
+    from reid_ray.distributed.driver import run_training
+    from reid_ray.distributed.resources import ResourcePlan
+
+    with pytest.raises(_RayWouldStart):
+        main(["--method", "mmt", "--data-root", str(tiny_synth), "--output", str(tmp_path / "out"),
+              "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", "--set", "num_identities=4", "--set", "num_clusters=8"])
+    runs = counted_checks.RUNS
+    assert {name for name, _ in runs} == {"check_ranges", "check_paths", "check_source_models", "check_method"}
+    assert set(runs.values()) == {1}, runs
+    # a Tune trial receives its sweep's validated plan: nothing is checked again in its process
+    runs.clear()
+    cfg = resolve_config("mmt", flags=dict(data_root=str(tiny_synth), output=str(tmp_path / "out2")),
+                         sets=["num_clusters=8", "epochs=0"])  # a config check_ranges would refuse
+    with pytest.raises(_RayWouldStart):
+        run_training(cfg, plan=ResourcePlan(use_gpu=False, concurrent=1, worker={"CPU": 1}, threads=1))
+    assert not runs
+
+
+def test_a_sweep_checks_its_base_and_each_range_end_once(counted_checks, tiny_synth, tmp_path):
+    from reid_ray.cli.tune import build_parser, prepare_sweep
+    from reid_ray.distributed.sweep import run_sweep
+
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  params.num_clusters: {distribution: int, low: 8, high: 16}\n"
+                     "  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                     "fixed:\n  loader.num_identities: 4\n  params.num_clusters: 10\n")
+    sweep = prepare_sweep(build_parser().parse_args([
+        "--method", "mmt", "--data-root", str(tiny_synth), "--search-space", str(space), "--num-samples", "2",
+        "--output", str(tmp_path / "out"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]))
+    with pytest.raises(_RayWouldStart):
+        run_sweep(sweep)
+    runs = counted_checks.RUNS
+    assert set(runs.values()) == {1}, runs
+    method_checks = [key for key in runs if key[0] == "check_method"]
+    assert len(method_checks) == 1 + 2 * 2  # the base, and both ends of each of the two ranges
+    assert sum(name == "check_paths" for name, _ in runs) == 1

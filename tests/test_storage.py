@@ -179,8 +179,8 @@ def test_sweep_state_and_summary_under_the_uri(s3, mlflow_uri):
     sweep.parent_run_id = start_run(uri, "e", "sweep-baseline-s1", {}, {}, {})
     rows = [TrialRow("t1", {"optim.lr": 1e-4}, "completed", 2, 10.0, 20.0, 30.0),
             TrialRow("t2", {"optim.lr": 5e-4}, "completed", 2, 12.0, 21.0, 31.0)]
-    out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri, trials=2))
-    assert out.best_config == f"{folder}/best_config.yaml"
+    out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri, trials=2, best_trial="t2"))
+    assert out.best_config == f"{folder}/best_config.yaml" and out.best.trial == "t2"
     assert {"best_config.yaml", "summary.md", "parallel_coordinates.png"} <= {
         rel for rel, is_file, _ in storage.listing(folder) if is_file}
     assert "| t2 |" in storage.read_text(folder / "summary.md")

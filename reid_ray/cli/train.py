@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 from reid_ray import ReidRayError, storage
-from reid_ray.config.checks import check_paths, check_ranges
+from reid_ray.config import checks
 from reid_ray.config import TrainConfig, dotted, flatten, load_config_file, resolve_config
 from reid_ray.methods import METHODS, method_class
-from reid_ray.methods.base import check_source_models
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, run_checkpoints
 
 
@@ -46,6 +45,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     else:
         cfg = _resumed_config(saved, resume, a.method or method, a.source or source, a.target or target, a.preset,
                               file, flags, a.overrides)
+    cfg.name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"  # named here: the resume line says it
     check_config(cfg)
     return cfg
 
@@ -124,9 +124,7 @@ def _newest_readable(run_dir, value) -> str:
 
 def check_config(cfg: TrainConfig) -> None:
     """What can be checked before Ray starts (the data's part: checks.check_run, in the driver)."""
-    check_ranges(cfg)
-    check_paths(cfg)
-    check_source_models(cfg)
+    checks.check_config(cfg)
     if cfg.resume:
         path = Path(cfg.resume)
         if storage.is_uri(cfg.resume):  # read from this node's copy (cached: a worker here reuses it)
@@ -182,7 +180,7 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     from reid_ray.tracking import ui_hint
 
     uri = out["mlflow_uri"]
-    tracked = (f"MLflow run {out['mlflow_run_id']} in {uri}\n{ui_hint(uri, cfg.experiment or f'{cfg.source}->{cfg.target}')}"
+    tracked = (f"MLflow run {out['mlflow_run_id']} in {uri}\n{ui_hint(uri, cfg.experiment_name)}"
                if out["mlflow_run_id"] else f"MLflow run: {uri} did not answer at the end")
     console.print(f"wall time {out['wall_time']:.0f} s\n{tracked}\ncheckpoint {out['checkpoint']}\n"
                   f"best checkpoint and CMC plot in {out['run_dir']}", soft_wrap=True)
@@ -240,7 +238,6 @@ def main(argv=None) -> int:
         cfg = config_from_args(a)
         from reid_ray.distributed.driver import run_training
 
-        cfg.name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"  # named here: the resume line says it
         try:
             out = run_training(cfg)
         except KeyboardInterrupt as e:

@@ -1,18 +1,29 @@
 """What a run's config and data show before Ray starts: each user mistake one `ReidRayError` line.
 
+    check_config(cfg)           # the CLI, then the driver: ranges, paths, source models (no data read yet)
     check_run(cfg, domains)     # train and tune drivers, after the datasets are read, before ray.init
 
-Two parts: the ranges of the shared config fields (below), then the method's own `Method.check`
-(P×K against the source identities, k against the target images, ...: each method's file). A mistake
-that can only show inside a Ray worker reaches the user the same way (distributed/verdict.py).
+The parts: the ranges of the shared config fields (below), the paths a run reads and writes, the source
+models, then the method's own `Method.check` (P×K against the source identities, k against the target images,
+...: each method's file). A mistake that can only show inside a Ray worker reaches the user the same way
+(distributed/verdict.py).
+
+Each check runs once per process for a given config: the CLI checks before it prints or resolves anything,
+the driver (which bench scripts and tests call directly) asks again, and a config that passed is not checked
+twice. A sweep checks its base config and every swept parameter's range ends; its trials receive that
+validated plan and check nothing (distributed/sweep.py). `RUNS` counts what ran, for the test that keeps it so.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import math
+from collections import Counter
 
 from reid_ray import ReidRayError
-from reid_ray.config import TrainConfig, flatten, is_synthetic
+from reid_ray.config import TrainConfig, apply_overrides, flatten, is_synthetic, to_dict
 from reid_ray.storage import check_file, check_folder
 
 # shared field -> (smallest valid value, the flag that sets it, what it means); --set key=N sets any of them
@@ -38,7 +49,33 @@ POSITIVE = {"optim.lr": "--set optim.lr=X", "optim.warmup_factor": "--set optim.
             "optim.gamma": "--set optim.gamma=X"}
 NON_NEGATIVE = {"optim.weight_decay": "--set optim.weight_decay=X", "seed": "--seed"}
 
+RUNS: Counter = Counter()  # (check, config digest) -> times it ran in this process
+_passed: set[tuple[str, str]] = set()
 
+
+def once_per_config(check):
+    """Run `check(cfg, ...)` once per process for a config with this content (and these datasets): a config
+    that passed is not checked again; one that failed is checked again (the user may have fixed the file)."""
+    @functools.wraps(check)
+    def run(cfg: TrainConfig, *args) -> None:
+        key = (check.__name__, json.dumps(to_dict(cfg), sort_keys=True, default=str) + "".join(
+            f"|{id(a)}" for a in args))  # a check of the data: these datasets as read
+        if key in _passed:
+            return
+        RUNS[key] += 1
+        check(cfg, *args)
+        _passed.add(key)
+    return run
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Everything that needs no dataset read: the shared ranges, the paths, the source models."""
+    check_ranges(cfg)
+    check_paths(cfg)
+    check_source_models(cfg)
+
+
+@once_per_config
 def check_ranges(cfg: TrainConfig) -> None:
     """The shared fields' ranges (a method's own `params` are its `check`'s)."""
     flat = flatten(cfg)
@@ -58,14 +95,36 @@ def check_ranges(cfg: TrainConfig) -> None:
 
 def check_run(cfg: TrainConfig, domains) -> None:
     """Every check that the config and the read datasets allow, before Ray starts."""
-    from reid_ray.methods import method_class
-    from reid_ray.methods.base import check_source_models
-
     check_ranges(cfg)
     check_source_models(cfg)
+    check_method(cfg, domains)
+
+
+@once_per_config
+def check_method(cfg: TrainConfig, domains) -> None:
+    """The method's own checks against the datasets (`Method.check`: its file)."""
+    from reid_ray.methods import method_class
+
     method_class(cfg.method).check(cfg, domains)
 
 
+@once_per_config
+def check_source_models(cfg: TrainConfig) -> None:
+    """More `init` checkpoints than the method starts from is a user error; each given one must exist."""
+    from reid_ray import storage
+    from reid_ray.methods import method_class
+
+    n = method_class(cfg.method).source_models(cfg.params)
+    if len(cfg.init) > n:
+        count = {0: "no source model", 1: "one source model", 2: "two source models"}.get(n, f"{n} source models")
+        raise ReidRayError(f"--init: {cfg.method} starts from {count}, got {len(cfg.init)} checkpoints; "
+                           f"pass {n or 'none'}")
+    for path in cfg.init:
+        if path and not storage.is_file(path):  # a local file or a URI (s3://...)
+            raise ReidRayError(f"--init {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
+
+
+@once_per_config
 def check_paths(cfg: TrainConfig) -> None:
     """Every path a run reads or writes, for its kind (a folder, a file) and, where the run writes, for
     whether it can: one line each, before anything is written. URIs (s3://, gs://) are their store's."""
@@ -79,3 +138,15 @@ def check_paths(cfg: TrainConfig) -> None:
         check_file(uri[len("sqlite:///"):], "--mlflow-uri", writes=True)
     for init in cfg.init:
         check_file(init, "--init")
+
+
+def check_sweep(base: TrainConfig, space, domains) -> None:
+    """The base config, and each swept parameter at both ends of its range (every value of a choice), as
+    a trial would run them: a sample no trial could train with is the user's to fix before Ray starts."""
+    check_run(base, domains)
+    for name, p in (space.params if space else {}).items():
+        for value in (p.values if p.distribution == "choice" else (p.low, p.high)):
+            try:
+                check_run(apply_overrides(copy.deepcopy(base), {name: value}), domains)
+            except ReidRayError as e:
+                raise ReidRayError(f"search space {space.path}: {name} = {value} would fail a trial: {e}") from None

@@ -108,6 +108,15 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     params: Any = field(default_factory=NoParams)  # the method's own `Params` dataclass (see its file)
 
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment the run lands in: `experiment`, else "<source>-><target>"."""
+        return self.experiment or f"{self.source}->{self.target}"
+
+    @property
+    def source_to_target(self) -> str:
+        return f"{self.source}->{self.target}"
+
 
 # Layer 2: the embedded default: small images, a small backbone and a schedule that fits minutes on 2 CPU cores.
 SYNTHETIC_DEFAULTS = {

@@ -15,7 +15,9 @@ from pathlib import Path
 from reid_ray import ReidRayError, storage, write_text_atomic
 from reid_ray.config import TrainConfig, from_dict, to_dict
 
-METRIC = "target_mAP_last"   # what Tune ranks trials on: the latest target mAP, reported every epoch
+# what a sweep ranks trials on unless told otherwise (`Sweep.metric`): the latest target mAP, which every run
+# reports each epoch (carried between evaluations)
+METRIC = "target_mAP_last"
 SWEEP_FILE = "reid_ray_sweep.json"
 
 
@@ -37,6 +39,7 @@ class Sweep:
     parent_run_id: str = ""            # the sweep's MLflow parent run (the sweep driver writes it)
     direct_transfer: dict = field(default_factory=dict)  # the source model's metrics
     resumed: bool = False
+    metric: str = METRIC               # the reported metric Optuna, ASHA and the best trial go by (higher is better)
 
     def save(self, folder: Path | str) -> None:
         d = {**dataclasses.asdict(self), "base": to_dict(self.base)}

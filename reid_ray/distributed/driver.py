@@ -27,7 +27,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from reid_ray import ReidRayError, stopped_by, storage, tracking, write_text_atomic
-from reid_ray.config.checks import check_paths, check_ranges, check_run
+from reid_ray.config.checks import check_config, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.progress import RunProgress
@@ -36,7 +36,6 @@ from reid_ray.distributed.runtime import init_ray, train_env_defaults, wait_for_
 from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
-from reid_ray.methods.base import check_source_models
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 
@@ -48,13 +47,13 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     it they are planned from the whole cluster. `tags` go on the MLflow run; `run_key` names it for
     rank 0 to find again (a trial's stable key; by default a new one per call). `show_progress`: the live
     epoch display on this process's console (off in a Tune trial, whose sweep has its own)."""
-    check_ranges(cfg)
-    if plan is None:  # (a trial's: its sweep checked them)
-        check_paths(cfg)
+    if plan is None:  # a trial receives its sweep's validated plan (config.checks.check_sweep): nothing to check again
+        check_config(cfg)  # once per process: the CLI's own call already passed it
         check_gpus_reachable(cfg.use_gpu.lower() in ("true", "1", "yes"))
     domains = ensure_data(cfg)
-    check_run(cfg, domains)
-    tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
+    if plan is None:
+        check_run(cfg, domains)
+        tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
     resumed = resumed_state(cfg)
     if resumed:
         warn_changed_data(resumed, domains, cfg.resume)
@@ -83,7 +82,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
     output = storage.absolute(cfg.output)  # a local folder (made absolute) or a URI Ray Train's storage_path takes
     uri = tracking.resolve_uri(cfg.mlflow_uri)
     tracking.quick_http_failures()
-    experiment = cfg.experiment or f"{cfg.source}->{cfg.target}"
+    experiment = cfg.experiment_name
     run_key = run_key or uuid.uuid4().hex
     labeler, stop = None, create_verdict()
     if method_cls.uses_clustering and cfg.clustering.where == "actor":
@@ -103,7 +102,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
                                       # MLflow's system tags as this process sees them; a sweep passes its driver's
                                       "tags": {**tracking.system_tags(), "method": cfg.method, "source": cfg.source,
                                                "target": cfg.target,
-                                               "source_to_target": f"{cfg.source}->{cfg.target}", **(tags or {})}}},
+                                               "source_to_target": cfg.source_to_target, **(tags or {})}}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=plan.use_gpu,
                                                resources_per_worker=plan.worker),
         run_config=ray.train.RunConfig(
@@ -245,7 +244,6 @@ def source_inits(cfg: TrainConfig) -> list[str]:
     paths (Ray Train workers do not run in the driver's directory); empty for methods that need none."""
     method_cls = method_class(cfg.method)
     n = method_cls.source_models(cfg.params)
-    check_source_models(cfg)
     if not n:
         return []
     given = list(cfg.init) + [""] * (n - len(cfg.init))

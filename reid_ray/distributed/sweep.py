@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from reid_ray import Diverged, ReidRayError, storage, tracking
 from reid_ray.tracking import console
-from reid_ray.config.checks import check_paths, check_ranges, check_run
+from reid_ray.config.checks import check_config, check_sweep
 from reid_ray.config import TrainConfig, apply_overrides, flatten
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits, stop_interrupted_runs
@@ -69,18 +69,6 @@ class CloseStoppedRuns(tune.Callback):
         self._close(trial, "FAILED", "error")
 
 
-def check_sweep(base: TrainConfig, space: SearchSpace | None, domains) -> None:
-    """The base config, and each swept parameter at both ends of its range (every value of a choice), as
-    a trial would run them: a sample no trial could train with is the user's to fix before Ray starts."""
-    check_run(base, domains)
-    for name, p in (space.params if space else {}).items():
-        for value in (p.values if p.distribution == "choice" else (p.low, p.high)):
-            try:
-                check_run(apply_overrides(copy.deepcopy(base), {name: value}), domains)
-            except ReidRayError as e:
-                raise ReidRayError(f"search space {space.path}: {name} = {value} would fail a trial: {e}") from None
-
-
 def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str,
               system_tags: dict | None = None) -> None:
     """One Tune trial: the base config + this trial's sample (layer 8), trained under Ray Train."""
@@ -101,8 +89,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Pretrain once, run (or resume) the Tuner, summarise; returns the outcome."""
     base = sweep.base
     space = load_search_space(sweep.space_path, base) if Path(sweep.space_path).is_file() else None
-    check_ranges(base)
-    check_paths(base)
+    check_config(base)
     domains = ensure_data(base)
     check_sweep(base, space, domains)
     tracking.check_uri(tracking.resolve_uri(base.mlflow_uri))
@@ -127,14 +114,14 @@ def _locked_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, me
 
 def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: ResourcePlan) -> SweepOutcome:
     uri = base.mlflow_uri = tracking.resolve_uri(base.mlflow_uri)
-    experiment = base.experiment or f"{base.source}->{base.target}"
+    experiment = base.experiment_name
     folder = sweep_dir(base.output, sweep.name)
     if not sweep.parent_run_id:
         params = {"sweep.num_samples": sweep.num_samples, "sweep.scheduler": sweep.scheduler,
                   "sweep.search_space": sweep.space_path, **flatten(base)}
         sweep.parent_run_id = tracking.start_run(
             uri, experiment, f"sweep-{sweep.name}", params,
-            {**tracking.system_tags(), "method": base.method, "source_to_target": f"{base.source}->{base.target}",
+            {**tracking.system_tags(), "method": base.method, "source_to_target": base.source_to_target,
              "sweep": sweep.name,
              "sweep_parent": "true"}, dataclasses.asdict(base))
         tracking.log_text(uri, sweep.parent_run_id, sweep.space_text, "search_space.yaml")
@@ -169,8 +156,8 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
             stop_interrupted_runs(e, uri, experiment, "sweep", sweep.name)
             raise
         rows = [_row(res, base.epochs, uri, experiment) for res in grid]
-        out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri,
-                                          errors=grid.num_errors, trials=len(grid)), space)
+        out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri, errors=grid.num_errors,
+                                          trials=len(grid), best_trial=_best_trial(grid, sweep.metric)), space)
         status = "FINISHED"
     finally:
         if status != "KILLED":
@@ -228,9 +215,18 @@ def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
                     source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None)
 
 
+def _best_trial(grid, metric: str) -> str | None:
+    """The trial Tune ranks first on `metric` at its last report (a trial ASHA stopped included), or None where
+    no trial reported a finite value."""
+    try:
+        return grid.get_best_result(metric=metric, mode="max", scope="last").metrics.get("trial_id")
+    except RuntimeError:
+        return None
+
+
 def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan) -> tune.TuneConfig:
     storage = optuna.storages.RDBStorage(sweep.optuna_storage) if sweep.optuna_storage else None
-    search = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed),
+    search = OptunaSearch(metric=sweep.metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed),
                           storage=storage, study_name=sweep.name if storage else None)
     if sweep.scheduler == "asha":
         # rungs must fall on evaluated epochs: the grace period is a multiple of eval_every. A trial Tune
@@ -242,5 +238,5 @@ def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan) -> tune.Tu
                                   reduction_factor=sweep.reduction_factor, stop_last_trials=False)
     else:
         scheduler = FIFOScheduler()
-    return tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
+    return tune.TuneConfig(metric=sweep.metric, mode="max", search_alg=search, scheduler=scheduler,
                            num_samples=sweep.num_samples, max_concurrent_trials=plan.concurrent)

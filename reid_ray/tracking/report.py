@@ -47,6 +47,7 @@ class SweepOutcome:
     params: list[str] = field(default_factory=list)
     best: TrialRow | None = None
     best_config: str | None = None
+    best_trial: str | None = None      # the trial Tune ranked first (ResultGrid.get_best_result on the sweep's metric)
 
 
 def _fmt(v) -> str:
@@ -127,10 +128,11 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
     local = storage.stage(folder)  # the sweep's folder, or under a URI --output a local one uploaded at the end
     rows = sorted(out.rows, key=lambda r: -r.target_mAP if not math.isnan(r.target_mAP) else math.inf)
     params = sorted({k for r in rows for k in r.config})
-    best = next((r for r in rows if not math.isnan(r.target_mAP)), None)
+    best = next((r for r in rows if r.trial == out.best_trial), None)
     dt = sweep.direct_transfer
     text = [f"# Sweep {sweep.name}: {base.method}, {base.source} -> {base.target}\n",
-            f"Search space: `{sweep.space_path}`; {len(rows)} trials; metric: target mAP at the trial's last epoch.\n"]
+            f"Search space: `{sweep.space_path}`; {len(rows)} trials; ranked by `{sweep.metric}` at each trial's last "
+            "report.\n"]
     if dt:
         text.append(f"Direct transfer (the source model every trial starts from): target mAP "
                     f"{dt.get('target_mAP', float('nan')):.1f}, R1 {dt.get('target_R1', float('nan')):.1f}.\n")
@@ -226,7 +228,7 @@ def print_results(out: SweepOutcome) -> None:
     from reid_ray.tracking import ui_hint
 
     console.print(f"MLflow: parent run {sweep.parent_run_id} in {out.uri}\n"
-                  f"{ui_hint(out.uri, base.experiment or f'{base.source}->{base.target}')}\n"
+                  f"{ui_hint(out.uri, base.experiment_name)}\n"
                   f"summary: {out.folder / 'summary.md'}", soft_wrap=True)
 
 
