@@ -282,3 +282,14 @@ def test_a_wheel_carries_the_search_spaces(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"reid_ray/search_spaces/{p.relative_to(root / 'search_spaces')}" for p in (root / "search_spaces").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
+
+
+def test_a_runs_status_is_decided_in_one_module():
+    """Rank 0 writes its own run's status through its RunWriter; every other status write is a rule of
+    tracking/status.py (the driver's and the sweep's closes, ASHA's stops), never an ad hoc MLflow call."""
+    writes = re.compile(r"\b(set_terminated|update_run|set_status|end_run)\(")
+    owners = {PACKAGE / "tracking" / "runs.py", PACKAGE / "tracking" / "status.py"}
+    hits = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}" for p in PACKAGE.rglob("*.py") if p not in owners
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if writes.search(line) and not line.strip().startswith("run.set_status(")]  # rank 0's RunWriter
+    assert hits == []

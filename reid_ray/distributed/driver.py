@@ -36,6 +36,7 @@ from reid_ray.distributed.runtime import init_ray, train_env_defaults, wait_for_
 from reid_ray.distributed.verdict import create_verdict, raise_recorded
 from reid_ray.distributed.worker import train_loop_per_worker
 from reid_ray.methods import method_class
+from reid_ray.tracking import status as run_status
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 
@@ -124,9 +125,7 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         except Exception:
             raise_recorded(stop)  # a user error or divergence a worker recorded, as itself (max_failures 0)
             # a rank 0 that was killed (not one that raised: it ends its own run) left its run RUNNING
-            for run in tracking.find_runs(uri, experiment, tracking.RUN_KEY, run_key):
-                if run.info.status == "RUNNING":
-                    tracking.set_status(uri, run.info.run_id, "FAILED", "failed")
+            run_status.closed_after_failure(uri, experiment, tracking.RUN_KEY, run_key)
             raise
         raise_recorded(stop)  # ... or after the retried group returned at once
     finally:
@@ -188,9 +187,7 @@ def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: 
     if local and ray.is_initialized():
         ray.shutdown()
     try:
-        for run in tracking.find_runs(uri, experiment, tag, value):
-            if run.info.status == "RUNNING":
-                tracking.set_status(uri, run.info.run_id, "KILLED", f"interrupted ({reason})")
+        run_status.closed_after_interrupt(uri, experiment, tag, value, reason)
     except Exception as err:  # the tracking server is away: the run shows RUNNING until it is resumed
         print(f"reid-ray: could not mark the MLflow run KILLED ({type(err).__name__}); --resume reopens it",
               file=sys.stderr, flush=True)

@@ -7,7 +7,8 @@ the trial's placement group. The source models are trained once, before the tria
 driver writes the sweep's MLflow parent run; each trial's run is written by its rank 0 and found
 here by its `trial_id` tag. A trial that ASHA stops is killed with its workers mid-epoch, before
 its rank 0 can end its run: `CloseStoppedRuns` (a Tune callback) ends that run as KILLED, tag
-`status=stopped by ASHA`, the one write to a trial's run that is not its rank 0's.
+`status=stopped by ASHA` (every status rule, with the other exceptions to "rank 0 writes its own", is
+reid_ray/tracking/status.py's).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from reid_ray import Diverged, ReidRayError, storage, tracking
 from reid_ray.tracking import console
+from reid_ray.tracking import status as run_status
 from reid_ray.config.checks import check_config, check_sweep
 from reid_ray.config import TrainConfig, apply_overrides, flatten
 from reid_ray.data.domains import ensure_data
@@ -53,20 +55,15 @@ class CloseStoppedRuns(tune.Callback):
     def __init__(self, uri: str, experiment: str, epochs: int):
         self.uri, self.experiment, self.epochs = uri, experiment, epochs
 
-    def _close(self, trial, status: str, note: str) -> None:
-        for run in tracking.find_runs(self.uri, self.experiment, "trial_id", trial.trial_id):
-            if run.info.status == "RUNNING":
-                tracking.set_status(self.uri, run.info.run_id, status, note)
+    def _close(self, trial, error: bool) -> None:
+        run_status.closed_by_tune(self.uri, self.experiment, trial.trial_id, error=error,
+                              epoch=int((trial.last_result or {}).get("epoch", 0)), epochs=self.epochs)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        # ASHA can also stop a trial at its last epoch (a rung on max_t), before rank 0 has ended its run
-        if int((trial.last_result or {}).get("epoch", 0)) < self.epochs:
-            self._close(trial, "KILLED", "stopped by ASHA")
-        else:
-            self._close(trial, "FINISHED", "completed")
+        self._close(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED", "error")
+        self._close(trial, error=True)
 
 
 def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name: str, parent_run_id: str,
@@ -161,7 +158,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
         status = "FINISHED"
     finally:
         if status != "KILLED":
-            tracking.end_run(uri, sweep.parent_run_id, status)
+            run_status.end_sweep(uri, sweep.parent_run_id, status)
     return out
 
 
