@@ -1,21 +1,27 @@
 """Evaluation speed: reid-ray's evaluate_rank vs the Cython evaluator of torchreid/fast-reid.
 
-    python bench/bench_evaluation.py                 # Market-sized 3,368 x 15,913
-    python bench/bench_evaluation.py --queries 500 --gallery 2000
+    python -m bench.bench_evaluation                 # Market-sized 3,368 x 15,913
+    python -m bench.bench_evaluation --queries 500 --gallery 2000
 
 Identical random inputs (Market-like pid/camera structure) for both; prints the
 wall time of each (best of --repeats), the ratio and the largest difference in
 mAP and CMC (they must agree: no ties in continuous random distances).
+Also `make bench`'s eval section (`section_eval`: `python -m bench.run --only eval`), the same comparison at
+EVAL_SIZES, up to MSMT17's 11,659 x 82,161, each side in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
 
 import numpy as np
 
+from bench import harness
+from bench.harness import timed
 from reid_ray.evaluation import evaluate_rank
+
+EVAL_SIZES = [(500, 2000), (1500, 6000), (3368, 15913), (11659, 82161)]
 
 
 def market_like(q: int, g: int, seed: int = 0, outlier: bool = False):
@@ -39,12 +45,48 @@ def market_like(q: int, g: int, seed: int = 0, outlier: bool = False):
 
 
 def best_of(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
+    t = timed(fn, repeats, warmup=False)
+    return min(t.times), t.out
+
+
+def measure_eval(p: dict) -> dict:
+    """One side of a make bench row, in its own process (`harness.child`)."""
+    data = market_like(p["q"], p["g"], outlier=p.get("outlier", False))
+    if p["impl"] == "ours":
+        t = timed(lambda: evaluate_rank(*data), p.get("repeats", 3), warmup=False, enough_s=harness.ENOUGH_S)
+        cmc, mAP = t.out
+    else:
+        from bench.cython_reference import load_rank_cy
+        rank_cy = load_rank_cy()
+        t = timed(lambda: rank_cy.evaluate_cy(*data, 50, False), p.get("repeats", 3), warmup=False,
+                  enough_s=harness.ENOUGH_S)
+        cmc, ap, _ = t.out
+        mAP = float(np.mean(ap))
+    return {"times": t.times, "mAP": float(mAP), "cmc": [float(c) for c in cmc[:50]]}
+
+
+def section_eval(repeats: int, out: Path, quick: bool = False) -> list[str]:
+    lines = ["### Evaluation: `evaluate_rank` vs the Cython evaluator (`rank_cy`)", "",
+             "Market-like random distances (750 ids + distractors, 6 cameras), the same array for both. Goal: "
+             "≥ 2× at identical numbers. The last row pushes one match of every query to distance 1e3, so that "
+             "most entries share a cell with a match and evaluate_rank falls back to a binary search.", "",
+             "| queries × gallery | reid-ray | Cython rank_cy | ratio | max diff mAP / CMC |", "|---|---|---|---|---|"]
+    sizes = EVAL_SIZES[:1] if quick else EVAL_SIZES
+    pts: dict = {}
+    # the last row: Market size with one match of every query at distance 1e3, the input that sends
+    # evaluate_rank's rows to its binary-search path (not plotted: it is not a size)
+    market = [(3368, 15913)] if (3368, 15913) in sizes else []
+    for (q, g), outlier in [*((s, False) for s in sizes), *((s, True) for s in market)]:
+        ours = harness.child(measure_eval, {"q": q, "g": g, "impl": "ours", "repeats": repeats, "outlier": outlier})
+        cy = harness.child(measure_eval, {"q": q, "g": g, "impl": "cython", "repeats": repeats, "outlier": outlier})
+        diff = "-"
+        if "mAP" in ours and "mAP" in cy:
+            diff = (f"{abs(ours['mAP'] - cy['mAP']):.1e} / "
+                    f"{max(abs(a - b) for a, b in zip(ours['cmc'], cy['cmc'])):.1e}")
+        label = f"{q:,} × {g:,}" + (", one match a query at 1e3" if outlier else "")
+        harness.row(lines, {} if outlier else pts, q * g, {"reid-ray": ours, "Cython rank_cy": cy},
+                    f"| {label} | {harness.fig(ours)} | {harness.fig(cy)} | {harness.ratio(cy, ours)} | {diff} |")
+    return harness.finish(lines, out, "eval", "evaluation", "queries × gallery", pts)
 
 
 def main() -> None:

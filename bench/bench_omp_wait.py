@@ -13,8 +13,8 @@ import torch
 
 from reid_ray.config import resolve_config
 from reid_ray.data.domains import ensure_data
-from reid_ray.training.loop import train_epoch
 from reid_ray.methods import METHODS, EpochContext
+from reid_ray.training.loop import train_epoch
 
 torch.set_num_threads(int(sys.argv[2]))
 if sys.argv[1] == "1":

@@ -2,14 +2,15 @@
 
     python -m bench.bench_pipeline [--data embedded|jpeg] [--batches N] [--repeats 3] [--data-root data] [--set K=V]
 
-Both on the BoT baseline's own train loader and training step (`engine.train_epoch`), one process, all
-the machine's cores for torch:
+Both on the BoT baseline's own train loader and training step (`reid_ray.training.loop.train_epoch`), one
+process, all the machine's cores for torch:
   embedded  the synthetic benchmark's synth-a (64x32 images kept in memory, the `small` backbone);
   jpeg      Market-shaped 256x128 JPEGs (`reid-ray synth DIR --preset market`, a 40-identity subset written
             under bench/out/pipeline when absent) decoded from disk each time, ResNet-50.
 Times the loader alone (decode + augment + collate, images/s) and the step alone (forward, backward and
 the optimiser on batches already loaded), each the median of --repeats runs after a warm-up, and prints one
-JSON line: the slower of the two is the epoch's bound.
+JSON line: the slower of the two is the epoch's bound. `make bench`'s pipeline section (`section_pipeline`:
+`python -m bench.run --only pipeline`) tabulates both data kinds.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import itertools
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
+
+from bench import harness
 
 JPEG_ROOT = Path("bench/out/pipeline")
 JPEG_IDS = 40
@@ -51,14 +53,14 @@ def setup(data: str, data_root: str = "data", sets: tuple[str, ...] = ()):
 
 
 class Loaded(list):
-    """Batches already loaded, in the shape `engine.train_epoch` takes a loader in (the epoch it sets is moot)."""
+    """Batches already loaded, in the shape `train_epoch` takes a loader in (the epoch it sets is moot)."""
     sampler = SimpleNamespace(epoch=0, set_epoch=lambda epoch: None)
 
 
 def measure(data: str, batches: int, repeats: int, data_root: str = "data", sets: tuple[str, ...] = ()) -> dict:
     from reid_ray.data.loader import epoch_batches
-    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
+    from reid_ray.training.loop import train_epoch
 
     cfg, method = setup(data, data_root, sets)
     loader, epoch = method.train_loader, itertools.count()
@@ -68,16 +70,7 @@ def measure(data: str, batches: int, repeats: int, data_root: str = "data", sets
         loader.sampler.set_epoch(next(epoch))
         return list(epoch_batches(loader, batches))
 
-    def timed(fn) -> list[float]:
-        fn()  # warm-up: worker start, first-call costs
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return times
-
-    load_times = timed(load)
+    load_times = harness.timed(load, repeats).times  # after a warm-up: worker start, first-call costs
     method.train_loader = Loaded(load())  # one pass over batches already in memory: the step alone
     method.iterations = lambda: None
     ctx = EpochContext(0)
@@ -90,6 +83,36 @@ def measure(data: str, batches: int, repeats: int, data_root: str = "data", sets
            "loader_img_s": n / statistics.median(load_times), "step_img_s": n / statistics.median(step_times)}
     res["bound"] = "loader" if res["loader_img_s"] < res["step_img_s"] else "step"
     return res
+
+
+def _rate(res: dict, key: str, times: str) -> str:
+    """'images/s (min-max over runs)' with LOADED as in harness.fig."""
+    n = res["batches"] * res["batch"]
+    xs = res[times]
+    return f"{res[key]:,.0f} img/s ({n / max(xs):,.0f}-{n / min(xs):,.0f}, {len(xs)} runs){harness.loaded(res)}"
+
+
+def _table_row(r: dict) -> str:
+    fast, slow = sorted((r["loader_img_s"], r["step_img_s"]), reverse=True)
+    return (f"| {r['data']} ({r['hw'][0]}×{r['hw'][1]}) | {r['arch']} | {r['loader_processes']} | "
+            f"{_rate(r, 'loader_img_s', 'loader_times')} | {_rate(r, 'step_img_s', 'step_times')} | "
+            f"**{r['bound']}** ({fast / slow:.1f}× slower) |")
+
+
+def section_pipeline(repeats: int, out: Path, quick: bool = False, data_root: str = "data",
+                     sets: tuple[str, ...] = ()) -> list[str]:
+    lines = ["### The data pipeline: the loader alone against the training step alone", "",
+             "The BoT baseline's own train loader (P×K 16×4, flip, pad + crop, normalise, random erasing, collate) "
+             "and its step (label-smoothed CE + batch-hard triplet, Adam) through `engine.train_epoch` on batches "
+             "already loaded; one process, every core for torch. *embedded*: synth-a in memory, 64×32, the `small` "
+             "backbone; *JPEG*: Market-shaped 256×128 JPEGs decoded from disk each time (a 40-identity subset), "
+             "ResNet-50. The slower of the two bounds the epoch.", "",
+             "| data | model | loader processes | loader alone | step alone | bound |", "|---|---|---|---|---|---|"]
+    for data in ("embedded",) if quick else ("embedded", "jpeg"):
+        args = ["--data", data, "--repeats", str(repeats), "--data-root", data_root, *(f"--set={x}" for x in sets)]
+        args += ["--batches", "2"] if quick else []
+        harness.script_row(lines, "bench.bench_pipeline", args, data, 6, _table_row)
+    return [*lines, ""]
 
 
 def main(argv=None) -> None:

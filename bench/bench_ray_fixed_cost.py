@@ -16,7 +16,8 @@ driver's clock and from Ray Train's controller log (its "[Worker Group Initializ
 
 Each poll interval (Ray's default 2 s, and reid-ray's 0.5 s) is measured `--repeats` times in turn; the
 table gives the median and the range. The load average is printed beside it: above the core count, the
-figures are those of a loaded machine.
+figures are those of a loaded machine. `make bench`'s ray section (`section_ray`: `python -m bench.run --only
+ray`) is this script's table, run in its own process, with the cores other processes used meanwhile.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import json
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import harness
 
 PHASES = ("controller", "other setup", "worker actors", "train context", "function launch", "end seen", "teardown")
 
@@ -120,6 +124,14 @@ def main() -> None:
             cells.append(f"{statistics.median(xs):.2f} s ({min(xs):.2f}-{max(xs):.2f})")
         name = f"**{phase}**" if phase == "total" else phase
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def section_ray(repeats: int, out: Path, quick: bool = False) -> list[str]:
+    proc, seen = harness.run_process([sys.executable, "-m", "bench.bench_ray_fixed_cost", "--repeats", str(repeats)])
+    body = proc.stdout.strip().splitlines() if proc.returncode == 0 else [f"failed: {harness.last_error(proc)}"]
+    print("\n".join(body), flush=True)
+    return ["### The fixed cost of one Ray Train run (`python -m bench.bench_ray_fixed_cost`)" + harness.loaded(seen),
+            "", *body, f"Other processes used {seen['others']:.2f} cores on average meanwhile.", ""]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Prints per-epoch time of each (first epoch excluded: warm-up), the overhead rati
 of epoch time, and the fixed cost of a Ray Train run (wall time minus epochs); and who used the cores
 during epochs 2.. of each loop (bench/proc_cpu.py: the benchmark's own process, Ray's train worker, its
 other actors, its daemons, anything else), to tell Ray's per-epoch work from contention for the cores.
+`make bench`'s overhead section (`section_overhead`: `python -m bench.run --only overhead`) runs it with the
+default passive OpenMP waits, with GOMP_SPINCOUNT=10000 and with one torch thread, side by side.
 """
 
 from __future__ import annotations
@@ -17,23 +19,9 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
-from reid_ray.distributed.runtime import omp_env
-
-# the bare loop waits in OpenMP as the Ray workers will (set before torch starts OpenMP): comparing a spinning
-# bare loop with passive workers measured the wait policy (+35-54 %), not Ray (bench/RESULTS.md)
-for _k, _v in omp_env().items():
-    os.environ.setdefault(_k, _v)
-
-import torch  # noqa: E402
-
-from bench.proc_cpu import ProcessCPU  # noqa: E402
-from reid_ray.config import resolve_config  # noqa: E402
-from reid_ray.data.domains import ensure_data  # noqa: E402
-from reid_ray.distributed.driver import run_training  # noqa: E402
-from reid_ray.distributed.resources import plan_resources  # noqa: E402
-from reid_ray.training.loop import train_epoch  # noqa: E402
-from reid_ray.methods import METHODS, EpochContext  # noqa: E402
+from bench import harness
 
 
 def main(argv=None) -> None:
@@ -45,6 +33,23 @@ def main(argv=None) -> None:
                     help="torch threads in both loops (default: the worker's planned share of the cores)")
     ap.add_argument("--json", action="store_true", help="also one JSON line with the figures (for make bench)")
     args = ap.parse_args(argv)
+    from reid_ray.distributed.runtime import omp_env
+
+    # the bare loop waits in OpenMP as the Ray workers will (set before torch starts OpenMP): comparing a spinning
+    # bare loop with passive workers measured the wait policy (+35-54 %), not Ray (bench/RESULTS.md). Here, not at
+    # the top: make bench's driver imports this file for section_overhead, and its other figures keep its settings.
+    for k, v in omp_env().items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    from bench.proc_cpu import ProcessCPU
+    from reid_ray.config import resolve_config
+    from reid_ray.data.domains import ensure_data
+    from reid_ray.distributed.driver import run_training
+    from reid_ray.distributed.resources import plan_resources
+    from reid_ray.methods import METHODS, EpochContext
+    from reid_ray.training.loop import train_epoch
+
     os.makedirs("bench/out", exist_ok=True)  # the MLflow database's folder (a fresh checkout has none)
     cfg = resolve_config("baseline", sets=[f"checkpoint_every={args.checkpoint_every}"],
                          flags=dict(data_root=args.data_root, epochs=args.epochs, eval_every=10**6, workers=1,
@@ -86,6 +91,44 @@ def main(argv=None) -> None:
         print(json.dumps({"bare_epochs": bare, "ray_epochs": ray_epochs, "bare_s": b, "ray_s": r, "overhead": r / b - 1,
                           "wall_s": wall, "fixed_s": wall - sum(ray_epochs), "omp": omp_env(),
                           "threads": plan.threads, "cores": cores}), flush=True)
+
+
+def _cores(r: dict) -> str:
+    """'bare b; worker w, Ray's others o' from the record's per-class cores in epochs 2.."""
+    bare, ray = r.get("cores", {}).get("bare", {}), r.get("cores", {}).get("ray", {})
+    if not bare or not ray:
+        return "-"
+    others = sum(v for k, v in ray.items() if k in ("driver", "ray actors", "ray daemons"))
+    return f"{bare.get('driver', 0.0):.2f}; {ray.get('train worker', 0.0):.2f} + {others:.2f}"
+
+
+def _loaded(r: dict) -> str:
+    """LOADED from processes outside the benchmark and Ray (Ray's own daemons are what this section measures)."""
+    if "cores" not in r:
+        return harness.loaded(r)
+    return harness.loaded({"others": max(r["cores"]["bare"].get("other", 0.0), r["cores"]["ray"].get("other", 0.0))})
+
+
+def section_overhead(repeats: int, out: Path, quick: bool = False) -> list[str]:
+    lines = ["### Ray Train's per-epoch overhead against a bare torch loop", "",
+             "`python -m bench.bench_ray_overhead --epochs 4 --checkpoint-every 4 [--threads 1]` (the baseline on "
+             "synth-a, 1 worker, the same thread count (the worker's planned share: 2 here, unless 1 is named) and "
+             "OpenMP wait settings in both loops; epochs 2-4). Goal: ≤ 5 %. *Cores*: average cores used in epochs "
+             "2-4, sampled from /proc (bench/proc_cpu.py): the bare loop's process; under Ray, its train worker + "
+             "Ray's other processes (driver, controller and other actors, raylet, GCS, dashboard, agents). LOADED "
+             "here counts only processes outside the benchmark and Ray.", "",
+             "| OpenMP wait | bare epoch | Ray Train epoch | overhead | cores: bare; Ray worker + Ray's others "
+             "| run wall (fixed cost) |", "|---|---|---|---|---|---|"]
+    span = harness.span
+    for name, env, threads in (("passive (default)", {}, []), ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}, []),
+                               ("passive, 1 torch thread (a core left to Ray's processes)", {}, ["--threads", "1"])):
+        harness.script_row(lines, "bench.bench_ray_overhead",
+                           ["--epochs", "4", "--checkpoint-every", "4", "--json", *threads], name, 6,
+                           lambda r, name=name: (f"| {name} | {r['bare_s']:.2f} s ({span(r['bare_epochs'][1:])}) | "
+                                                 f"{r['ray_s']:.2f} s ({span(r['ray_epochs'][1:])}) | "
+                                                 f"**{100 * r['overhead']:+.1f} %**{_loaded(r)} | "
+                                                 f"{_cores(r)} | {r['wall_s']:.1f} s ({r['fixed_s']:.1f} s) |"), env)
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ def adabn_target_map(init: str, cfg) -> dict:
 
     from reid_ray.data.domains import ensure_data
     from reid_ray.data.loader import build_test_loader
-    from reid_ray.training.loop import evaluate_model
     from reid_ray.models.adabn import adapt_bn
     from reid_ray.models.reid_net import build_reid_net
+    from reid_ray.training.loop import evaluate_model
 
     state = METHODS["baseline"].source_weights(init)
     net = build_reid_net(cfg.model, state["classifier.weight"].shape[0], torch.device("cpu"))

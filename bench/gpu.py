@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -38,21 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median, spread = max - min) seconds of `fn()` over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), max(times) - min(times)
+from bench.harness import timed
 
 
 def sync() -> None:
+    """The device's queued work done: `timed`'s clock reads (each a median of repeats after a warm-up run) see
+    the GPU's time, not the launches'."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -230,8 +220,8 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
             step((b["img"], b["label"]) for b in itertools.islice(iter(source), sizes.steps))
         fixed = [(img.to(device), y.to(device)) for img, y in batches(sizes.steps)]
         try:
-            t_e2e, s_e2e = timed(end_to_end, sizes.repeats)
-            t_step, s_step = timed(lambda step=step, fixed=fixed: step(fixed), sizes.repeats)
+            e2e = timed(end_to_end, sizes.repeats, sync=sync)
+            alone = timed(lambda step=step, fixed=fixed: step(fixed), sizes.repeats, sync=sync)
         except Exception as e:  # one mode failing (a compile error, say) keeps the others' figures
             if sizes.tiny:
                 raise
@@ -239,9 +229,10 @@ def bench_training(sizes: Sizes, data: Path, compile_: bool) -> dict:
             out["modes"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             continue
         n = sizes.steps * batch
-        out["modes"][name] = {"end_to_end_img_s": n / t_e2e, "end_to_end_spread_s": s_e2e,
-                              "step_only_img_s": n / t_step, "step_only_spread_s": s_step}
-        print(f"training {name}: {n / t_e2e:.0f} img/s end to end, {n / t_step:.0f} img/s step alone", flush=True)
+        out["modes"][name] = {"end_to_end_img_s": n / e2e.median, "end_to_end_spread_s": e2e.spread,
+                              "step_only_img_s": n / alone.median, "step_only_spread_s": alone.spread}
+        print(f"training {name}: {n / e2e.median:.0f} img/s end to end, {n / alone.median:.0f} img/s step alone",
+              flush=True)
     out.update({f"loader_only_{k}": v for k, v in bench_loader(sizes, data, sizes.steps).items() if k.endswith("img_s")})
     return out
 
@@ -271,7 +262,8 @@ def bench_loader(sizes: Sizes, data: Path, batches: int = 40) -> dict:
             loader.sampler.set_epoch(next(epoch))
             for _ in itertools.islice(iter(loader), batches):
                 pass
-        t, s = timed(load, sizes.repeats)
+        run = timed(load, sizes.repeats, sync=sync)
+        t, s = run.median, run.spread
         key = f"{procs}_processes" + ("_device_decode" if decode == "device" else "") + ("" if uint8 else "_float32")
         out[f"{key}_img_s"] = batches * loader.batch_size / t
         out[f"{key}_spread_s"] = s
@@ -297,7 +289,7 @@ def bench_step_profile(sizes: Sizes, data: Path) -> dict:
     for mult in (1, 4):
         labels = (y.repeat(mult) + torch.arange(mult).repeat_interleave(len(y)) * (int(y.max()) + 1)) % out_classes(net)
         fixed = [(img.repeat(mult, 1, 1, 1).to(device), labels.to(device))] * sizes.steps
-        t, _ = timed(lambda f=fixed: step(f), sizes.repeats)
+        t = timed(lambda f=fixed: step(f), sizes.repeats, sync=sync).median
         out["batches"][len(img) * mult] = {"step_only_img_s": len(img) * mult * sizes.steps / t,
                                            "step_ms": 1000 * t / sizes.steps}
         print(f"step alone, batch {len(img) * mult}: {len(img) * mult * sizes.steps / t:.0f} img/s, "
@@ -318,8 +310,8 @@ def bench_mmt(sizes: Sizes, data: Path) -> dict:
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import Domains
     from reid_ray.data.readers import read_dataset
-    from reid_ray.training.loop import finish_networks, gpu_layout, train_epoch
     from reid_ray.methods import METHODS, EpochContext
+    from reid_ray.training.loop import finish_networks, gpu_layout, train_epoch
 
     ds = read_dataset("market1501", data)
     sets = [f"params.num_clusters={sizes.mmt_k}", f"params.iters={sizes.mmt_iters}", f"model.arch={sizes.arch}",
@@ -403,14 +395,11 @@ def bench_kmeans(sizes: Sizes) -> dict:
     engines += ["torch_gpu"] if torch.cuda.is_available() else (["torch_cpu"] if sizes.tiny else [])
     for where in engines:
         kw = {"backend": "torch"} if where.startswith("torch") else {"backend": "faiss", "use_gpu": where == "gpu"}
-        last = {}
-
-        def run(kw=kw, last=last):
-            last["res"] = kmeans_labels(x, k, seed=0, **kw)
-        t, s = timed(run, sizes.repeats)
-        out[f"{where}_s"], out[f"{where}_spread_s"] = t, s
-        out[f"{where}_objective"] = last["res"].stats.get("kmeans_objective", float("nan"))
-        print(f"k-means {n} x {d}, k={k}, {where}: {t:.2f} s (objective {out[f'{where}_objective']:.1f})", flush=True)
+        km = timed(lambda kw=kw: kmeans_labels(x, k, seed=0, **kw), sizes.repeats, sync=sync)
+        out[f"{where}_s"], out[f"{where}_spread_s"] = km.median, km.spread
+        out[f"{where}_objective"] = km.out.stats.get("kmeans_objective", float("nan"))
+        print(f"k-means {n} x {d}, k={k}, {where}: {km.median:.2f} s (objective {out[f'{where}_objective']:.1f})",
+              flush=True)
     return out
 
 
@@ -431,22 +420,18 @@ def bench_eval(sizes: Sizes) -> dict:
     results = {}
     for where in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         qg, qq, gg = (x.to(where) for x in dists)
-        last = results.setdefault(where, {})  # each timed call's value, kept for the GPU-vs-CPU check
-
-        def ev(qg=qg, last=last):
-            last["mAP"] = evaluate_rank(qg, ids[:nq], ids[nq:], cams[:nq], cams[nq:])[1]
-
-        def rr(qg=qg, qq=qq, gg=gg, last=last):
-            last["rerank"] = re_ranking(qg, qq, gg)
-        t, s = timed(ev, sizes.repeats)
-        out[f"evaluate_rank_{where}_s"], out[f"evaluate_rank_{where}_spread_s"] = t, s
-        t, s = timed(rr, 1)
-        out[f"re_ranking_{where}_s"], out[f"re_ranking_{where}_spread_s"] = t, s
+        calls = (("evaluate_rank", lambda qg=qg: evaluate_rank(qg, ids[:nq], ids[nq:], cams[:nq], cams[nq:])[1],
+                  sizes.repeats), ("re_ranking", lambda qg=qg, qq=qq, gg=gg: re_ranking(qg, qq, gg), 1))
+        for key, fn, repeats in calls:
+            run = timed(fn, repeats, sync=sync)
+            out[f"{key}_{where}_s"], out[f"{key}_{where}_spread_s"] = run.median, run.spread
+            results.setdefault(where, {})[key] = run.out  # the last timed call's value, for the GPU-vs-CPU check
         print(f"{where}: evaluate_rank {nq} x {ng}: {out[f'evaluate_rank_{where}_s']:.2f} s; re-ranking: "
               f"{out[f're_ranking_{where}_s']:.1f} s", flush=True)
     if "cuda" in results:
-        out["cuda_vs_cpu_mAP_diff"] = abs(results["cuda"]["mAP"] - results["cpu"]["mAP"])
-        out["cuda_vs_cpu_re_ranking_max_diff"] = float(np.abs(results["cuda"]["rerank"] - results["cpu"]["rerank"]).max())
+        out["cuda_vs_cpu_mAP_diff"] = abs(results["cuda"]["evaluate_rank"] - results["cpu"]["evaluate_rank"])
+        out["cuda_vs_cpu_re_ranking_max_diff"] = float(np.abs(results["cuda"]["re_ranking"]
+                                                              - results["cpu"]["re_ranking"]).max())
     return out
 
 

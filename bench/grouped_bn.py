@@ -4,9 +4,10 @@ against the per-op Python path it replaced, on one training step.
     python -m bench.grouped_bn [--arch small] [--batch 32] [--group 16] [--hw 64 32]
 
 Times forward + backward + an Adam step of the re-ID network with BN over groups of `--group` images (median and
-spread of 3 runs of 10 steps after a warm-up run, `bench.gpu.timed`), once per path, in one process; prints
+spread of 3 runs of 10 steps after a warm-up run, `bench.harness.timed`), once per path, in one process; prints
 the two and the leaf aten ops (torch.profiler, views excluded: a proxy for a GPU's kernel launches) of one step.
-The defaults are the embedded benchmark's rank share (32 images of the global 64 on 2 workers, groups of 16, `small` at 64x32).
+The defaults are the embedded benchmark's rank share (32 images of the global 64 on 2 workers, groups of 16,
+`small` at 64x32).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 
 import torch
 
-from bench.gpu import timed
+from bench.harness import timed
 from reid_ray.models.reid_net import ModelConfig, build_reid_net
 from reid_ray.models.sync_bn import GlobalBatchNorm
 
@@ -43,7 +44,8 @@ def time_step(arch: str, batch: int, group: int, hw: tuple[int, int]) -> tuple[f
         opt.zero_grad()
         loss.backward()
         opt.step()
-    median, spread = timed(lambda: [step() for _ in range(10)], repeats=3)
+    run = timed(lambda: [step() for _ in range(10)], repeats=3)  # on the CPU: nothing queued, no sync
+    median, spread = run.median, run.spread
     with torch.profiler.profile() as prof:
         step()
     ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEWS)

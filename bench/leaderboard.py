@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.bench_uda import baseline
+from bench.harness import marked
 from reid_ray import write_text_atomic
 from reid_ray.config import resolve_config
-from reid_ray.tracking.console import set_verbose
 from reid_ray.distributed.driver import run_training
 from reid_ray.methods import METHODS
+from reid_ray.tracking.console import set_verbose
 from reid_ray.training.checkpoint import CHECKPOINT_FILE
 
 MLFLOW_URI = "sqlite:///bench/out/mlflow.db"
@@ -140,13 +141,12 @@ def _markers(bench: str) -> tuple[str, str]:
 
 def committed_lines(bench: str, path: Path = RESULTS) -> dict[str, str]:
     """This benchmark's table lines in RESULTS.md by row key (a footnote mark or † after the label is ignored)."""
-    text = path.read_text() if path.is_file() else ""
-    start, end = _markers(bench)
-    if start not in text or end not in text:
+    section = marked(path.read_text() if path.is_file() else "", *_markers(bench))
+    if section is None:
         return {}
     keys = {r.label: r.key for r in ROWS}
     lines = {}
-    for line in text[text.index(start):text.index(end)].splitlines():
+    for line in section[1].splitlines():
         cells = line.split("|")
         label = cells[1].strip().rstrip("\\*†").strip() if len(cells) > 2 else ""
         if label in keys and "not run" not in line:
@@ -238,18 +238,15 @@ def update_results(bench: str, text: str, path: Path = RESULTS) -> None:
     table still carries their mark."""
     start, end = _markers(bench)
     old = path.read_text()
-    if start in old and end in old and "\\*" in text:
-        paragraphs = old[old.index(start) + len(start):old.index(end)].strip().split("\n\n")
+    section = marked(old, start, end)
+    if section and "\\*" in text:
+        paragraphs = section[1].strip().split("\n\n")
         notes = [p for p in paragraphs if p.startswith("\\*") and p not in text]
         if notes:
             head, sep, figure = text.rpartition("\n\n![")
             text = "\n\n".join([head if sep else text, *notes]) + (sep + figure if sep else "")
     block = f"{start}\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    write_text_atomic(path, new)
+    write_text_atomic(path, section[0] + block + section[2] if section else old.rstrip() + "\n\n" + block + "\n")
 
 
 def main(argv=None) -> None:

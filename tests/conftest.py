@@ -71,8 +71,8 @@ def seed_source_models(cfg, count: int | None = None) -> list[Path]:
     from reid_ray.config import to_dict
     from reid_ray.data.domains import load_domains
     from reid_ray.distributed.driver import pretraining_plan
-    from reid_ray.training.loop import evaluate_method, train_epoch
     from reid_ray.methods import METHODS, EpochContext, method_class
+    from reid_ray.training.loop import evaluate_method, train_epoch
 
     paths = []
     n = method_class(cfg.method).source_models(cfg.params)

@@ -187,8 +187,8 @@ def test_dbscan_pseudo_labels_are_selectable_for_mmt(tiny_synth):
 
     from reid_ray.clustering.client import LocalClusterer
     from reid_ray.data.readers import read_dataset
-    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import METHODS, Domains, EpochContext
+    from reid_ray.training.loop import train_epoch
 
     cfg = resolve_config("mmt", sets=["num_identities=4", "cluster_algorithm=dbscan", "eps=0.5", "min_samples=2", "k1=10",
                                  "iters=2"],
@@ -282,6 +282,22 @@ def test_a_wheel_carries_the_search_spaces(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"reid_ray/search_spaces/{p.relative_to(root / 'search_spaces')}" for p in (root / "search_spaces").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
+    packages = {f"{p.relative_to(root).as_posix()}" for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= names, sorted(packages - names)  # every layer's package
+    assert not any(n.startswith("tests/") or n.endswith("mlflow_ui.py") for n in names)  # test tools stay out
+    # installed from the wheel alone (not this checkout) and run from another folder: a sweep finds its space
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    (tmp_path / "elsewhere").mkdir()
+    probe = ("import reid_ray; from reid_ray.cli.tune import build_parser, prepare_sweep; "
+             "s = prepare_sweep(build_parser().parse_args(['--method', 'mmt', '--output', 'out'])); "
+             "print(reid_ray.__file__); print(s.space_path)")
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
+                         cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, space = out.stdout.split()
+    assert module.startswith(str(target)) and Path(space).is_file() and Path(space).is_relative_to(target), out.stdout
 
 
 def test_a_runs_status_is_decided_in_one_module():

@@ -1,4 +1,4 @@
-"""Every row of the README's "When things go wrong" table: a user's mistake gets one line naming the
+"""Every row of the "When things go wrong" table (docs/troubleshooting.md): a user's mistake gets one line naming the
 problem and the fix, exit code 2, and nothing written (no output folder, no synthetic data, no MLflow
 store). All of them are caught before Ray starts, so none of these tests starts Ray."""
 
@@ -218,7 +218,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(name, entry, argv, mes
 
 
 def test_the_readme_table_lists_every_case():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
     table = readme.split("## When things go wrong", 1)[1]
     missing = [c[0] for c in CASES if f"| {c[0]} |" not in table]
     assert not missing, missing
@@ -228,7 +228,8 @@ def test_every_fault_the_readme_promises_names_a_test_that_exists():
     import re
 
     root = Path(__file__).resolve().parents[1]
-    section = (root / "README.md").read_text().split("**What survives what**", 1)[1].split("**Resuming:**", 1)[0]
+    page = (root / "docs" / "troubleshooting.md").read_text()
+    section = page.split("**What survives what**", 1)[1].split("**Resuming:**", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
     defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py")),
                              re.MULTILINE))
@@ -237,7 +238,7 @@ def test_every_fault_the_readme_promises_names_a_test_that_exists():
         cited = [name.rstrip("_") for name in re.findall(r"`(test_\w+)", row.rsplit("|", 2)[1])]
         assert cited, row
         for name in cited:  # a cited name may be cut short with an ellipsis: a prefix of the test's name
-            assert any(d.startswith(name) for d in defined), f"README cites {name}, which no test defines"
+            assert any(d.startswith(name) for d in defined), f"docs/troubleshooting.md cites {name}, which no test defines"
 
 
 def test_a_damaged_image_names_its_path(tmp_path):

@@ -1,15 +1,26 @@
-"""`make bench`'s driver (bench/run.py): its tables, plots and the generated section of RESULTS.md. Nothing
-here is timed: the figures are whatever this machine gives; the test checks what is written."""
+"""`make bench`: its driver (bench/run.py), the harness every benchmark shares (bench/harness.py: the timer,
+the process runner, the RESULTS.md writer) and the sections' tables and plots (each in its benchmark file).
+Nothing here is timed: the figures are whatever this machine gives; the test checks what is written."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench import run
+from bench import (
+    bench_clustering,
+    bench_evaluation,
+    bench_pipeline,
+    bench_ray_overhead,
+    bench_refresh,
+    bench_rerank,
+    harness,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,38 +31,39 @@ def test_a_quick_run_rewrites_only_its_own_section_and_draws_its_plot(tmp_path):
     for _ in range(2):  # the second run replaces the first run's section instead of adding another
         run.main(["--quick", "--only", "kmeans", "--results", str(results)])
     text = results.read_text()
-    assert text.count(run.BEGIN) == 1 and text.count(run.END) == 1
-    assert text.index("preamble") < text.index(run.BEGIN) < text.index("## Older figures")
+    assert text.count(harness.BEGIN) == 1 and text.count(harness.END) == 1
+    assert text.index("preamble") < text.index(harness.BEGIN) < text.index("## Older figures")
     assert "kept" in text and "### k-means: faiss (the refresh's) vs scikit-learn" in text
     row = next(line for line in text.splitlines() if line.startswith("| 1,500 × 256, k = 100 |"))
     assert "failed" not in row and row.count(" s (1 run)") == 2 and row.rstrip().endswith("× |")
     assert (tmp_path / "bench-kmeans.png").stat().st_size > 1000
     # a run of another section adds it and keeps k-means' figures
-    run.write_results(["## `make bench`", ""], {"dbscan": ["### DBSCAN", "", "| 1 | 2 |"]}, results)
+    harness.write_results(["## `make bench`", ""], {"dbscan": ["### DBSCAN", "", "| 1 | 2 |"]}, tuple(run.SECTIONS),
+                          results)
     text2 = results.read_text()
-    assert row in text2 and "### DBSCAN" in text2 and text2.count(run.BEGIN) == 1
+    assert row in text2 and "### DBSCAN" in text2 and text2.count(harness.BEGIN) == 1
     assert text2.index("k-means: faiss") < text2.index("### DBSCAN") < text2.index("## Older figures")
 
 
 def test_a_figure_names_its_spread_and_a_loaded_machine(monkeypatch):
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
-    assert run._fig({"times": [1.0, 3.0, 2.0], "others": 0.1, "load": 2.5}) == "2.00 s (1.00-3.00, 3 runs)"
-    assert run._fig({"times": [70.0], "others": 0.8, "load": 0.5}) == "70.00 s (1 run) LOADED"
-    assert run._fig({"error": "no Cython", "others": 0}) == "failed: no Cython"
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
+    assert harness.fig({"times": [1.0, 3.0, 2.0], "others": 0.1, "load": 2.5}) == "2.00 s (1.00-3.00, 3 runs)"
+    assert harness.fig({"times": [70.0], "others": 0.8, "load": 0.5}) == "70.00 s (1 run) LOADED"
+    assert harness.fig({"error": "no Cython", "others": 0}) == "failed: no Cython"
 
 
 def test_loaded_counts_other_processes_not_the_figures_own(monkeypatch):
     """Other processes' cores = (the machine's busy CPU time - the figure's own) / wall; the figure's own CPU
     time (a child that does a fixed amount of work) is seen through its rusage."""
-    before = run._own_cpu_s()
+    before = harness.own_cpu_s()
     subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
-    assert run._own_cpu_s() - before > 0.3  # the child's CPU seconds, whatever else the machine runs
+    assert harness.own_cpu_s() - before > 0.3  # the child's CPU seconds, whatever else the machine runs
     busy, own, clock = iter([100.0, 103.0]), iter([5.0, 6.5]), iter([0.0, 1.5])
-    monkeypatch.setattr(run, "_busy_cpu_s", lambda: next(busy))
-    monkeypatch.setattr(run, "_own_cpu_s", lambda: next(own))
-    monkeypatch.setattr(run.time, "perf_counter", lambda: next(clock))
-    _, seen = run._run([sys.executable, "-c", "pass"])
-    assert seen["others"] == 1.0 and run._loaded(seen) == " LOADED"  # 3 s busy, 1.5 s of it the figure's
+    monkeypatch.setattr(harness, "busy_cpu_s", lambda: next(busy))
+    monkeypatch.setattr(harness, "own_cpu_s", lambda: next(own))
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
+    _, seen = harness.run_process([sys.executable, "-c", "pass"])
+    assert seen["others"] == 1.0 and harness.loaded(seen) == " LOADED"  # 3 s busy, 1.5 s of it the figure's
 
 
 def test_an_unknown_section_is_one_line_and_exit_2():
@@ -62,7 +74,8 @@ def test_an_unknown_section_is_one_line_and_exit_2():
 
 def test_the_pipeline_section_names_the_bound(tmp_path, tiny_synth):
     """A real (quick) run of the loader-against-step section, on the tests' small benchmark."""
-    lines = run.section_pipeline(1, tmp_path, quick=True, data_root=str(tiny_synth), sets=("loader.num_identities=4",))
+    lines = bench_pipeline.section_pipeline(1, tmp_path, quick=True, data_root=str(tiny_synth),
+                                            sets=("loader.num_identities=4",))
     row = next(line for line in lines if line.startswith("| embedded (64×32) | small |"))
     assert "failed" not in row and row.count("img/s") == 2 and ("**loader**" in row or "**step**" in row)
 
@@ -82,15 +95,15 @@ def test_the_ray_sections_tabulate_their_scripts_records(tmp_path, monkeypatch):
         return {"bare_s": 4.0, "ray_s": 4.2, "bare_epochs": [5, 4, 4, 4], "ray_epochs": [6, 4.2, 4.1, 4.3],
                 "overhead": 0.05, "wall_s": 40.0, "fixed_s": 22.0, "others": 0.9}
 
-    monkeypatch.setattr(run, "_script", fake)
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(run, "MMT_SIZES", [("data", 150, 100), ("data", 300, 200)])
-    mmt = run.section_mmt(tmp_path, quick=False)
+    monkeypatch.setattr(harness, "script", fake)
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench_refresh, "MMT_SIZES", [("data", 150, 100), ("data", 300, 200)])
+    mmt = bench_refresh.section_mmt(1, tmp_path, quick=False)
     assert "| 1,500 | 100 | 1.50 s | 0.10 / 0.02 / 0.01 s | 20.00 s | 7.0 % | 0.8 % |" in mmt
     # the second size starts from the first's source model
     assert calls[1][1][-2:] == ["--init", "/src.pt"] and "--init" not in calls[0][1]
     assert (tmp_path / "bench-mmt.png").stat().st_size > 1000
-    over = run.section_overhead(tmp_path)
+    over = bench_ray_overhead.section_overhead(1, tmp_path)
     assert any(line.startswith("| GOMP_SPINCOUNT=10000 | 4.00 s (4.00-4.00) | 4.20 s (4.10-4.30) | **+5.0 %** LOADED")
                for line in over)
     assert calls[-2][2] == {"GOMP_SPINCOUNT": "10000"} and calls[-3][2] == {} and calls[-1][1][-2:] == ["--threads", "1"]
@@ -103,13 +116,13 @@ def test_the_overhead_section_shows_who_used_the_cores(tmp_path, monkeypatch):
                                                             "train worker": 1.3, "other": 0.02}}
     record = {"bare_s": 4.0, "ray_s": 4.8, "bare_epochs": [5, 4, 4, 4], "ray_epochs": [6, 4.8, 4.8, 4.8],
               "overhead": 0.2, "wall_s": 40.0, "fixed_s": 22.0, "others": 0.9, "cores": cores}
-    monkeypatch.setattr(run, "_script", lambda module, args, env=None, timeout=0: record)
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
-    over = run.section_overhead(tmp_path)
+    monkeypatch.setattr(harness, "script", lambda module, args, env=None, timeout=0: record)
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 2)
+    over = bench_ray_overhead.section_overhead(1, tmp_path)
     row = next(line for line in over if line.startswith("| passive (default) |"))
     assert "| **+20.0 %** | 1.50; 1.30 + 0.22 |" in row  # Ray's own 0.9 cores of "others" are not LOADED
     cores["ray"]["other"] = 0.6
-    assert "**+20.0 %** LOADED |" in run.section_overhead(tmp_path)[-4]
+    assert "**+20.0 %** LOADED |" in bench_ray_overhead.section_overhead(1, tmp_path)[-4]
 
 
 def test_process_cpu_classes_processes_and_sees_a_childs_cpu_time():
@@ -126,3 +139,61 @@ def test_process_cpu_classes_processes_and_sees_a_childs_cpu_time():
         t1 = time.time()
     seen = cpu.cores(t0, t1)
     assert seen["other"] * (t1 - t0) > 0.3  # the child's CPU seconds, which it keeps after it exits
+
+
+def test_the_timer_keeps_every_run_its_median_spread_and_value():
+    """harness.timed, every benchmark's: a warm-up run outside the figure unless refused, sync around each clock
+    read, and a first run over `enough_s` as the figure alone."""
+    calls = []
+    t = harness.timed(lambda: calls.append("run") or calls.count("run"), 3, sync=lambda: calls.append("sync"))
+    assert calls == ["run"] + ["sync", "run", "sync"] * 3 and t.out == 4 and len(t.times) == 3
+    assert t.median == sorted(t.times)[1] and t.spread == max(t.times) - min(t.times)
+    assert len(harness.timed(lambda: time.sleep(0.02), 5, warmup=False, enough_s=0.01).times) == 1
+
+
+def test_a_measurement_runs_in_its_own_process_and_a_failure_is_one_line():
+    """harness.child runs a bench file's measure_* function in a fresh process and reads back its JSON record."""
+    r = harness.child(bench_rerank.measure_rerank, {"q": 20, "g": 60, "structure": "unstructured", "impl": "ours",
+                                                    "repeats": 2})
+    assert len(r["times"]) == 2 and r["inputs_gib"] > 0 and "others" in r and "error" not in r
+    bad = harness.script("bench.harness", ["bench.harness:no_such_measurement", "{}"])  # fails fast: no imports
+    assert bad["error"].startswith("AttributeError") and "\n" not in bad["error"]
+
+
+def test_the_measured_sections_tabulate_their_childrens_records(tmp_path, monkeypatch):
+    """The eval, rerank and dbscan sections' rows from their measurements' records (canned here: the real ones
+    run for minutes in make bench; the child test above runs one for real)."""
+    def fake(fn, p, timeout=0):
+        if fn.__name__ == "measure_rerank" and p["impl"] == "reference":
+            return {"times": [4.0], "others": 0.0}
+        rec = {"times": [1.0, 2.0, 3.0] if p.get("impl") != "cython" else [4.0], "others": 0.0}
+        return {**rec, "mAP": 0.5, "cmc": [0.6, 0.7], "inputs_gib": 0.03, "peak_above_gib": 0.1, "clusters": 12}
+
+    monkeypatch.setattr(harness, "child", fake)
+    monkeypatch.setattr(bench_evaluation, "EVAL_SIZES", [(50, 200), (3368, 15913)])
+    ev = bench_evaluation.section_eval(3, tmp_path)
+    assert "| 50 × 200 | 2.00 s (1.00-3.00, 3 runs) | 4.00 s (1 run) | 2.00× | 0.0e+00 / 0.0e+00 |" in ev
+    assert any(line.startswith("| 3,368 × 15,913, one match a query at 1e3 |") for line in ev)
+    monkeypatch.setattr(bench_rerank, "RERANK_SIZES", [(50, 200), (3368, 15913)])
+    rr = bench_rerank.section_rerank(3, tmp_path)
+    ours = "2.00 s (1.00-3.00, 3 runs) | 0.10 GiB (inputs 0.03)"
+    assert f"| clustered | 50 × 200 | {ours} | 4.00 s (1 run) | 2.00× | - |" in rr
+    assert f"| unstructured | 3,368 × 15,913 | {ours} | not run | - | - |" in rr  # the dense reference: too big
+    db = bench_clustering.section_dbscan(3, tmp_path, quick=True)
+    assert "| 1,500 | 2.00 s (1.00-3.00, 3 runs) | 12 |" in db
+    assert all((tmp_path / f"bench-{name}.png").stat().st_size > 1000 for name in ("eval", "rerank", "dbscan"))
+
+
+# bench/gpu.py runs on a GPU lease as one script (bench/device/run.sh); every other file is the harness, the driver
+# or one benchmark with its make bench section, and 300 lines holds the largest of those (bench/leaderboard.py's
+# training, table, plot and RESULTS section) with room to spare: a file growing past it is holding a second job.
+MAX_LINES = 300
+
+
+def test_bench_has_one_timer_and_small_files():
+    files = sorted([*(ROOT / "bench").glob("*.py"), *(ROOT / "bench" / "device").glob("*.py")])
+    timers = [f"{f.name}:{node.lineno}" for f in files for node in ast.walk(ast.parse(f.read_text()))
+              if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in ("timed", "_timed")]
+    assert timers == [f"harness.py:{harness.timed.__code__.co_firstlineno}"]
+    big = {f.name: n for f in files if f.name != "gpu.py" and (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"over {MAX_LINES} lines: {big}"

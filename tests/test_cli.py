@@ -23,8 +23,8 @@ def test_synth_command_via_module(tmp_path):
 
 
 def test_summary_calls_source_only_methods_direct_transfer(capsys):
-    from reid_ray.config import resolve_config
     from reid_ray.cli.train import print_summary
+    from reid_ray.config import resolve_config
 
     out = {"metrics": {"source_mAP": 90.0, "source_R1": 95.0, "target_mAP": 20.0, "target_R1": 30.0},
            "wall_time": 1.0, "mlflow_run_id": "r", "mlflow_uri": "u", "checkpoint": "c", "run_dir": "d"}

@@ -1,7 +1,7 @@
 """A Ray node lost mid-run, on a local two-node cluster (`ray.cluster_utils.Cluster`, as Ray's own fault
 tests use): the run's two workers sit one on each node; the second node goes away mid-run and comes
 back. Ray Train is not configured elastic here: the worker group waits for its resources to return,
-then resumes from the last checkpoint (README, "When things go wrong")."""
+then resumes from the last checkpoint (docs/troubleshooting.md, "What survives what")."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def test_one_tune_command_everywhere():
     assert len(distinct) == 1, f"the tune command differs between files: {found}"
     command = distinct.pop()
     assert command == load(KUBERAY)["spec"]["entrypoint"]
-    assert command in " ".join((ROOT / "README.md").read_text().split()), "README's Scale out shows another command"
+    assert command in " ".join((ROOT / "README.md").read_text().split()), "README's Ray cluster command differs"
     args = shlex.split(command)[3:]
 
     from reid_ray.config.presets import resolve_preset

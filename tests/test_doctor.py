@@ -2,8 +2,8 @@
 
 import pytest
 
-from reid_ray.data.readers import read_dataset
 from reid_ray.cli.doctor import main
+from reid_ray.data.readers import read_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,9 @@ from reid_ray.data.camstyle import CamStyleDataset, camstyle_lookup
 from reid_ray.data.readers import read_dataset
 from reid_ray.data.transforms import TransformConfig
 from reid_ray.data.transforms import test_transform as eval_transform
-from reid_ray.training.loop import train_epoch
 from reid_ray.losses.ecn import ExemplarMemory, invariance_loss, neighbourhood_targets, update_memory
 from reid_ray.methods import METHODS, Domains, EpochContext
+from reid_ray.training.loop import train_epoch
 
 K3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
 

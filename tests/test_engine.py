@@ -5,8 +5,8 @@ import torch
 
 from reid_ray.config import resolve_config
 from reid_ray.data.readers import read_dataset
-from reid_ray.training.loop import evaluate_model, train_epoch
 from reid_ray.methods import METHODS, Domains, EpochContext
+from reid_ray.training.loop import evaluate_model, train_epoch
 
 
 def test_baseline_epoch_reports_named_losses_and_learns(tiny_synth):

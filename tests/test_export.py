@@ -16,21 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reid_ray import ReidRayError
+from reid_ray.cli.export import main_embed, main_evaluate, main_export
 from reid_ray.config import resolve_config, to_dict
 from reid_ray.data.loader import ImageDataset
 from reid_ray.data.readers import read_dataset
 from reid_ray.data.transforms import test_transform as eval_transform
-from reid_ray.training.loop import evaluate_model, rng_state
-from reid_ray.inference.export import (
-    COMMANDS,
-    evaluate_checkpoint,
-    list_images,
-    load_embedder,
-    main_embed,
-    main_evaluate,
-    main_export,
-)
+from reid_ray.inference.embedder import load_embedder
+from reid_ray.inference.evaluate import evaluate_checkpoint
+from reid_ray.inference.parquet import list_images
 from reid_ray.methods import METHODS, Domains
+from reid_ray.training.loop import evaluate_model, rng_state
 
 
 def _randomise_bn(module: torch.nn.Module, seed: int) -> None:
@@ -90,9 +86,16 @@ def _one_error_line(capsys) -> str:
 
 
 def test_commands_are_exposed_for_the_cli():
-    assert set(COMMANDS) == {"export", "embed", "evaluate"}
-    assert COMMANDS["export"][0] is main_export and COMMANDS["embed"][0] is main_embed
-    assert all(isinstance(h, str) and h and "\n" not in h for _, h in COMMANDS.values())
+    import importlib
+
+    from reid_ray.cli import FORWARDED
+
+    commands = {name: (getattr(importlib.import_module(module), fn), h) for name, (module, fn, h) in FORWARDED.items()
+                if module == "reid_ray.cli.export"}
+    assert set(commands) == {"export", "embed", "evaluate"}
+    assert commands["export"][0] is main_export and commands["embed"][0] is main_embed
+    assert commands["evaluate"][0] is main_evaluate
+    assert all(isinstance(h, str) and h and "\n" not in h for _, h in commands.values())
     with pytest.raises(SystemExit) as e:
         main_export(["--help"])
     assert e.value.code == 0
@@ -101,7 +104,7 @@ def test_commands_are_exposed_for_the_cli():
 def test_onnx_equals_torch_at_two_batch_sizes(baseline, tiny_synth, tmp_path, capfd):
     import onnx
 
-    from reid_ray.inference.export import onnx_session
+    from reid_ray.inference.onnx import onnx_session
 
     folder, method, cfg = baseline
     out = tmp_path / "embedder.onnx"
@@ -216,19 +219,59 @@ def test_a_multi_network_checkpoint_exports_the_network_evaluation_reports(tiny_
 
 
 def test_a_wrapped_network_is_found_under_its_name(baseline):
-    from reid_ray.inference.export import network_states
+    import copy
+
+    from reid_ray.models.ecn_net import ECNNet
 
     _, method, _ = baseline
     net = method.eval_model().state_dict()
-    ecn_like = {"models": {"net": {**{f"net.{k}": v for k, v in net.items()}, "embed.weight": torch.zeros(2, 2)},
-                           "decoder": {"head.weight": torch.zeros(1)}}}
-    nets, evaluated = network_states(ecn_like)
+    wrapper = ECNNet(copy.deepcopy(method.eval_model()), 8, 0.5, False, torch.device("cpu"))  # its ReIDNet under net.
+    nets = METHODS["ecn"].retrieval_networks({"models": {"net": wrapper.state_dict()}, "memory": {}})
+    evaluated = list(nets)[:1]
     assert list(nets) == ["net"] and evaluated == ["net"] and nets["net"].keys() == net.keys()
-    assert network_states({"models": {"decoder": {}}}) == ({}, [])
+    assert all(torch.equal(nets["net"][k], v) for k, v in net.items())
+    # a decoder beside the network (the default layout's `net`) is no retrieval network
+    with_decoder = {"models": {"net": net, "decoder": {"head.weight": torch.zeros(1)}}}
+    assert list(METHODS["san"].retrieval_networks(with_decoder)) == ["net"]
+    with pytest.raises(ReidRayError, match=r"no method\.models\.net \(method\.models holds decoder\)"):
+        METHODS["baseline"].retrieval_networks({"models": {"decoder": {}}})
+
+
+def test_the_network_names_come_from_the_method(tiny_synth, domains, tmp_path):
+    cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=8"], flags=dict(data_root=str(tiny_synth)))
+    method = METHODS["mmt"](cfg, domains, torch.device("cpu"))
+    method.setup()
+    with torch.no_grad():
+        for i, ema in enumerate(method.emas):
+            _randomise_bn(ema, 20 + i)
+    state = method.state_dict()
+    nets = METHODS["mmt"].retrieval_networks(state)
+    assert list(nets) == [*method.eval_models(), "net1", "net2"] == ["mean_net1", "mean_net2", "net1", "net2"]
+    for name, ema in method.eval_models().items():  # the mean nets' own tensors, not the trained nets'
+        want = ema.state_dict()
+        assert nets[name].keys() == want.keys() and all(torch.equal(nets[name][k], v) for k, v in want.items())
+    assert all(torch.equal(nets["mean_net1"][k], v) for k, v in method.eval_model().state_dict().items())
+    assert not torch.equal(nets["mean_net1"]["bnneck.running_mean"], nets["net1"]["bnneck.running_mean"])
+
+    # a layout the method does not write: one clear error, from the method and from the command alike
+    with pytest.raises(ReidRayError, match=r"no method\.emas \(method holds models\)"):
+        METHODS["mmt"].retrieval_networks({"models": {"net": {}}})
+    with pytest.raises(ReidRayError, match=r"no method\.models\.net \(method\.models holds net1, net2\)"):
+        METHODS["baseline"].retrieval_networks(state)
+    path = _save(method, cfg, tmp_path / "mislabelled.pt", config={**to_dict(cfg), "method": "baseline"})
+    with pytest.raises(ReidRayError, match=r"mislabelled.pt: not the layout a baseline checkpoint has: no "
+                                           r"method\.models\.net \(method\.models holds net1, net2\)"):
+        load_embedder(path)
+    path = _save(method, cfg, tmp_path / "unknown.pt", config={**to_dict(cfg), "method": "mine"})
+    with pytest.raises(ReidRayError, match=r"unknown.pt: written by unknown method 'mine'; valid: .*REID_RAY_METHODS"):
+        load_embedder(path)
+    path = _save(method, cfg, tmp_path / "no-config.pt", config=None)
+    with pytest.raises(ReidRayError, match=r"no-config.pt: a reid-ray checkpoint without its config"):
+        load_embedder(path)
 
 
 def test_the_torchscript_exporter_takes_over_when_the_new_one_fails(baseline, tmp_path, monkeypatch, capfd):
-    from reid_ray.inference.export import export_onnx, onnx_session
+    from reid_ray.inference.onnx import export_onnx, onnx_session
 
     folder, method, cfg = baseline
     real = torch.onnx.export
@@ -298,7 +341,6 @@ def test_bad_input_is_one_line_and_exit_2(case, baseline, tiny_synth, tmp_path, 
 def test_a_network_without_its_classifier_is_found_and_embeds(tmp_path):
     """SpCL classifies against its memory: its checkpoint's network has a BNNeck and no classifier."""
     from reid_ray.config import resolve_config, to_dict
-    from reid_ray.inference.export import load_embedder
     from reid_ray.models.reid_net import build_reid_net
 
     cfg = resolve_config("spcl")

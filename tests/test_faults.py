@@ -46,8 +46,8 @@ class Faulty(Toy):
 def test_a_nan_loss_is_skipped_and_counted_in_process(tiny_synth):
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import load_domains
-    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
+    from reid_ray.training.loop import train_epoch
 
     cfg = resolve_config("faulty", sets=["nan_from_step=1", "nan_steps=2", "num_identities=2"],
                          flags=dict(data_root=str(tiny_synth)))
@@ -66,8 +66,8 @@ def test_diverges_after_max_nonfinite_steps_in_process(tiny_synth):
     from reid_ray import Diverged
     from reid_ray.config import resolve_config
     from reid_ray.data.domains import load_domains
-    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
+    from reid_ray.training.loop import train_epoch
 
     cfg = resolve_config("faulty", sets=["nan_from_step=1", "num_identities=4", "max_nonfinite_steps=2"],
                          flags=dict(data_root=str(tiny_synth)))

@@ -253,8 +253,8 @@ def test_ctrl_c_then_sigterm_then_a_bare_resume_ends_like_the_uninterrupted_run(
 
 
 def test_a_tracking_server_gone_at_the_end_is_said_so_not_run_none(capsys):
-    from reid_ray.config import resolve_config
     from reid_ray.cli.train import print_summary
+    from reid_ray.config import resolve_config
 
     out = {"metrics": {"source_mAP": 50.0, "target_mAP": 20.0}, "wall_time": 3.0, "mlflow_run_id": None,
            "mlflow_uri": "http://127.0.0.1:9", "checkpoint": "/o/r/checkpoint_x", "run_dir": "/o/r",

@@ -11,11 +11,11 @@ from reid_ray import ReidRayError
 from reid_ray.clustering.client import ClusterSpec, LocalClusterer
 from reid_ray.config import resolve_config
 from reid_ray.data.readers import read_dataset
-from reid_ray.training.loop import evaluate_method, train_epoch
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
 from reid_ray.methods import METHODS, Domains, EpochContext
 from reid_ray.methods.mmt import ema_update
 from reid_ray.models.reid_net import build_reid_net
+from reid_ray.training.loop import evaluate_method, train_epoch
 
 
 def test_soft_cross_entropy_hand_computed():

@@ -4,9 +4,9 @@ import pytest
 
 from reid_ray import ReidRayError
 from reid_ray.config import TrainConfig, flatten, resolve_config
+from reid_ray.config.presets import apply_preset, preset_names, resolve_preset
 from reid_ray.data.readers import dataset_names
 from reid_ray.methods import METHODS
-from reid_ray.config.presets import apply_preset, preset_names, resolve_preset
 
 PRESETS = {name: resolve_preset(name) for name in preset_names()}
 
@@ -96,8 +96,8 @@ def test_parameter_groups_base_lr_and_no_weight_decay_on_batchnorm():
     import torch
 
     from reid_ray.config import OptimConfig
-    from reid_ray.training.optim import build_optimizer, param_groups
     from reid_ray.models.reid_net import ModelConfig, build_reid_net
+    from reid_ray.training.optim import build_optimizer, param_groups
 
     net = build_reid_net(ModelConfig(arch="small", sync_bn=False), 5)
     assert len(param_groups([net], OptimConfig())) == 1  # the default: one group, a plain parameter list's layout

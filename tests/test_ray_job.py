@@ -1,4 +1,4 @@
-"""The README's cluster command against a real local cluster: `ray start --head`, then
+"""The cluster command of the README and docs/scale-out.md against a real local cluster: `ray start --head`, then
 `ray job submit --working-dir . -- python -m reid_ray.tune --method mmt ...`; `ray job stop` mid-sweep,
 then the same submission with `--resume` finishes it, and MLflow holds each trial once, none RUNNING."""
 

@@ -118,8 +118,8 @@ def _method(tiny_synth, *sets):
 
 
 def test_spcl_trains_and_its_state_resumes_exactly(tiny_synth):
-    from reid_ray.training.loop import train_epoch
     from reid_ray.methods import EpochContext
+    from reid_ray.training.loop import train_epoch
 
     method = _method(tiny_synth)
     out = train_epoch(method, EpochContext(0))
@@ -139,9 +139,7 @@ def test_spcl_trains_and_its_state_resumes_exactly(tiny_synth):
 def test_spcl_trains_under_ray_on_two_workers_with_the_actor(ray_local, tiny_synth, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from reid_ray.cli.train import main
-
-    from reid_ray.cli.train import build_parser, config_from_args
+    from reid_ray.cli.train import build_parser, config_from_args, main
     from tests.conftest import seed_source_models
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -159,10 +159,10 @@ def test_source_model_cache_lives_under_the_uri(s3, monkeypatch):
 
 
 def test_sweep_state_and_summary_under_the_uri(s3, mlflow_uri):
-    from reid_ray.tracking.report import SweepOutcome, TrialRow, finalize_sweep
+    from reid_ray.cli.tune import build_parser, prepare_sweep
     from reid_ray.config.sweep import Sweep, latest_sweep, sweep_dir
     from reid_ray.tracking import start_run
-    from reid_ray.cli.tune import build_parser, prepare_sweep
+    from reid_ray.tracking.report import SweepOutcome, TrialRow, finalize_sweep
 
     uri = mlflow_uri
     base = resolve_config("baseline", flags=dict(output=OUT, mlflow_uri=uri))

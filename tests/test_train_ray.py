@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from reid_ray.cli.train import main
 from reid_ray.config import from_dict, resolve_config
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
 from reid_ray.distributed.driver import run_training
-from reid_ray.cli.train import main
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.ray

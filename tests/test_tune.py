@@ -9,8 +9,8 @@ import yaml
 
 from reid_ray import ReidRayError
 from reid_ray.config import load_config_file, resolve_config
-from reid_ray.distributed.resources import plan_resources
 from reid_ray.config.search_space import default_path, load_search_space
+from reid_ray.distributed.resources import plan_resources
 from tests.conftest import run_cli
 
 

@@ -7,8 +7,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from reid_ray.data.camstyle import CamStyleDataset
-from reid_ray.data.loader import (ImageDataset, LoaderConfig, build_test_loader, build_train_loader, epoch_batches,
-                                  relabel)
+from reid_ray.data.loader import ImageDataset, LoaderConfig, build_test_loader, build_train_loader, epoch_batches, relabel
 from reid_ray.data.paired import PairedLoader, build_shuffle_loader
 from reid_ray.data.readers import read_dataset
 from reid_ray.data.transforms import NO_BOX, TransformConfig, draw_erase_box, split_transform, train_transform

@@ -10,6 +10,7 @@
     reid-ray evaluate --checkpoint C --dataset market1501 --data-root /datasets [--rerank]   # mAP/CMC
     reid-ray export --checkpoint C --onnx embedder.onnx       # the retrieval embedder as ONNX
     reid-ray embed --checkpoint C --images DIR --out feats.parquet   # features of a folder of images
+    reid-ray demo [tune flags]                # make demo: write the benchmark, pretrain, sweep MMT (3 trials)
     reid-ray --version
 
 A mistake a user can fix prints one line naming the problem and the fix, and
@@ -69,11 +70,12 @@ def _datasets(args: argparse.Namespace) -> int:
 FORWARDED = {
     "train": ("reid_ray.cli.train", "main", "train one method under Ray Train (= python -m reid_ray.train)"),
     "tune": ("reid_ray.cli.tune", "main", "sweep a method's hyperparameters with Ray Tune + Optuna (= python -m reid_ray.tune)"),
-    "report": ("reid_ray.tracking.report", "main", "Markdown table + PNG plots comparing the runs of an MLflow experiment"),
-    "evaluate": ("reid_ray.inference.export", "main_evaluate", "mAP/CMC of any checkpoint on any dataset, optionally re-ranked"),
-    "export": ("reid_ray.inference.export", "main_export", "write a checkpoint's retrieval embedder as ONNX"),
-    "embed": ("reid_ray.inference.export", "main_embed", "embed a folder of images into a Parquet file of features"),
+    "report": ("reid_ray.cli.report", "main", "Markdown table + PNG plots comparing the runs of an MLflow experiment"),
+    "evaluate": ("reid_ray.cli.export", "main_evaluate", "mAP/CMC of any checkpoint on any dataset, optionally re-ranked"),
+    "export": ("reid_ray.cli.export", "main_export", "write a checkpoint's retrieval embedder as ONNX"),
+    "embed": ("reid_ray.cli.export", "main_embed", "embed a folder of images into a Parquet file of features"),
     "doctor": ("reid_ray.cli.doctor", "main", "what a run would use here: Ray, GPUs, CUDA, faiss, datasets, MLflow"),
+    "demo": ("reid_ray.cli.demo", "main", "the demo: the benchmark, a source model, a 3-trial MMT sweep (= make demo)"),
     "san-pg": ("reid_ray.cli.san_pg", "main", "SAN's pseudo texture generator: pairs, train, predict"),
 }
 

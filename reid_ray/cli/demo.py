@@ -1,4 +1,4 @@
-"""`make demo`: the headline command on the embedded default, `python -m reid_ray.tune --method mmt`.
+"""`make demo` (= `reid-ray demo`): the headline command on the embedded default, `python -m reid_ray.tune --method mmt`.
 
 Writes the synthetic two-domain benchmark into data/ (once), trains the BoT baseline on synth-a once
 (cached; its target mAP is the direct-transfer figure), then sweeps MMT's hyperparameters with Ray Tune +
@@ -9,7 +9,12 @@ prints every trial under the direct-transfer row with the best config. Extra arg
 
 import sys
 
-from reid_ray.cli.tune import main
+
+def main(argv: list[str] | None = None) -> int:
+    from reid_ray.cli.tune import main as tune
+
+    return tune(["--method", "mmt", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["--method", "mmt", *sys.argv[1:]]))
+    sys.exit(main())

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 from reid_ray import ReidRayError, storage
-from reid_ray.config import checks
-from reid_ray.config import TrainConfig, dotted, flatten, load_config_file, resolve_config
+from reid_ray.config import TrainConfig, checks, dotted, flatten, load_config_file, resolve_config
 from reid_ray.methods import METHODS, method_class
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, run_checkpoints
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from reid_ray import ReidRayError, storage
 from reid_ray.config import TrainConfig, is_synthetic, resolve_config
-from reid_ray.methods import METHODS, method_class
 from reid_ray.config.search_space import default_path, load_search_space
 from reid_ray.config.sweep import SWEEP_FILE, Sweep, latest_sweep, sweep_dir
+from reid_ray.methods import METHODS, method_class
 
 
 def prepare_sweep(args: argparse.Namespace) -> Sweep:

@@ -2,7 +2,21 @@
 (checks.py), presets, search spaces and a sweep's saved state (sweep.py)."""
 
 from reid_ray.config.schema import (  # noqa: F401 - the package's names
-    OptimConfig, ClusteringConfig, NoParams, TrainConfig, SYNTHETIC_DEFAULTS, SYNTHETIC_SWEEP, is_synthetic,
-    resolve_config, check_choices, load_config_file, dotted, flatten, valid_keys, set_value, apply_overrides,
-    to_dict, from_dict,
+    SYNTHETIC_DEFAULTS,
+    SYNTHETIC_SWEEP,
+    ClusteringConfig,
+    NoParams,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    check_choices,
+    dotted,
+    flatten,
+    from_dict,
+    is_synthetic,
+    load_config_file,
+    resolve_config,
+    set_value,
+    to_dict,
+    valid_keys,
 )

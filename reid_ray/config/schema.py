@@ -146,9 +146,9 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     `source`/`target` given explicitly win over the preset's; without either, synth-a -> synth-b.
     `file` holds dotted keys (see `load_config_file`); `flags` field names; `sets` `key=value` strings
     or a {key: value} mapping."""
+    from reid_ray.config.presets import apply_preset
     from reid_ray.data.readers import dataset_names
     from reid_ray.methods import method_class
-    from reid_ray.config.presets import apply_preset
 
     cls = method_class(method)
     preset_overrides: dict = {}

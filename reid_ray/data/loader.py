@@ -18,8 +18,15 @@ from reid_ray import ReidRayError
 from reid_ray.data.device_augment import BatchAugment
 from reid_ray.data.finish import ERASE, finish_batch
 from reid_ray.data.sampler import CrossCameraSampler, PKSampler
-from reid_ray.data.transforms import (Split, TransformConfig, draw_erase_box, split_transform, test_transform,
-                                      train_transform, view_seed)
+from reid_ray.data.transforms import (
+    Split,
+    TransformConfig,
+    draw_erase_box,
+    split_transform,
+    test_transform,
+    train_transform,
+    view_seed,
+)
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec, which needs FFmpeg; until that is a
 # dependency we keep them (libjpeg-turbo: 1.6x PIL's speed on a 256x128 JPEG, bench/RESULTS.md) without the

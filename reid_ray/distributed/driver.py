@@ -27,8 +27,8 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from reid_ray import ReidRayError, stopped_by, storage, tracking, write_text_atomic
-from reid_ray.config.checks import check_config, check_run
 from reid_ray.config import TrainConfig, from_dict, resolve_config, to_dict
+from reid_ray.config.checks import check_config, check_run
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.progress import RunProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources

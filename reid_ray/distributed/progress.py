@@ -20,8 +20,8 @@ from ray.util.queue import Empty as QueueEmpty
 from ray.util.queue import Queue
 from rich.console import Console
 
-from reid_ray.tracking.console import console, epoch_line, make_progress, number, status_text
 from reid_ray.config.sweep import METRIC
+from reid_ray.tracking.console import console, epoch_line, make_progress, number, status_text
 
 
 class _ForwardReports(ray.train.UserCallback):

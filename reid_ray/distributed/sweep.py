@@ -28,19 +28,19 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from reid_ray import Diverged, ReidRayError, storage, tracking
-from reid_ray.tracking import console
-from reid_ray.tracking import status as run_status
-from reid_ray.config.checks import check_config, check_sweep
 from reid_ray.config import TrainConfig, apply_overrides, flatten
+from reid_ray.config.checks import check_config, check_sweep
+from reid_ray.config.search_space import SearchSpace, load_search_space
+from reid_ray.config.sweep import METRIC, Sweep, sweep_dir
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits, stop_interrupted_runs
 from reid_ray.distributed.progress import SweepProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources
 from reid_ray.distributed.runtime import init_ray, wait_for_gpus
 from reid_ray.methods import method_class
+from reid_ray.tracking import console
+from reid_ray.tracking import status as run_status
 from reid_ray.tracking.report import SweepOutcome, TrialRow, finalize_sweep
-from reid_ray.config.search_space import SearchSpace, load_search_space
-from reid_ray.config.sweep import METRIC, Sweep, sweep_dir
 
 
 def tune_domains(space: SearchSpace) -> dict:

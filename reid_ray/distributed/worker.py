@@ -1,6 +1,6 @@
-"""The Ray Train worker loop: one flat function per worker (the shape of Ray's torch examples).
+"""The Ray Train worker loop: one flat function per worker (`_train`, the shape of Ray's torch examples).
 
-A plain torch loop over `engine.train_epoch` and `engine.evaluate_method`; each Ray-specific
+A plain torch loop over `training.loop.train_epoch` and `training.loop.evaluate_method`; each Ray-specific
 line is numbered:
 
     [1] ray.train.get_context()         rank and world size of this worker
@@ -8,6 +8,10 @@ line is numbered:
                                         shard by rank, so prepare_data_loader is not used)
     [3] ray.train.get_checkpoint()      the last reported checkpoint, when Ray restarts the group
     [4] ray.train.report(metrics, checkpoint)   every epoch; rank 0's metrics reach Tune
+
+The helpers below it: where a run starts from (`_restored`), rank 0's MLflow run (`_open_run`), the best model
+(`_Best`), the checkpoint of an epoch (`_epoch_checkpoint`), and a URI run's staged folder (`_publish`,
+`_unstage`). What filters Ray Train's own log lines is distributed/ray_logs.py.
 
 Rank 0 evaluates every `eval_every` epochs and writes the run's MLflow run, status included:
 it opens the run (found again by its key after a restart: RUNNING again), logs every epoch, and
@@ -19,7 +23,6 @@ run whose killed workers used up `max_failures` (the driver marks it FAILED, dis
 from __future__ import annotations
 
 import importlib
-import logging
 import shutil
 import sys
 import tempfile
@@ -32,64 +35,12 @@ import torch
 
 from reid_ray import Diverged, ReidRayError, full_disk_is_the_users, storage, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
+from reid_ray.config.sweep import METRIC
 from reid_ray.data.domains import load_domains
-from reid_ray.distributed import verdict
-from reid_ray.training.loop import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
+from reid_ray.distributed import ray_logs, verdict
 from reid_ray.methods import EpochContext, method_class
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, save_checkpoint
-from reid_ray.config.sweep import METRIC
-
-
-class _UserErrorTraceback(logging.Filter):
-    """Drops Ray Train's "Error in training function" traceback of an error that is the user's to fix
-    (recorded in the run's Verdict and printed by the driver as one line)."""
-
-    active = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.active and str(record.msg).startswith("Error in training function"))
-
-
-_USER_ERROR = _UserErrorTraceback()
-
-
-def _quiet_ray_train() -> None:
-    try:  # the logger Ray Train v2 reports a training function's exception through
-        from ray.train.v2._internal import util as _train_util
-
-        logging.getLogger(_train_util.__name__).addFilter(_USER_ERROR)
-    except ImportError:
-        pass
-    # Ray Train logs every report and checkpoint at INFO; our per-epoch line says the same, shorter
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # Ray Train v2 reports each rank's full metrics dict at INFO through a logger named by its file
-        from ray.train.v2._internal.execution import context as _train_context
-
-        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
-
-
-def _load_state(cfg: TrainConfig, run_dir: str) -> dict | None:
-    ckpt = ray.train.get_checkpoint()  # [3] set when Ray restarts a failed worker group (or reruns the run's name)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            try:
-                return load_checkpoint(Path(d) / CHECKPOINT_FILE, "checkpoint")
-            except ReidRayError as e:  # cut short (a crash mid-upload, a full disk): the newest that loads
-                older, _ = newest_readable_checkpoint(run_dir, skip=(Path(ckpt.path).name,))
-                if older is None:
-                    raise
-                _say(f"reid-ray: {e}; resuming from the newest checkpoint that loads, {older}")
-                return load_checkpoint(storage.fetch(storage.join(older, CHECKPOINT_FILE))
-                                       if storage.is_uri(older) else Path(older) / CHECKPOINT_FILE)
-    if cfg.resume:  # checked by the driver before Ray started (train.check_config)
-        if storage.is_uri(cfg.resume):  # a copy on this node (the driver's node has it cached already)
-            path = storage.join(cfg.resume, CHECKPOINT_FILE) if storage.is_dir(cfg.resume) else cfg.resume
-            return load_checkpoint(storage.fetch(path))
-        path = Path(cfg.resume)
-        return load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
-    return None
+from reid_ray.training.loop import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
 
 
 def _clusterer(method, cfg: TrainConfig, handle):
@@ -106,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     A `ReidRayError` (the user's to fix) or `Diverged` is recorded in the run's Verdict actor and
     raised; the worker group Ray Train restarts then returns at once (distributed/verdict.py)."""
-    _quiet_ray_train()
+    ray_logs.quiet_ray_train()
     handle = config.get("verdict")
     if handle is not None and verdict.recorded(handle) is not None:
         return  # an earlier attempt of this run stopped on a user error or divergence: nothing to retry
@@ -117,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
             if isinstance(e, ReidRayError):
                 verdict.record(handle, e)
             if isinstance(e, ReidRayError) or verdict.recorded(handle) is not None:
-                _USER_ERROR.active = True  # this rank's mistake, or another rank's echo here (a broken collective)
+                ray_logs.USER_ERROR.active = True  # this rank's mistake, or another rank's echo (a broken collective)
         raise
 
 
@@ -139,33 +90,66 @@ def _train(config: dict) -> None:
     method.setup(wrap=gpu_layout(ray.train.torch.prepare_model, device))  # [2]
     finish_networks(method, device, cfg.model.compile)
     upload = cfg.checkpoint_upload if cfg.checkpoint_upload != "auto" else ("async" if device.type == "cuda" else "sync")
+    mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
     ectx = EpochContext(epoch=0, rank=rank, world_size=world)
-    start, best = 0, {"target_mAP": -1.0}
-    last_target = 0.0  # the latest target mAP, carried between evaluations (Tune's ranking metric)
-    state = _load_state(cfg, config["run_dir"])
+    state = _restored(ray.train.get_checkpoint(), cfg, config["run_dir"])  # [3] set when Ray restarts the group
+    start, best, last_target = 0, _Best(), 0.0  # last_target: the latest target mAP, carried between evaluations
     if state is not None:
         method.load_state_dict(state["method"])
-        start, best, ectx.iteration = state["epoch"] + 1, state["best"], state["iteration"]
+        start, best, ectx.iteration = state["epoch"] + 1, _Best(state["best"]), state["iteration"]
         last_target = state.get("last_target", 0.0)
         set_rng_state(state["rng"])
     # the run's own files (best.pt, cmc.png, eval artifacts, a fallback store): written in the run folder, or
     # under a URI --output in a local folder on rank 0 and uploaded from there (storage.stage)
     remote = config["run_dir"] if storage.is_uri(config["run_dir"]) else None
     run_dir = storage.stage(remote) if remote and rank == 0 else Path(config["run_dir"])
-    ml = config["mlflow"]
-    run = None  # rank 0's MLflow run: its writes survive a tracking server that blinks (tracking.RunWriter)
-    if rank == 0:
-        run_id = tracking.with_retries(tracking.open_run, ml["uri"], ml["experiment"], ml["run_key"], cfg.name,
-                                       flatten(cfg), ml["tags"], config["cfg"])
-        run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], run_dir)
-        if not tracking.with_retries(tracking.has_datasets, ml["uri"], run_id):  # a restarted run logged them
-            run.log_datasets(tracking.dataset_records(domains))
+    run = _open_run(config["mlflow"], cfg, config["cfg"], domains, run_dir) if rank == 0 else None
+    # what a resumed run checks against (distributed/driver.py): its MLflow run, its datasets
+    identity = {"run_key": config["mlflow"]["run_key"],
+                "data": {"source": domains.source.digest(), "target": domains.target.digest()}}
+    curves: dict = {}
     try:
-        _epochs(method, cfg, ectx, start, best, last_target, run, run_dir, upload,
-                state.get("report") if state else None, remote,
-                # what a resumed run checks against (distributed/driver.py): its MLflow run, its datasets
-                {"run_key": ml["run_key"], "data": {"source": domains.source.digest(),
-                                                    "target": domains.target.digest()}})
+        if start >= cfg.epochs and state and state.get("report"):
+            # restarted after its last checkpoint (a sweep resumed after its driver was killed): the run is
+            # done, and Tune still needs its final result
+            ray.train.report(state["report"])  # [4]
+        for epoch in range(start, cfg.epochs):
+            ectx.epoch = epoch
+            metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
+            last = epoch + 1 == cfg.epochs
+            if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
+                metrics.update(_evaluate(method, cfg, last, curves, run, run_dir, remote, epoch + 1))
+                last_target = float(metrics["target_mAP"])
+            if rank == 0:
+                _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
+                    f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if run:
+                run.log_metrics(metrics, step=epoch + 1)
+            report = {**metrics, "best_target_mAP": best.target_mAP, METRIC: last_target}
+            if run and run.pending:  # the driver's display warns once (this worker's console is Ray's log file)
+                report["mlflow_buffered"] = len(run.pending)
+            # async: Ray Train copies the folder to storage while the next epoch trains, then deletes it
+            tmp = tempfile.mkdtemp(prefix="reid-ray-ckpt-")
+            checkpoint = None
+            try:
+                if rank == 0:
+                    improved = best.update(metrics)
+                    keep = (epoch + 1) % cfg.checkpoint_every == 0 or last
+                    if keep or improved:
+                        state = {"method": method.state_dict(), "epoch": epoch, "best": best.metrics,
+                                 "iteration": ectx.iteration, "last_target": last_target, "rng": rng_state(),
+                                 "config": to_dict(cfg), "report": {k: float(v) for k, v in report.items()},
+                                 **identity}
+                    checkpoint = _epoch_checkpoint(state, Path(tmp), keep, improved, run_dir, remote)
+                # the upload to the run's storage: on a full disk Ray Train keeps the previous checkpoint
+                with full_disk_is_the_users(storage.join(remote or run_dir, CHECKPOINT_FILE)):
+                    ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,  # [4]
+                                     delete_local_checkpoint_after_upload=True)
+            finally:
+                if upload == "sync" or checkpoint is None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if run:
+            _log_best(run, cfg, best, curves, run_dir, remote)
     except BaseException as e:
         if run:
             note = ("diverged" if isinstance(e, Diverged) else
@@ -178,6 +162,107 @@ def _train(config: dict) -> None:
         run.set_status("FINISHED", "completed")
         run.close()
         _unstage(run_dir, remote)
+
+
+# --------------------------------------------------------------------------- helpers of the loop
+
+def _restored(ckpt, cfg: TrainConfig, run_dir: str) -> dict | None:
+    """Where this attempt starts: Ray Train's last reported checkpoint after a restart (the newest that loads,
+    if that one was cut short), else the `--resume` checkpoint, else nothing (epoch 0)."""
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            try:
+                return load_checkpoint(Path(d) / CHECKPOINT_FILE, "checkpoint")
+            except ReidRayError as e:  # cut short (a crash mid-upload, a full disk): the newest that loads
+                older, _ = newest_readable_checkpoint(run_dir, skip=(Path(ckpt.path).name,))
+                if older is None:
+                    raise
+                _say(f"reid-ray: {e}; resuming from the newest checkpoint that loads, {older}")
+                return load_checkpoint(storage.fetch(storage.join(older, CHECKPOINT_FILE))
+                                       if storage.is_uri(older) else Path(older) / CHECKPOINT_FILE)
+    if cfg.resume:  # checked by the driver before Ray started (config.checks)
+        if storage.is_uri(cfg.resume):  # a copy on this node (the driver's node has it cached already)
+            path = storage.join(cfg.resume, CHECKPOINT_FILE) if storage.is_dir(cfg.resume) else cfg.resume
+            return load_checkpoint(storage.fetch(path))
+        path = Path(cfg.resume)
+        return load_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
+    return None
+
+
+def _open_run(ml: dict, cfg: TrainConfig, cfg_dict: dict, domains, run_dir: Path) -> tracking.RunWriter:
+    """Rank 0's MLflow run, opened (or found again by its key after a restart) with its params, tags and datasets;
+    its writes survive a tracking server that blinks (tracking.RunWriter)."""
+    run_id = tracking.with_retries(tracking.open_run, ml["uri"], ml["experiment"], ml["run_key"], cfg.name,
+                                   flatten(cfg), ml["tags"], cfg_dict)
+    run = tracking.RunWriter(ml["uri"], run_id, ml["experiment"], cfg.name, ml["run_key"], run_dir)
+    if not tracking.with_retries(tracking.has_datasets, ml["uri"], run_id):  # a restarted run logged them
+        run.log_datasets(tracking.dataset_records(domains))
+    return run
+
+
+class _Best:
+    """The best epoch so far by target mAP (what best.pt holds, and the MLflow model's metrics)."""
+
+    def __init__(self, metrics: dict | None = None):
+        self.metrics = metrics or {"target_mAP": -1.0}
+
+    @property
+    def target_mAP(self) -> float:
+        return self.metrics["target_mAP"]
+
+    def update(self, metrics: dict) -> bool:
+        if metrics.get("target_mAP", -1) <= self.target_mAP:
+            return False
+        self.metrics = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
+        return True
+
+
+def _evaluate(method, cfg: TrainConfig, last: bool, curves: dict, run, run_dir: Path, remote: str | None,
+              epoch: int) -> dict:
+    """Rank 0's evaluation of this epoch: the target (and the source where asked, and at the last epoch), the
+    method's own artifacts logged under `epoch<N>/`."""
+    metrics = {}
+    for name, ds in (("source", method.domains.source), ("target", method.domains.target)):
+        if name == "source" and not (cfg.eval_source or last):
+            continue
+        res, curves[name] = evaluate_method(method, ds, cfg, name)
+        metrics.update(res)
+    for path in method.eval_artifacts(run_dir / f"epoch{epoch}") if run else ():
+        run.log_artifact(path, f"epoch{epoch}")
+    _publish(run_dir, remote, f"epoch{epoch}")
+    return metrics
+
+
+def _epoch_checkpoint(state: dict, tmp: Path, keep: bool, improved: bool, run_dir: Path, remote: str | None):
+    """Rank 0's checkpoint of an epoch: the whole state in a Ray Train checkpoint every checkpoint_every epochs
+    and at the last one (a restart resumes exactly from the latest), and as best.pt whenever the target mAP
+    improves. Returns the Ray Train checkpoint to report, or None."""
+    checkpoint = None
+    if keep:
+        save_checkpoint(state, tmp / CHECKPOINT_FILE)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+    if improved:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(state, run_dir / "best.pt")
+        _publish(run_dir, remote, "best.pt")
+    return checkpoint
+
+
+def _log_best(run, cfg: TrainConfig, best: _Best, curves: dict, run_dir: Path, remote: str | None) -> None:
+    """The end of rank 0's run: the CMC plot, best.pt as an artifact, and the best network as an MLflow model
+    with its metrics linked to it."""
+    if curves:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run.log_figure(tracking.cmc_plot(curves, run_dir / "cmc.png"), "cmc.png")
+        _publish(run_dir, remote, "cmc.png")
+    if remote and not (run_dir / "best.pt").exists() and storage.is_file(storage.join(remote, "best.pt")):
+        storage.download(storage.join(remote, "best.pt"), run_dir / "best.pt")  # staged by an earlier attempt
+    if (run_dir / "best.pt").exists():
+        run.log_artifact(run_dir / "best.pt", "checkpoints")
+        if cfg.log_model:
+            emb = _embedder(run_dir / "best.pt")
+            if emb is not None:
+                run.log_model(emb, best.metrics, int(best.metrics.get("epoch", cfg.epochs)))
 
 
 def _publish(run_dir: Path, remote: str | None, name: str) -> None:
@@ -198,85 +283,10 @@ def _unstage(run_dir: Path, remote: str | None) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _epochs(method, cfg: TrainConfig, ectx: EpochContext, start: int, best: dict, last_target: float,
-            run: tracking.RunWriter | None, run_dir: Path, upload: str = "sync", last_report: dict | None = None,
-            remote: str | None = None, identity: dict | None = None) -> None:
-    domains, rank, curves = method.domains, ectx.rank, {}
-    if start >= cfg.epochs and last_report:
-        # restarted after its last checkpoint (a sweep resumed after its driver was killed): the run is done,
-        # and Tune still needs its final result
-        ray.train.report(last_report)
-    for epoch in range(start, cfg.epochs):
-        ectx.epoch = epoch
-        metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
-        last = epoch + 1 == cfg.epochs
-        if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
-            for name, ds in (("source", domains.source), ("target", domains.target)):
-                if name == "source" and not (cfg.eval_source or last):
-                    continue
-                res, curves[name] = evaluate_method(method, ds, cfg, name)
-                metrics.update(res)
-            last_target = float(metrics["target_mAP"])
-            for path in method.eval_artifacts(run_dir / f"epoch{epoch + 1}") if run else ():
-                run.log_artifact(path, f"epoch{epoch + 1}")
-            _publish(run_dir, remote, f"epoch{epoch + 1}")
-        if rank == 0:
-            _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if run:
-            run.log_metrics(metrics, step=epoch + 1)
-        # async: Ray Train copies the folder to storage while the next epoch trains, then deletes it
-        tmp = tempfile.mkdtemp(prefix="reid-ray-ckpt-")
-        try:
-            checkpoint = None
-            report = {**metrics, "best_target_mAP": best["target_mAP"], METRIC: last_target}
-            if run and run.pending:  # the driver's display warns once (this worker's console is Ray's log file)
-                report["mlflow_buffered"] = len(run.pending)
-            if rank == 0:
-                improved = metrics.get("target_mAP", -1) > best["target_mAP"]
-                if improved:
-                    best = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
-                # the whole state, in a Ray Train checkpoint every checkpoint_every epochs and at the last one
-                # (a restart resumes exactly from the latest), and as best.pt whenever the target mAP improves
-                keep = (epoch + 1) % cfg.checkpoint_every == 0 or last
-                if keep or improved:
-                    state = {"method": method.state_dict(), "epoch": epoch, "best": best, "iteration": ectx.iteration,
-                             "last_target": last_target, "rng": rng_state(), "config": to_dict(cfg),
-                             "report": {k: float(v) for k, v in report.items()}, **(identity or {})}
-                if keep:
-                    save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                if improved:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    save_checkpoint(state, run_dir / "best.pt")
-                    _publish(run_dir, remote, "best.pt")
-            mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
-            # the upload to the run's storage: on a full disk Ray Train keeps the previous checkpoint
-            with full_disk_is_the_users(storage.join(remote or run_dir, CHECKPOINT_FILE)):
-                ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
-                                 delete_local_checkpoint_after_upload=True)  # [4]
-        finally:
-            if upload == "sync" or checkpoint is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if run:
-        if curves:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run.log_figure(tracking.cmc_plot(curves, run_dir / "cmc.png"), "cmc.png")
-            _publish(run_dir, remote, "cmc.png")
-        if remote and not (run_dir / "best.pt").exists() and storage.is_file(storage.join(remote, "best.pt")):
-            storage.download(storage.join(remote, "best.pt"), run_dir / "best.pt")  # staged by an earlier attempt
-        if (run_dir / "best.pt").exists():
-            run.log_artifact(run_dir / "best.pt", "checkpoints")
-            if cfg.log_model:  # the best network as an MLflow model, its metrics linked to it
-                emb = _embedder(run_dir / "best.pt")
-                if emb is not None:
-                    run.log_model(emb, best, int(best.get("epoch", cfg.epochs)))
-
-
 def _embedder(checkpoint: Path):
     """The retrieval embedder of the run's best.pt, or None (with a line in the log) where it cannot be rebuilt:
     the run and its other records stand."""
-    from reid_ray.inference.export import load_embedder
+    from reid_ray.inference.embedder import load_embedder
 
     try:
         return load_embedder(checkpoint)

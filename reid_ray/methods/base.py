@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -63,20 +62,6 @@ def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise ReidRayError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def check_source_models(cfg: TrainConfig) -> None:
-    """More `init` checkpoints than the method starts from is a user error (checked before Ray starts)."""
-    n = method_class(cfg.method).source_models(cfg.params)
-    if len(cfg.init) > n:
-        count = {0: "no source model", 1: "one source model", 2: "two source models"}.get(n, f"{n} source models")
-        raise ReidRayError(f"--init: {cfg.method} starts from {count}, got {len(cfg.init)} checkpoints; "
-                           f"pass {n or 'none'}")
-    from reid_ray import storage
-
-    for path in cfg.init:
-        if path and not storage.is_file(path):  # a local file or a URI (s3://...)
-            raise ReidRayError(f"--init {path}: no such checkpoint file (a checkpoint.pt written by reid-ray train)")
 
 
 def check_pk(cfg: TrainConfig, labels, what: str) -> None:
@@ -169,13 +154,23 @@ class Method:
 
     @staticmethod
     def source_weights(path: str | Path) -> dict[str, torch.Tensor]:
-        """The network weights of a source-trained checkpoint (a baseline's or SAN's checkpoint.pt)."""
+        """The network weights of a source-trained checkpoint (a baseline's or SAN's checkpoint.pt: the default
+        layout, read as `retrieval_networks` reads it)."""
         state = load_checkpoint(path, "--init")
         try:
-            return state["method"]["models"]["net"]
-        except (KeyError, TypeError):
+            return Method.retrieval_networks(state["method"])["net"]
+        except ReidRayError:
             raise ReidRayError(f"--init {path}: not a source model checkpoint (a checkpoint.pt written by "
                                "reid-ray train --method baseline)") from None
+
+    @classmethod
+    def retrieval_networks(cls, method_state: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """{name: ReIDNet state dict} of the re-ID networks in a checkpoint's `method` state (what `state_dict`
+        wrote), the one `eval_model` returns first, under the names `eval_models` gives them: what reid-ray
+        export, embed and evaluate read a checkpoint through. By default `models["net"]`, as `state_dict` writes
+        a one-network method; a method that keeps its networks otherwise (several, wrapped, beside the optimised
+        ones) overrides this next to its `state_dict`. A state of another layout is a `ReidRayError`."""
+        return {"net": state_entry(method_state, "models", "net")}
 
     def setup(self, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         """Build models (then wrapped for DDP), the optimizer, scheduler and train loader."""
@@ -231,6 +226,19 @@ class Method:
             for k in ("fused", "foreach"):
                 group[k] = self.optimizer.defaults.get(k)
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def state_entry(method_state: Any, *keys: str) -> Any:
+    """`method_state[keys[0]][keys[1]]...` of a checkpoint; a `ReidRayError` naming the missing entry and what
+    the state holds there instead (a checkpoint another method wrote, or a damaged one)."""
+    entry = method_state
+    for depth, key in enumerate(keys):
+        if not isinstance(entry, dict) or key not in entry:
+            where = ".".join(("method", *keys[:depth]))
+            held = ", ".join(map(str, entry)) if isinstance(entry, dict) and entry else "nothing"
+            raise ReidRayError(f"no {where}.{key} ({where} holds {held})")
+        entry = entry[key]
+    return entry
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -193,6 +193,19 @@ class ECN(Method):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "memory": self.memory.state_dict()}
 
+    @classmethod
+    def retrieval_networks(cls, method_state: dict) -> dict[str, dict[str, torch.Tensor]]:
+        # models["net"] is the ECNNet: its ReIDNet (ECNNet.net, what eval mode runs) is the retrieval network; the
+        # target embedding beside it only feeds the memory
+        wrapper = super().retrieval_networks(method_state)["net"]
+        net = {}
+        if isinstance(wrapper, dict):
+            net = {k.removeprefix("net."): v for k, v in wrapper.items() if k.startswith("net.")}
+        if not net:
+            raise ReidRayError("method.models.net holds no ReIDNet under net.* (an ECN checkpoint keeps it inside "
+                               "its ECNNet)")
+        return {"net": net}
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.memory.load_state_dict(state["memory"])

@@ -43,7 +43,7 @@ from reid_ray.data.transforms import train_transform
 from reid_ray.evaluation import extract_features
 from reid_ray.losses import CrossEntropyLabelSmooth
 from reid_ray.losses.mmt import SoftCrossEntropy, SoftmaxTripletLoss
-from reid_ray.methods.base import EpochContext, Method, check_batch, gather_batch, register_method, unwrap
+from reid_ray.methods.base import EpochContext, Method, check_batch, gather_batch, register_method, state_entry, unwrap
 from reid_ray.models.adabn import adapt_bn
 from reid_ray.models.mean_net import ema_update, sync_buffers
 from reid_ray.models.reid_net import build_reid_net
@@ -233,7 +233,7 @@ class MMT(Method):
         return self.last_stats
 
     def eval_models(self) -> dict[str, torch.nn.Module]:
-        return {"mean_net1": self.emas[0], "mean_net2": self.emas[1]}
+        return {mean_net(i): ema for i, ema in enumerate(self.emas)}
 
     def eval_model(self):
         return self.emas[0]
@@ -248,3 +248,16 @@ class MMT(Method):
         for e, s in zip(self.emas, state["emas"]):
             e.load_state_dict(s)
 
+    @classmethod
+    def retrieval_networks(cls, method_state: dict) -> dict[str, dict[str, torch.Tensor]]:
+        # the mean nets, kept as `emas` beside the trained nets, are the ones evaluated (mean net 1 reported)
+        emas, models = state_entry(method_state, "emas"), state_entry(method_state, "models")
+        if not (isinstance(emas, list) and emas and isinstance(models, dict)):
+            raise ReidRayError("no mean nets in method.emas beside the trained nets in method.models (an MMT "
+                               "checkpoint keeps one of each per network)")
+        return {**{mean_net(i): s for i, s in enumerate(emas)}, **models}
+
+
+def mean_net(i: int) -> str:
+    """The name of the i-th (from 0) mean net in evaluation's metrics and in a checkpoint's networks."""
+    return f"mean_net{i + 1}"

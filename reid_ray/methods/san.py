@@ -134,7 +134,8 @@ class SAN(Method):
     def eval_model(self):
         return unwrap(self.models["san"]).net
 
-    # the checkpoint keeps the encoder under "net" with ReIDNet's keys (what `--init` reads) and the decoder apart
+    # the checkpoint keeps the encoder under "net" with ReIDNet's keys and the decoder apart: the default layout,
+    # so `--init` and the default `retrieval_networks` read the encoder alone
     def state_dict(self) -> dict:
         model = unwrap(self.models["san"])
         return {"models": {"net": model.net.state_dict(), "decoder": model.decoder.state_dict()},

@@ -1,4 +1,5 @@
-"""Sweep results for people: the end-of-sweep table, the best config, and `reid-ray report`.
+"""Sweep results for people: the end-of-sweep table, the best config, and what `reid-ray report` writes
+(reid_ray/cli/report.py):
 
     reid-ray report --experiment "synth-a->synth-b" [--mlflow-uri sqlite:///mlflow.db] [--out reports/]
 
@@ -9,10 +10,8 @@ same runs the MLflow UI shows (`mlflow ui --backend-store-uri sqlite:///mlflow.d
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,26 +310,3 @@ def report_experiment(uri: str, experiment: str, out_dir: str | Path) -> Path:
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report
-
-
-def main(argv=None) -> int:
-    from reid_ray.cli import run_cli
-    from reid_ray.tracking import resolve_uri
-
-    p = argparse.ArgumentParser(prog="reid-ray report", description="Markdown table + PNG plots of an MLflow experiment")
-    p.add_argument("--experiment", required=True, help='e.g. "synth-a->synth-b" (runs of every method on that pair)')
-    p.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>)")
-    args = p.parse_args(argv)
-
-    def _run(a):
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in a.experiment)
-        path = report_experiment(resolve_uri(a.mlflow_uri or ""), a.experiment, a.out or Path("reports") / safe)
-        print(f"wrote {path}")
-        return 0
-
-    return run_cli(_run, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

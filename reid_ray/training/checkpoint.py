@@ -2,7 +2,8 @@
 with the safe loader.
 
 A checkpoint is a dict: `method` (the method's own `state_dict`: its networks unwrapped, optimiser, scheduler and
-whatever else it keeps), `epoch`, `iteration`, `best`, `last_target`, `rng`, `config` (the run's `to_dict`),
+whatever else it keeps; which of its entries are re-ID networks, and their names, only the method knows:
+`Method.retrieval_networks`), `epoch`, `iteration`, `best`, `last_target`, `rng`, `config` (the run's `to_dict`),
 `report` (the last metrics reported to Ray), and `run_key` and `data` (which MLflow run and which datasets it
 belongs to). Ray Train keeps the latest ones as `checkpoint_<time>/checkpoint.pt` under the run folder; the best
 by target mAP is also `best.pt` there. A cached source model (outputs/pretrain/baseline-*.pt) is the same dict.
@@ -36,6 +37,24 @@ def load_checkpoint(path: str | Path, flag: str = "--resume", mmap: bool = False
     if not isinstance(state, dict) or "method" not in state:
         raise ReidRayError(f"{flag} {path}: not a reid-ray checkpoint (expected a checkpoint.pt written by reid-ray train)")
     return state
+
+
+def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> tuple[dict, dict]:
+    """(the run config a checkpoint was written with, as `to_dict` wrote it: its `method` names the method; that
+    method's own state, its `state_dict`): a checkpoint as a reader outside training takes it. The method state's
+    layout is the method's to read (`Method.retrieval_networks`), never guessed here."""
+    try:
+        state = load_checkpoint(path, flag)
+    except ReidRayError:
+        raise
+    except Exception as e:  # what load_checkpoint does not expect of a damaged file
+        raise ReidRayError(f"{flag} {path}: not a checkpoint torch can read ({type(e).__name__}); pass a "
+                           "checkpoint.pt written by reid-ray train") from None
+    cfg = state.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str):
+        raise ReidRayError(f"{flag} {path}: a reid-ray checkpoint without its config (which method wrote it); pass one "
+                           "written by reid-ray train (a checkpoint.pt, best.pt or outputs/pretrain/baseline-*.pt)")
+    return cfg, state["method"]
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

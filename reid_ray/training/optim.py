@@ -8,6 +8,7 @@ from torch import nn
 
 from reid_ray import ReidRayError
 
+
 def warmup_step_scheduler(optimizer, warmup_epochs: int, warmup_factor: float, milestones, gamma: float):
     """BoT's lr schedule, stepped once per epoch: linear warmup, then ×gamma at each milestone."""
     def factor(epoch: int) -> float:
