@@ -103,7 +103,7 @@ def section_pipeline(repeats: int, out: Path, quick: bool = False, data_root: st
                      sets: tuple[str, ...] = ()) -> list[str]:
     lines = ["### The data pipeline: the loader alone against the training step alone", "",
              "The BoT baseline's own train loader (P×K 16×4, flip, pad + crop, normalise, random erasing, collate) "
-             "and its step (label-smoothed CE + batch-hard triplet, Adam) through `engine.train_epoch` on batches "
+             "and its step (label-smoothed CE + batch-hard triplet, Adam) through `training.loop.train_epoch` on batches "
              "already loaded; one process, every core for torch. *embedded*: synth-a in memory, 64×32, the `small` "
              "backbone; *JPEG*: Market-shaped 256×128 JPEGs decoded from disk each time (a 40-identity subset), "
              "ResNet-50. The slower of the two bounds the epoch.", "",

@@ -157,7 +157,7 @@ def cli_sweep(tmp_path_factory) -> CliRun:
 
 # --------------------------------------------------------------------------- the suite's time budget
 
-SUITE_BUDGET_S = 15 * 60  # `make test` on 2 cores (README); printed against, never failed on: a noisy machine is slow
+SUITE_BUDGET_S = 15 * 60  # `make test` on 2 cores (CONTRIBUTING.md); printed against, never failed on: a noisy machine is slow
 TEST_BUDGET_S = {"ray": 60.0, "other": 10.0}  # a test's own time (setup + call + teardown, shared fixtures apart)
 _budgets: dict[str, float] = {}
 _own: dict[str, float] = defaultdict(float)

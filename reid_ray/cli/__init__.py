@@ -6,7 +6,7 @@
     reid-ray tune ...                         # = python -m reid_ray.tune ...
     reid-ray report --experiment "synth-a->synth-b"   # Markdown + PNG comparison of an MLflow experiment
     reid-ray doctor [--data-root DIR] [--no-ray]      # what a run would use here: Ray, GPUs, faiss, datasets, MLflow
-    reid-ray san-pg pairs|train|predict ...   # SAN's pseudo texture generator (= python -m reid_ray.san_pg)
+    reid-ray san-pg pairs|train|predict ...   # SAN's pseudo texture generator (= python -m reid_ray.cli.san_pg)
     reid-ray evaluate --checkpoint C --dataset market1501 --data-root /datasets [--rerank]   # mAP/CMC
     reid-ray export --checkpoint C --onnx embedder.onnx       # the retrieval embedder as ONNX
     reid-ray embed --checkpoint C --images DIR --out feats.parquet   # features of a folder of images

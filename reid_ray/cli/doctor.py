@@ -180,7 +180,7 @@ def check_datasets(r: Report, root: str) -> None:
             st = read_dataset(name, base).stats()
         except DatasetError as e:  # the folder is there but partial or not in the published layout
             r.datasets.append((name, "-", "-", "-", "broken"))
-            r.problem(f"{name}: {e}", "restore the dataset's published layout (README, Datasets)")
+            r.problem(f"{name}: {e}", "restore the dataset's published layout (docs/datasets.md)")
             continue
         r.datasets.append((name, *(f"{st[s]['ids']} / {st[s]['images']}" for s in ("train", "query", "gallery")),
                            "ok"))

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
     p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
     p.add_argument("--config", default=None, help="a config YAML, e.g. a sweep's best_config.yaml (flags override it)")
-    p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/presets.py)")
+    p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None, help="folder holding the datasets' own top folders (default: data)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2)")
     p.add_argument("--epochs", type=int, default=None)

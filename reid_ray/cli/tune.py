@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
     p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
-    p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/presets.py)")
+    p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial")
     p.add_argument("--seed", type=int, default=0, help="seeds the TPE sampler and every trial's training")

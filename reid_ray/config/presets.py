@@ -11,7 +11,7 @@ A preset here names its datasets and the settings every method shares. What a me
 trains with on that pair (its own parameters and, where it differs, epochs / optim.*) and the
 numbers it published live in the method's own file (`Method.presets`, `Method.published`);
 `resolve_preset` puts both together. A preset is applied after the method's defaults and before
-`--config`, flags and `--set`, so every value stays overridable (config.py has the whole order).
+`--config`, flags and `--set`, so every value stays overridable (schema.py has the whole order).
 
 Shared settings: ResNet-50 from ImageNet weights, 256×128 images, P×K = 16 identities × 4 images
 per batch, 80 epochs of source pretraining for the methods that start from a source model.

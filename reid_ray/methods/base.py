@@ -9,7 +9,7 @@ does what it does when an epoch starts; and turns a batch into named losses:
         method.on_epoch_start(ctx)
         for batch in method.train_loader:
             losses = method.train_step(batch, ctx)   # {"loss": total, "ce": ..., "triplet": ...}
-            ...backward, optimizer step (engine.train_epoch)...
+            ...backward, optimizer step (training.loop.train_epoch)...
             method.after_step(ctx)
     model = method.eval_model()               # the network to evaluate, unwrapped
 
@@ -93,7 +93,7 @@ class EpochContext:
     rank: int = 0
     world_size: int = 1
     iteration: int = 0               # global step counter, updated by the loop
-    nonfinite_in_a_row: int = 0      # steps skipped in a row for a NaN/inf loss (engine.train_epoch)
+    nonfinite_in_a_row: int = 0      # steps skipped in a row for a NaN/inf loss (training.loop.train_epoch)
     step_ok: Any = None              # during `after_step` of a device-side skip: 1.0 (finite step) or 0.0 (skipped),
     #                                  a device tensor that scales the method's own updates (mean nets)
 
@@ -116,7 +116,7 @@ class Method:
     # parameters that take one of a few words, checked when the config is resolved (before Ray starts)
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     # True when a step's state changes only through the optimiser and `after_step` (which honours
-    # `ctx.step_ok`): a NaN step can then be skipped on the device without a host sync (engine.train_epoch).
+    # `ctx.step_ok`): a NaN step can then be skipped on the device without a host sync (training.loop.train_epoch).
     # False for methods that write a memory in the backward (ECN, SpCL) or elsewhere during the step
     device_skip: ClassVar[bool] = False
 

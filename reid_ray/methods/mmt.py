@@ -25,7 +25,7 @@ After every refresh the Adam moments start afresh (`reset_optimizer`: the author
 optimiser each epoch), at a constant lr with no warmup (the paper's schedule, `config_defaults`).
 BatchNorm normalises each group of 16 consecutive images (`model.samples_per_bn`), as the authors' 4-GPU
 DataParallel did, independently of how many workers share the batch.
-Evaluation: both mean nets, mean net 1 reported (the other's mAP logged beside it: engine.evaluate_method).
+Evaluation: both mean nets, mean net 1 reported (the other's mAP logged beside it: training.loop.evaluate_method).
 """
 
 from __future__ import annotations
