@@ -64,10 +64,12 @@ ROWS = [
     Row("ecn", "ECN", "ecn"),
     Row("mar", "MAR", "mar"),
     Row("spcl", "SpCL", "spcl"),
+    Row("cluster_contrast", "Cluster Contrast", "cluster_contrast"),
     Row("san-mmt", "MMT from SAN source models", "mmt", source="san"),
     Row("supervised", "supervised on the target (upper bound)", "baseline"),
 ]
-UDA = {"mmt-kmeans", "mmt-dbscan", "mmt-kmeans-bn64", "mmt-dbscan-bn64", "ecn", "mar", "spcl", "san-mmt"}
+UDA = {"mmt-kmeans", "mmt-dbscan", "mmt-kmeans-bn64", "mmt-dbscan-bn64", "ecn", "mar", "spcl", "cluster_contrast",
+       "san-mmt"}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

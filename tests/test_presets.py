@@ -31,8 +31,9 @@ def test_preset_builds_a_config(name, method):
     for key, value in overrides.items():
         assert same(flat[key], value), key
     assert (cfg.model.arch, cfg.transform.height, cfg.transform.width) == ("resnet50", 256, 128)
-    # P × K = 16 × 4, or the paper's source batch (ECN 128, MAR 184 → 192)
-    assert cfg.loader.num_instances == 4 and cfg.loader.num_identities == {"ecn": 32, "mar": 48}.get(method, 16)
+    # P × K = 16 × 4, or the paper's batch (ECN 128, MAR 184 → 192, Cluster Contrast 256 = 16 × 16)
+    expected = {"ecn": (32, 4), "mar": (48, 4), "cluster_contrast": (16, 16)}.get(method, (16, 4))
+    assert (cfg.loader.num_identities, cfg.loader.num_instances) == expected
     params = {k.split(".", 1)[1] for k in overrides if k.startswith("params.")}
     unknown = params - set(flatten(METHODS[method].Params()))
     assert not unknown, f"not {method} params: {unknown}"
@@ -88,7 +89,7 @@ def test_papers_recipes_are_the_methods_real_data_defaults():
     assert resolve_config("mar", preset="market2duke").source == "market1501"
     san = resolve_config("san", preset="market2duke")
     assert san.params.texture_step and (san.params.texture_lr, san.params.texture_beta1) == (1e-5, 0.5)
-    for method in ("baseline", "mmt", "ecn", "mar", "spcl", "san"):
+    for method in ("baseline", "mmt", "ecn", "mar", "spcl", "san", "cluster_contrast"):
         assert resolve_config(method, preset="duke2market").model.pretrained == "imagenet", method
 
 

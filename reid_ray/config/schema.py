@@ -181,7 +181,7 @@ _CHOICES = {"clustering.where": ("actor", "local"), "clustering.backend": ("auto
             "use_gpu": ("auto", "true", "false", "1", "0", "yes", "no"),
             "checkpoint_upload": ("auto", "sync", "async"), "loader.decode": ("cpu", "device"),
             "optim.optimizer": ("adam", "sgd"),
-            "optim.fused": ("auto", "true", "false")}
+            "optim.fused": ("auto", "true", "false"), "model.pooling": ("avg", "gem")}
 
 
 def check_choices(cfg: TrainConfig, method_choices: dict | None = None) -> None:
