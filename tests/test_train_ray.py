@@ -9,7 +9,6 @@ from reid_ray.cli.train import main
 from reid_ray.config import from_dict, resolve_config
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
 from reid_ray.distributed.driver import run_training
-from tests.conftest import run_cli
 
 pytestmark = pytest.mark.ray
 SMALL = SynthConfig(train_ids=16, test_ids=10, images_per_id=(6, 8), cameras_per_id=(2, 3), num_cameras=3,
@@ -23,14 +22,9 @@ def data_root(tmp_path_factory):
     return root
 
 
-def cfg_for(tmp_path, data_root, **kw):
-    return resolve_config("baseline", sets=["num_identities=8", "warmup_epochs=1", "log_model=false"], flags=dict(
-        data_root=str(data_root), output=str(tmp_path / "out"), mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        **{"epochs": 2, "eval_every": 1, **kw}))
-
-
-def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
-    """The CLI run of conftest (baseline, 4 epochs), then `--resume` from its checkpoint to a fifth epoch."""
+def test_trains_reports_checkpoints_tracks_and_resumes(ray_local, cli_training, capsys):
+    """The CLI run of conftest (baseline, 4 epochs), then `--resume` from its checkpoint to a fifth epoch (in this
+    process: the CLI's own process start is the fixture's)."""
     from mlflow.tracking import MlflowClient
 
     assert cli_training.proc.returncode == 0, cli_training.text
@@ -58,19 +52,32 @@ def test_trains_reports_checkpoints_tracks_and_resumes(cli_training):
     # beside it makes a new run (a new folder and MLflow run) from that checkpoint
     argv = [*cli_training.argv, "--epochs", "5", "--resume", checkpoint, "--name", "resumed",
             "--set", "checkpoint_upload=async"]
-    resumed = run_cli(argv, cli_training.root)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert main(argv[2:]) == 0
+    printed = capsys.readouterr().out
     (again,) = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_name == "resumed"]
     assert [h.value for h in client.get_metric_history(again.info.run_id, "epoch")] == [5.0]
-    (checkpoint,) = [line.split(" ", 1)[1] for line in resumed.stdout.splitlines() if line.startswith("checkpoint ")]
+    (checkpoint,) = [line.split(" ", 1)[1] for line in printed.splitlines() if line.startswith("checkpoint ")]
     resumed_state = torch.load(f"{checkpoint}/checkpoint.pt", weights_only=False)
     assert resumed_state["epoch"] == 4 and from_dict(resumed_state["config"]).epochs == 5
 
 
-def test_one_and_two_workers_agree_at_equal_global_batch(ray_local, data_root, tmp_path):
-    maps = [run_training(cfg_for(tmp_path, data_root, workers=w, epochs=3, eval_every=3))["metrics"]["target_mAP"]
-            for w in (1, 2)]
-    assert abs(maps[0] - maps[1]) <= 1.0, maps
+def test_one_and_two_workers_agree_at_equal_global_batch(ray_local, cli_training, tmp_path):
+    """The CLI run of conftest (2 workers) against the same run on 1 worker: the same global batch, the same BN
+    statistics (GlobalBatchNorm) and the same triplets (mined over the global batch) give the same model."""
+    from mlflow.tracking import MlflowClient
+
+    from reid_ray.cli.train import build_parser, config_from_args
+
+    argv = [*cli_training.argv[2:], "--workers", "1", "--name", "one-worker", "--output", str(tmp_path / "out"),
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.workers == 1 and resolve_config("baseline").workers == 2  # the CLI run's: the default
+    one = run_training(cfg)["metrics"]["target_mAP"]
+    client = MlflowClient(cli_training.uri)
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("synth-a->synth-b").experiment_id])
+              if r.info.run_name == "quiet"]
+    two = [h.value for h in client.get_metric_history(run.info.run_id, "target_mAP")][-1]
+    assert abs(one - two) <= 1.0, (one, two)
 
 
 def test_user_errors_exit_2_without_traceback(ray_local, data_root, tmp_path, capsys):
