@@ -146,6 +146,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(r
     while not (finished_trials() >= 1 and any(0 < committed_epoch(d) < 3 for d in out.glob("s-*"))):
         assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
+    (interrupted,) = [d.name for d in out.glob("s-*") if 0 < committed_epoch(d) < 3]  # its run's name
     first.kill()  # SIGKILL: the driver gets no chance to clean up
     first.wait()
     assert finished_trials() == 1
@@ -161,6 +162,22 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_or_orphaning(r
     steps = {r.info.run_name: [m.step for m in client.get_metric_history(r.info.run_id, "epoch")] for r in trials}
     # the finished trial logged 3 epochs once; the interrupted one did not start again from epoch 1
     assert all(s.count(1) == 1 and max(s) == 3 for s in steps.values()), steps
+    # ... and the interrupted trial ends where an uninterrupted run of its config ends (trained in one go here)
+    import copy
+
+    from reid_ray.config import apply_overrides
+    from reid_ray.config.search_space import load_search_space
+    from reid_ray.config.sweep import Sweep
+    from reid_ray.distributed.driver import run_training
+
+    sweep = Sweep.load(out / "tune" / "s")
+    (trial,) = [r for r in trials if r.info.run_name == interrupted]
+    swept = load_search_space(sweep.space_path, sweep.base).params
+    cfg = apply_overrides(copy.deepcopy(sweep.base), {k: trial.data.params[k] for k in swept})
+    cfg.name, cfg.output, cfg.experiment = "twin", str(tmp_path / "twin"), "sweep-faults-twin"
+    twin = run_training(cfg)["metrics"]["target_mAP"]
+    final = max(client.get_metric_history(trial.info.run_id, "target_mAP"), key=lambda m: (m.step, m.timestamp))
+    assert final.step == 3 and abs(final.value - twin) < 1e-6, (final, twin)
 
 
 _WRITER = """

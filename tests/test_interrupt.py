@@ -264,3 +264,36 @@ def test_a_tracking_server_gone_at_the_end_is_said_so_not_run_none(capsys):
     assert "MLflow run None" not in text and "MLflow run: http://127.0.0.1:9 did not answer at the end" in text
     assert "the rest of the run's metrics are in sqlite:////o/r/mlflow-fallback.db" in text
     assert "download it" not in text  # a local store opens as it is
+
+
+def test_a_sweep_stopped_by_ctrl_c_says_how_to_resume_and_exits_130(tiny_synth, tmp_path, capsys, monkeypatch,
+                                                                     restore_signals):
+    """`python -m reid_ray.tune` when Ctrl-C reaches it mid-sweep (the sweep's own stop, its runs marked KILLED,
+    is the SIGTERM path `ray job stop` tests for real: tests/test_ray_job.py): one line naming the signal and
+    the command that resumes the sweep, exit 130. Before the sweep's state exists, the line says to rerun."""
+    import signal
+
+    import reid_ray.distributed.sweep as sweeps
+    from reid_ray import Interrupted
+    from reid_ray.cli.tune import main
+    from reid_ray.config.sweep import sweep_dir
+
+    def started_then_stopped(sweep):
+        sweep.save(sweep_dir(sweep.base.output, sweep.name))  # what a running sweep has written
+        raise Interrupted(signal.SIGINT)
+
+    argv = ["--method", "baseline", "--data-root", str(tiny_synth), "--name", "s", "--output", str(tmp_path / "out"),
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "num_identities=4"]
+    monkeypatch.setattr(sweeps, "run_sweep", started_then_stopped)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"reid-ray: stopped (SIGINT); finished trials are kept, the others continue from their last "
+                   f"checkpoint with: python -m reid_ray.tune --resume s --output {tmp_path / 'out'}"], err
+
+    def stopped_at_once(sweep):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(sweeps, "run_sweep", stopped_at_once)
+    assert main([*argv[:4], "--name", "t", *argv[6:]]) == 143
+    assert capsys.readouterr().err.strip() == ("reid-ray: stopped (SIGTERM); before the sweep's first trial; "
+                                               "rerun the same command")
