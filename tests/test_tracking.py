@@ -175,3 +175,29 @@ def test_with_retries_waits_out_a_locked_database_only():
 def test_a_tracking_uri_that_cannot_work_is_one_clear_error(uri, message):
     with pytest.raises(ReidRayError, match=message):
         tracking.check_uri(uri)
+
+
+def test_an_interrupt_closes_the_runs_it_tore_down_and_no_other(tmp_path):
+    """After Ctrl-C or SIGTERM the driver marks its runs KILLED: the ones still RUNNING, and one its rank 0 ended
+    FAILED "failed" as the stop tore the worker group down; a failure from before the stop, or a user error,
+    keeps its own status."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from reid_ray.tracking import start_run
+    from reid_ray.tracking.status import closed_after_interrupt
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    ids = {name: start_run(uri, "e", name, {}, {"sweep": "s"}, {}) for name in ("running", "early", "torn", "error")}
+    tracking.set_status(uri, ids["early"], "FAILED", "failed")
+    time.sleep(0.05)
+    began_ms = int(time.time() * 1000)
+    time.sleep(0.05)
+    tracking.set_status(uri, ids["torn"], "FAILED", "failed")
+    tracking.set_status(uri, ids["error"], "FAILED", "error: params.k=0")
+    assert closed_after_interrupt(uri, "e", "sweep", "s", "SIGTERM", began_ms) == 2
+    got = {name: (client.get_run(i).info.status, client.get_run(i).data.tags["status"]) for name, i in ids.items()}
+    assert got == {"running": ("KILLED", "interrupted (SIGTERM)"), "torn": ("KILLED", "interrupted (SIGTERM)"),
+                   "early": ("FAILED", "failed"), "error": ("FAILED", "error: params.k=0")}, got

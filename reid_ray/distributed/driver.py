@@ -180,14 +180,14 @@ def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: 
     still running could otherwise end its run FINISHED after the mark. On a cluster (RAY_ADDRESS) the mark
     first: `ray job stop` sends SIGKILL 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), and leaving the
     cluster is only a disconnect."""
-    reason = stopped_by(e).name
+    reason, began_ms = stopped_by(e).name, int(time.time() * 1000) - 1000  # a second's slack for clock granularity
     print(f"reid-ray: {reason}: stopping the run's Ray work (a second Ctrl-C stops at once) ...", file=sys.stderr,
           flush=True)
     local = not os.environ.get("RAY_ADDRESS")
     if local and ray.is_initialized():
         ray.shutdown()
     try:
-        run_status.closed_after_interrupt(uri, experiment, tag, value, reason)
+        run_status.closed_after_interrupt(uri, experiment, tag, value, reason, began_ms)
     except Exception as err:  # the tracking server is away: the run shows RUNNING until it is resumed
         print(f"reid-ray: could not mark the MLflow run KILLED ({type(err).__name__}); --resume reopens it",
               file=sys.stderr, flush=True)
