@@ -159,3 +159,51 @@ def test_ema_weight_scaled_on_the_device_by_the_steps_flag():
     ema_update(ema, net, alpha=0.9, step=5, ok=torch.tensor(1.0))
     for a, b, e, p in zip(ema.parameters(), plain.parameters(), before, net.parameters()):
         assert torch.allclose(a, b, atol=1e-7) and torch.allclose(a, e + (p - e) / 6, atol=1e-7)  # a = min(1 - 1/6, 0.9)
+
+
+def test_baseline_target_bn_batches_move_bn_statistics_towards_the_target_batch(tiny_synth):
+    """`target_bn_batches` (the authors' PreTrainer): after the source forward, a target batch forwarded in train
+    mode without gradients; a BatchNorm's running mean then is (1 - m)·[(1 - m)·r + m·μ_source] + m·μ_target."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    cfg = resolve_config("baseline", sets=["num_identities=4", "target_bn_batches=true"],
+                         flags=dict(data_root=str(tiny_synth)))
+    domains = Domains(read_dataset("synth-a", tiny_synth), read_dataset("synth-b", tiny_synth))
+    method = METHODS["baseline"](cfg, domains, torch.device("cpu"))
+    method.setup()
+    batch = next(iter(method.train_loader))
+    assert batch["t_img"].shape == batch["img"].shape  # P×K target images beside the source's
+    assert set(batch["t_pid"].tolist()) <= set(domains.target.train["pid"].to_pylist())
+    bn = next(m for m in method.eval_model().modules() if isinstance(m, _BatchNorm))
+    seen = []
+    bn.register_forward_pre_hook(lambda mod, args: seen.append((args[0].detach().mean((0, 2, 3)),
+                                                                torch.is_grad_enabled())))
+    r, m = bn.running_mean.clone(), bn.momentum
+    method.train_step(batch, EpochContext(0))
+    (mu_source, grad_source), (mu_target, grad_target) = seen
+    assert grad_source and not grad_target
+    assert torch.allclose(bn.running_mean, (1 - m) * ((1 - m) * r + m * mu_source) + m * mu_target, atol=1e-5)
+    # without the switch: the source batch alone
+    plain = METHODS["baseline"](resolve_config("baseline", sets=["num_identities=4"],
+                                               flags=dict(data_root=str(tiny_synth))), domains, torch.device("cpu"))
+    plain.setup()
+    assert "t_img" not in next(iter(plain.train_loader))
+    assert len(plain.train_loader) == len(method.train_loader)  # an epoch stays one pass of the source
+
+
+def test_pretraining_plan_with_the_authors_recipe(tmp_path):
+    from reid_ray.distributed.driver import pretraining_plan
+
+    bot = resolve_config("mmt", flags=dict(output=str(tmp_path)))
+    assert bot.params.source_recipe == "bot"  # the embedded benchmark: its measured source models
+    authors = resolve_config("mmt", sets=["source_recipe=authors"], flags=dict(output=str(tmp_path)))
+    (bot_cache, bot_pre), (auth_cache, auth_pre) = pretraining_plan(bot), pretraining_plan(authors)
+    assert (auth_pre.params.triplet, auth_pre.params.target_bn_batches) == ("softmax", True)
+    assert (bot_pre.params.triplet, bot_pre.params.target_bn_batches) == ("hinge", False)
+    assert auth_pre.params.center_loss_weight == bot_pre.params.center_loss_weight == 0  # the authors' has none
+    assert auth_cache != bot_cache and auth_pre.name != bot_pre.name
+    # every other method keeps BoT's recipe, its cache key as before (no params in it)
+    assert METHODS["ecn"].pretrain_params(resolve_config("ecn").params) == {}
+    real = resolve_config("mmt", preset="duke2market", flags=dict(output=str(tmp_path)))
+    assert real.params.source_recipe == "authors"
+    assert pretraining_plan(real)[1].params.triplet == "softmax"

@@ -9,6 +9,7 @@ from reid_ray.data.readers import dataset_names
 from reid_ray.methods import METHODS
 
 PRESETS = {name: resolve_preset(name) for name in preset_names()}
+UDA = {name: p for name, p in PRESETS.items() if p["source"] != "none"}  # market, msmt17: no source (test_unsupervised)
 
 CONFIG_KEYS = set(flatten(TrainConfig()))
 
@@ -18,10 +19,11 @@ def same(a, b) -> bool:
 
 
 def test_names():
-    assert set(PRESETS) == {"market2duke", "duke2market", "market2msmt", "msmt2market"}
+    assert set(UDA) == {"market2duke", "duke2market", "market2msmt", "msmt2market"}
+    assert set(PRESETS) - set(UDA) == {"market", "msmt17"}
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(UDA))
 @pytest.mark.parametrize("method", sorted(METHODS))  # baseline, mmt, and ecn/mar once registered
 def test_preset_builds_a_config(name, method):
     source, target, overrides = apply_preset(name, method)
@@ -54,17 +56,19 @@ def test_method_overrides_are_well_formed():
 
 
 def test_the_papers_cluster_numbers():
-    k = {n: apply_preset(n, "mmt")[2]["params.num_clusters"] for n in PRESETS}
+    k = {n: apply_preset(n, "mmt")[2]["params.num_clusters"] for n in UDA}
     assert k == {"duke2market": 500, "market2duke": 700, "market2msmt": 1500, "msmt2market": 500}
     ecn = apply_preset("duke2market", "ecn")[2]
     assert (ecn["params.beta"], ecn["params.lam"], ecn["params.knn_k"]) == (0.05, 0.3, 6)
     assert PRESETS["duke2market"]["published"]["mmt"]["mAP"] == 71.2
 
 
-def test_long_names_and_baseline_gets_shared_settings_only():
+def test_long_names_and_baseline_gets_shared_settings_and_bots_center_loss():
     assert resolve_preset("dukemtmc2market1501")["target"] == "market1501"
     assert resolve_preset("Market1501->DukeMTMC")["target"] == "dukemtmc"
-    assert apply_preset("duke2market", "baseline")[2] == PRESETS["duke2market"]["overrides"]
+    assert resolve_preset("market1501")["source"] == "none"
+    assert apply_preset("duke2market", "baseline")[2] == {**PRESETS["duke2market"]["overrides"],
+                                                          "params.center_loss_weight": 0.0005}
     resolve_preset("duke2market")["overrides"]["model.arch"] = "x"  # a copy: PRESETS stays intact
     assert PRESETS["duke2market"]["overrides"]["model.arch"] == "resnet50"
 

@@ -171,8 +171,9 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     table.add_column("")
     table.add_column("mAP (%)", justify="right")
     table.add_column("R1 (%)", justify="right")
-    adapted = "adapted" if method_class(cfg.method).adapts else "direct transfer"
-    for name, label in (("source", f"source {cfg.source} (supervised)"), ("target", f"target {cfg.target} ({adapted})")):
+    adapted = ("adapted" if method_class(cfg.method).adapts else "direct transfer") if cfg.has_source else "unsupervised"
+    rows = [("source", f"source {cfg.source} (supervised)")] if cfg.has_source else []
+    for name, label in rows + [("target", f"target {cfg.target} ({adapted})")]:
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
     console = Console(highlight=False)
     console.print(table)
@@ -194,7 +195,8 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-ray train", description=__doc__.split("\n")[0])
     p.add_argument("--method", default=None, help=f"one of: {', '.join(sorted(METHODS))} (default baseline)")
-    p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
+    p.add_argument("--source", default=None, help="labelled source dataset (default synth-a), or none: the fully "
+                   "unsupervised setting (the target alone; spcl, cluster_contrast)")
     p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
     p.add_argument("--config", default=None, help="a config YAML, e.g. a sweep's best_config.yaml (flags override it)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, default=None,
                    help="Ray Train workers per trial (default 2; 1 on the synthetic default)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
-    p.add_argument("--source", default=None, help="labelled source dataset (default synth-a)")
+    p.add_argument("--source", default=None, help="labelled source dataset (default synth-a), or none: the fully "
+                   "unsupervised setting (the target alone; spcl, cluster_contrast)")
     p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None)

@@ -2,6 +2,7 @@
 (checks.py), presets, search spaces and a sweep's saved state (sweep.py)."""
 
 from reid_ray.config.schema import (  # noqa: F401 - the package's names
+    NO_SOURCE,
     SYNTHETIC_DEFAULTS,
     SYNTHETIC_SWEEP,
     ClusteringConfig,

@@ -115,6 +115,9 @@ def check_source_models(cfg: TrainConfig) -> None:
     from reid_ray.methods import method_class
 
     n = method_class(cfg.method).source_models(cfg.params)
+    if n and not cfg.has_source:
+        raise ReidRayError(f"{cfg.method} would start from {n} source model(s), and --source none has no source to "
+                           "train one on: drop params.source_init=true, or name a source dataset")
     if len(cfg.init) > n:
         count = {0: "no source model", 1: "one source model", 2: "two source models"}.get(n, f"{n} source models")
         raise ReidRayError(f"--init: {cfg.method} starts from {count}, got {len(cfg.init)} checkpoints; "

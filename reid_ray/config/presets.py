@@ -2,6 +2,7 @@
 
     python -m reid_ray.tune --method <method> --preset duke2market --data-root /data
     python -m reid_ray.train --method <method> --preset market2duke --data-root /data
+    python -m reid_ray.train --method cluster_contrast --preset market --data-root /data   # no source
 
     >>> source, target, overrides = apply_preset("duke2market", "baseline")
     >>> source, target, overrides["model.arch"]
@@ -15,6 +16,9 @@ numbers it published live in the method's own file (`Method.presets`, `Method.pu
 
 Shared settings: ResNet-50 from ImageNet weights, 256×128 images, P×K = 16 identities × 4 images
 per batch, 80 epochs of source pretraining for the methods that start from a source model.
+
+The fully unsupervised presets (`market`, `msmt17`) name no source (`--source none`): the target alone, from
+ImageNet weights, for the methods that define that setting (`Method.unsupervised`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 
 from reid_ray import ReidRayError
+from reid_ray.data.domains import NO_SOURCE
 
 _COMMON = {
     "model.arch": "resnet50",
@@ -39,10 +44,14 @@ _PAIRS = {
     "market2duke": ("market1501", "dukemtmc"),
     "market2msmt": ("market1501", "msmt17"),
     "msmt2market": ("msmt17", "market1501"),
+    # the fully unsupervised setting: no source
+    "market": (NO_SOURCE, "market1501"),
+    "msmt17": (NO_SOURCE, "msmt17"),
 }
 
-# Long names with the datasets' own names: dukemtmc2market1501, dukemtmc->market1501.
-ALIASES = {f"{s}{sep}{t}": name for name, (s, t) in _PAIRS.items() for sep in ("2", "->")}
+# Long names with the datasets' own names: dukemtmc2market1501, dukemtmc->market1501; market1501 for market.
+ALIASES = {f"{s}{sep}{t}": name for name, (s, t) in _PAIRS.items() for sep in ("2", "->") if s != NO_SOURCE}
+ALIASES.update({"market1501": "market", "msmt": "msmt17"})
 
 
 def preset_names() -> list[str]:
@@ -54,7 +63,8 @@ def _canonical(name: str) -> str:
     key = ALIASES.get(key, key)
     if key not in _PAIRS:
         raise ReidRayError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())} "
-                           f"(or source2target with dataset names, e.g. dukemtmc2market1501)")
+                           f"(or source2target with dataset names, e.g. dukemtmc2market1501; market and msmt17 "
+                           f"have no source)")
     return key
 
 

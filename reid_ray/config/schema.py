@@ -10,7 +10,9 @@
     2. synthetic defaults     `SYNTHETIC_DEFAULTS` when both domains are the embedded benchmark
     3. the method's config    `Method.config_defaults` (what its paper trains with everywhere); on the
                               embedded benchmark also `Method.synthetic_overrides`, and in a sweep
-                              on it `SYNTHETIC_SWEEP` (short trials), then `Method.sweep_overrides`
+                              on it `SYNTHETIC_SWEEP` (short trials), then `Method.sweep_overrides`;
+                              with `--source none`, then `Method.unsupervised` (the fully unsupervised
+                              setting: no source model to start from)
     4. preset                 `--preset`: the shared real-benchmark settings, then the method's own
                               (`Method.presets`, see presets.py)
     5. config file            `--config` (a run's config.yaml, a sweep's best_config.yaml), or a search
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from reid_ray import ReidRayError
+from reid_ray.data.domains import NO_SOURCE  # noqa: F401 - --source none: the fully unsupervised setting
 from reid_ray.data.loader import LoaderConfig
 from reid_ray.data.transforms import TransformConfig
 from reid_ray.methods.base import NoParams
@@ -75,7 +78,7 @@ class ClusteringConfig:
 @dataclass
 class TrainConfig:
     method: str = "baseline"
-    source: str = "synth-a"
+    source: str = "synth-a"            # a dataset, or "none": the fully unsupervised setting (target only)
     target: str = "synth-b"
     data_root: str = "data"
     epochs: int = 120
@@ -117,6 +120,11 @@ class TrainConfig:
     def source_to_target(self) -> str:
         return f"{self.source}->{self.target}"
 
+    @property
+    def has_source(self) -> bool:
+        """False in the fully unsupervised setting (`--source none`): no labelled source is read at all."""
+        return self.source != NO_SOURCE
+
 
 # Layer 2: the embedded default: small images, a small backbone and a schedule that fits minutes on 2 CPU cores.
 SYNTHETIC_DEFAULTS = {
@@ -132,10 +140,22 @@ SYNTHETIC_SWEEP = {"epochs": 3, "eval_every": 1, "pretrain_epochs": 8, "workers"
 
 
 def is_synthetic(source: str, target: str) -> bool:
-    """Both domains are the embedded benchmark (the only test of it)."""
+    """Both domains are the embedded benchmark, or its target with no source (the only test of it)."""
     from reid_ray.data.synthetic import DOMAINS
 
-    return source.lower() in DOMAINS and target.lower() in DOMAINS
+    return (source.lower() in DOMAINS or source.lower() == NO_SOURCE) and target.lower() in DOMAINS
+
+
+def no_source_overrides(cls) -> dict:
+    """What `--source none` sets for method class `cls` (its `unsupervised` overrides: no source model to start
+    from), or one clear error when the method needs a labelled source."""
+    from reid_ray.methods import METHODS
+
+    if cls.unsupervised is None:
+        able = ", ".join(sorted(m for m, c in METHODS.items() if c.unsupervised is not None))
+        raise ReidRayError(f"{cls.name} needs a labelled source, and --source none has none; the fully unsupervised "
+                           f"setting runs {able} (or name a source dataset)")
+    return cls.unsupervised
 
 
 def resolve_config(method: str = "baseline", source: str | None = None, target: str | None = None, *,
@@ -157,8 +177,9 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
         source, target = source or p_source, target or p_target
     source, target = (source or "synth-a").lower(), (target or "synth-b").lower()
     for d in (source, target):
-        if d not in dataset_names():
-            raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}")
+        if d not in dataset_names() and not (d == NO_SOURCE and d == source):
+            raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}"
+                               + (f" (and --source {NO_SOURCE}: no source)" if d == source else ""))
     cfg = TrainConfig(method=cls.name, source=source, target=target, params=cls.Params())
     synthetic = is_synthetic(source, target)
     if synthetic:                                                         # 2
@@ -168,6 +189,8 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
         apply_overrides(cfg, cls.synthetic_overrides)
         if sweep:
             apply_overrides(cfg, {**SYNTHETIC_SWEEP, **cls.sweep_overrides})
+    if source == NO_SOURCE:                                               # 3b
+        apply_overrides(cfg, no_source_overrides(cls))
     apply_overrides(cfg, preset_overrides)                                # 4
     apply_overrides(cfg, file or {})                                      # 5
     apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6

@@ -2,6 +2,8 @@
 
     domains = ensure_data(cfg)        # driver: checks real datasets, writes synth-a/synth-b if missing
     domains = load_domains("synth-a", "synth-b", "/abs/data")   # anywhere after: cached per process
+
+A run with `--source none` (the fully unsupervised setting) has `domains.source = None`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ from reid_ray.data.readers import ReIDDataset, read_dataset
 from reid_ray.data.synthetic import DOMAINS as SYNTH_DOMAINS
 from reid_ray.data.synthetic import SynthConfig, generate_synthetic
 
+NO_SOURCE = "none"  # --source none: the fully unsupervised setting, the target alone (no source dataset)
+
 
 @dataclass
 class Domains:
-    source: ReIDDataset
+    source: ReIDDataset | None  # None: no source (--source none)
     target: ReIDDataset
+
+    def named(self) -> list[tuple[str, ReIDDataset]]:
+        """[(role, dataset)] of the domains the run has: ("source", ...) unless it has none, then ("target", ...)."""
+        return [(role, ds) for role, ds in (("source", self.source), ("target", self.target)) if ds is not None]
 
 
 _LOADED: dict[tuple[str, str], ReIDDataset] = {}
@@ -34,14 +42,14 @@ def _load(name: str, root: Path) -> ReIDDataset:
 def load_domains(source: str, target: str, root: str | Path) -> Domains:
     """Both domains under `root`, each read once per process."""
     root = Path(root).expanduser().resolve()
-    return Domains(_load(source, root), _load(target, root))
+    return Domains(None if source == NO_SOURCE else _load(source, root), _load(target, root))
 
 
 def ensure_data(cfg) -> Domains:
     """Check the real datasets of `cfg`, then write the synthetic domains it names if missing, then read
     both. A missing real dataset fails before anything is written. Sets `cfg.data_root` absolute."""
     root = Path(cfg.data_root).expanduser().resolve()
-    for name in {cfg.source, cfg.target} - set(SYNTH_DOMAINS):
+    for name in {cfg.source, cfg.target} - set(SYNTH_DOMAINS) - {NO_SOURCE}:
         _load(name, root)  # a clear DatasetError (missing folder, layout) before any synthetic write
     missing = tuple(d for d in SYNTH_DOMAINS if d in (cfg.source, cfg.target) and not (root / d).exists())
     if missing:

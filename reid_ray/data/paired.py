@@ -73,23 +73,27 @@ class _BothSamplers:
 
 
 class PairedLoader:
-    """Zips a source loader with a target loader; one pass is one pass of the target loader."""
+    """Zips a source loader with a target loader, the target's batches under `prefix` keys; one pass is one pass of
+    the target loader (`lead="target"`) or of the source loader (`lead="source"`), the other restarted whenever it
+    runs out, its epoch e + 1_000·c on its c-th restart (a function of (seed, epoch): resumable)."""
 
-    def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_"):
-        self.source, self.target, self.prefix = source, target, prefix
+    def __init__(self, source: DataLoader, target: DataLoader, prefix: str = "t_", lead: str = "target"):
+        self.source, self.target, self.prefix, self.lead = source, target, prefix, lead
         self.sampler = _BothSamplers(source.sampler, target.sampler)
 
     def __len__(self) -> int:
-        return len(self.target)
+        return len(self.target if self.lead == "target" else self.source)
 
     def __iter__(self) -> Iterator[dict]:
-        src, start, cycles = iter(self.source), self.source.sampler.epoch, 0
-        for tb in self.target:
+        lead, other = (self.target, self.source) if self.lead == "target" else (self.source, self.target)
+        it, start, cycles = iter(other), other.sampler.epoch, 0
+        for lb in lead:
             try:
-                sb = next(src)
-            except StopIteration:  # a new pass of the source, its order a function of (epoch, pass): resumable
+                ob = next(it)
+            except StopIteration:  # a new pass of the other loader, its order a function of (epoch, pass)
                 cycles += 1
-                self.source.sampler.set_epoch(start + 1_000 * cycles)
-                src = iter(self.source)
-                sb = next(src)
+                other.sampler.set_epoch(start + 1_000 * cycles)
+                it = iter(other)
+                ob = next(it)
+            sb, tb = (ob, lb) if self.lead == "target" else (lb, ob)
             yield {**sb, **{self.prefix + k: v for k, v in tb.items()}}

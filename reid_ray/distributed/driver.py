@@ -221,7 +221,7 @@ def resumed_state(cfg: TrainConfig) -> dict | None:
 
 def warn_changed_data(resumed: dict, domains, resume: str) -> None:
     """One warning per dataset whose manifest digest differs from the one the checkpoint was trained on."""
-    for role, ds in (("source", domains.source), ("target", domains.target)):
+    for role, ds in domains.named():
         then, now = resumed["data"].get(role), ds.digest()
         if then and then != now:
             print(f"reid-ray: warning: the {role} dataset {ds.name} changed since {resume} was written "
@@ -259,18 +259,22 @@ def pretraining_plan(cfg: TrainConfig) -> tuple[Any, TrainConfig]:
     """(where the source model of `cfg` is cached, the baseline config that trains it).
 
     The cache key is everything that shapes the source model (data, model, transforms,
-    loader, the baseline's optimiser, pretraining epochs, seed), so a sweep over the method's own
-    parameters (lr included) pays it once.
+    loader, the baseline's optimiser, pretraining epochs, seed, and the baseline params the method asks for:
+    `Method.pretrain_params`), so a sweep over the method's own parameters (lr included) pays it once.
     """
     base = resolve_config("baseline", cfg.source, cfg.target)
+    asked = method_class(cfg.method).pretrain_params(cfg.params)
     # the source model shares the method's data, model, transforms and loader, but trains with the
     # baseline's own schedule (BoT: warmup, step decay), never the method's fine-tuning lr
     d = {**to_dict(cfg), "optim": to_dict(base)["optim"], "epochs": cfg.pretrain_epochs or base.epochs}
     for k in PRETRAIN_IGNORED:
         d.pop(k, None)
+    if asked:  # only then: the keys (and caches) of the baseline's own recipe stay as they were
+        d["pretrain_params"] = asked
     key = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
     cached = storage.absolute(cfg.output) / "pretrain" / f"baseline-{key}.pt"  # a URI under a URI --output
-    pre = from_dict({**to_dict(cfg), "method": "baseline", "params": to_dict(base)["params"], "name": f"pretrain-{key}",
+    params = {**to_dict(base)["params"], **asked}
+    pre = from_dict({**to_dict(cfg), "method": "baseline", "params": params, "name": f"pretrain-{key}",
                      "optim": to_dict(base)["optim"], "epochs": d["epochs"], "eval_every": d["epochs"],
                      "resume": "", "init": []})
     return cached, pre

@@ -106,7 +106,7 @@ def _train(config: dict) -> None:
     run = _open_run(config["mlflow"], cfg, config["cfg"], domains, run_dir) if rank == 0 else None
     # what a resumed run checks against (distributed/driver.py): its MLflow run, its datasets
     identity = {"run_key": config["mlflow"]["run_key"],
-                "data": {"source": domains.source.digest(), "target": domains.target.digest()}}
+                "data": {role: ds.digest() for role, ds in domains.named()}}
     curves: dict = {}
     try:
         if start >= cfg.epochs and state and state.get("report"):
@@ -222,7 +222,7 @@ def _evaluate(method, cfg: TrainConfig, last: bool, curves: dict, run, run_dir: 
     """Rank 0's evaluation of this epoch: the target (and the source where asked, and at the last epoch), the
     method's own artifacts logged under `epoch<N>/`."""
     metrics = {}
-    for name, ds in (("source", method.domains.source), ("target", method.domains.target)):
+    for name, ds in method.domains.named():
         if name == "source" and not (cfg.eval_source or last):
             continue
         res, curves[name] = evaluate_method(method, ds, cfg, name)

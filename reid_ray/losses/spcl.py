@@ -18,8 +18,14 @@ centroid for a source image, the image's own instance row for a target image) is
 one sample after another, in the global batch's order, as the authors' loop does (a source class
 appears K times in a P×K batch). As ECN's memory, the product is `losses/memory.MemoryProduct`, which
 updates in `backward`, after the gradient has used the old rows; under DDP the module all-gathers the rows
-to write and their indices in `forward`, so every rank applies the same update. The authors'
-masked softmax (exp without the max shift, +1e-6) is computed here as a stable log-softmax.
+to write and their indices in `forward`, so every rank applies the same update. Each call's backward thus
+updates the memory before the backward of any earlier call runs (autograd takes the later call first): a
+method that calls the memory twice, source batch then target batch, as the authors' trainer does, takes
+the source gradient against rows the target batch has already moved (`methods/spcl.py`, `memory_calls`).
+
+A label with no row in the memory (possible only where the labels leave a gap) is masked out of the
+softmax, as the authors' mask of labels with rows does, rather than entering it with a logit of 0. The
+authors' masked softmax (exp without the max shift, +1e-6) is computed here as a stable log-softmax.
 """
 
 from __future__ import annotations
@@ -52,12 +58,14 @@ def momentum_update(memory: torch.Tensor, feats: torch.Tensor, indices: torch.Te
 
 
 def unified_contrastive_loss(logits: torch.Tensor, row_labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 per sample (B,): logits (B, M) = ⟨f, row⟩/τ; each label's logit is the mean over its rows."""
+    """Eq. 2 per sample (B,): logits (B, M) = ⟨f, row⟩/τ; each label's logit is the mean over its rows, and
+    a label without rows stays out of the softmax."""
     num_labels = int(row_labels.max()) + 1
-    counts = torch.bincount(row_labels, minlength=num_labels).clamp(min=1).to(logits.dtype)
+    counts = torch.bincount(row_labels, minlength=num_labels)
     per_label = torch.zeros(logits.shape[0], num_labels, device=logits.device, dtype=logits.dtype)
     per_label.index_add_(1, row_labels, logits)
-    return F.cross_entropy(per_label / counts, targets, reduction="none")
+    per_label = (per_label / counts.clamp(min=1).to(logits.dtype)).masked_fill(counts == 0, float("-inf"))
+    return F.cross_entropy(per_label, targets, reduction="none")
 
 
 class HybridMemory(nn.Module):

@@ -104,6 +104,9 @@ class Method:
     needs_source_init: ClassVar[bool] = False   # starts from source-trained baselines (`init`)
     uses_clustering: ClassVar[bool] = False     # asks `self.clusterer` for pseudo-labels (see `cluster_spec`)
     adapts: ClassVar[bool] = True               # trains on the target; False: source only (target = direct transfer)
+    # the fully unsupervised setting (`--source none`: the target alone, from ImageNet or random weights): what
+    # it sets (e.g. no source model to start from), or None for a method that needs a labelled source
+    unsupervised: ClassVar[dict[str, Any] | None] = None
     # config fields the method's paper trains with on every dataset (e.g. a constant lr), before the presets
     config_defaults: ClassVar[dict[str, Any]] = {}
     # what changes on the embedded synthetic benchmark (small, CPU-sized), on top of config.SYNTHETIC_DEFAULTS
@@ -141,10 +144,18 @@ class Method:
         return 1 if cls.needs_source_init else 0
 
     @classmethod
+    def pretrain_params(cls, params) -> dict[str, Any]:
+        """The baseline's `params` the method's source models train with, over the baseline's defaults (the
+        driver's `pretraining_plan`, whose cache key they enter): none by default (BoT's recipe)."""
+        return {}
+
+    @classmethod
     def check(cls, cfg: TrainConfig, domains: Domains) -> None:
         """User mistakes the data shows before Ray starts (checks.check_run calls it on the driver), each a
         `ReidRayError`: by default, the source P×K batch against the source identities. A method that
         trains on other batches overrides it (and calls `check_pk` or `check_batch` for each)."""
+        if domains.source is None:
+            raise ReidRayError(f"{cfg.method} needs a labelled source; name one with --source")
         check_pk(cfg, domains.source.train["pid"].to_numpy(), f"source {cfg.source}")
 
     @classmethod

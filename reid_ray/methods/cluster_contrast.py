@@ -81,8 +81,15 @@ class ClusterContrast(Method):
     presets = {"duke2market": {**_TARGET_ONLY, "params.iters": 200},
                "market2duke": {**_TARGET_ONLY, "params.iters": 200},
                "market2msmt": {**_TARGET_ONLY, "params.iters": 400},
-               "msmt2market": {**_TARGET_ONLY, "params.iters": 200}}
-    published = {"duke2market": {"mAP": 82.1, "R1": 92.3, "paper": _PAPER + "; Market-1501 alone, no source"},
+               "msmt2market": {**_TARGET_ONLY, "params.iters": 200},
+               "market": {**_TARGET_ONLY, "params.iters": 200},
+               "msmt17": {**_TARGET_ONLY, "params.iters": 400}}
+    # the fully unsupervised setting (--source none), the authors' own: no source model, ImageNet weights (random
+    # for the embedded `small` network, which has none)
+    unsupervised = {"params.source_init": False}
+    published = {"market": {"mAP": 82.1, "R1": 92.3, "paper": _PAPER + "; fully unsupervised"},
+                 "msmt17": {"mAP": 27.6, "R1": 56.0, "paper": _PAPER + "; fully unsupervised"},
+                 "duke2market": {"mAP": 82.1, "R1": 92.3, "paper": _PAPER + "; Market-1501 alone, no source"},
                  "market2msmt": {"mAP": 27.6, "R1": 56.0, "paper": _PAPER + "; MSMT17 alone, no source"},
                  "msmt2market": {"mAP": 82.1, "R1": 92.3, "paper": _PAPER + "; Market-1501 alone, no source"}}
 

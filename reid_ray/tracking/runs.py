@@ -174,7 +174,7 @@ def dataset_records(domains) -> list[dict]:
     """The run's datasets as plain records (MLflow dataset inputs, `log_datasets`): name, where they were read
     from, the manifests' content digest, and per split the counts of ids, images and cameras."""
     return [{"name": ds.name, "digest": ds.digest(), "source": str(ds.root), "context": role,
-             "profile": ds.stats()} for role, ds in (("source", domains.source), ("target", domains.target))]
+             "profile": ds.stats()} for role, ds in domains.named()]
 
 
 def log_datasets(uri: str, run_id: str, records: list[dict]) -> None:
