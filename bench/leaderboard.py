@@ -4,8 +4,9 @@
 
 Rows: direct transfer and AdaBN (the seed's BoT baseline, no training on the target), each UDA method at its
 embedded defaults, MMT once with k-means and once with DBSCAN pseudo-labels, MMT started from SAN source
-models, and the upper bound (the baseline trained with synth-b's own labels). Every UDA run starts from the
-seed's source models (bench_uda's `baseline-s<seed>`, MMT's second net from seed + 1), runs under Ray Train
+models, the fully unsupervised setting (`usl-*`: no source, random weights, the target alone: k-means
+self-training, SpCL, Cluster Contrast), and the upper bound (the baseline trained with synth-b's own labels).
+Every UDA run starts from the seed's source models (bench_uda's `baseline-s<seed>`, MMT's second net from seed + 1), runs under Ray Train
 with the benchmark's workers, and reports its **last** epoch (no model selection on target labels).
 
 Each (row, seed) is recorded in `bench/records/<benchmark>/<row>-s<seed>.json` once finished (committed: a few
@@ -47,7 +48,8 @@ class Row:
     label: str
     method: str | None = None           # None: read from the seed's baseline record
     sets: dict = field(default_factory=dict)
-    source: str = "baseline"            # baseline | san: the source models the method starts from
+    source: str = "baseline"            # baseline | san: the source models the method starts from | none: no
+                                        # source at all (the fully unsupervised setting, from random weights)
 
 
 ROWS = [
@@ -66,6 +68,9 @@ ROWS = [
     Row("spcl", "SpCL", "spcl"),
     Row("cluster_contrast", "Cluster Contrast", "cluster_contrast"),
     Row("san-mmt", "MMT from SAN source models", "mmt", source="san"),
+    Row("usl-self_training", "k-means self-training, no source", "self_training", source="none"),
+    Row("usl-spcl", "SpCL, no source", "spcl", source="none"),
+    Row("usl-cluster_contrast", "Cluster Contrast, no source", "cluster_contrast", source="none"),
     Row("supervised", "supervised on the target (upper bound)", "baseline"),
 ]
 UDA = {"mmt-kmeans", "mmt-dbscan", "mmt-kmeans-bn64", "mmt-dbscan-bn64", "ecn", "mar", "spcl", "cluster_contrast",
@@ -111,7 +116,7 @@ class Leaderboard:
         record = self.records / f"{row.key}-s{seed}.json"
         if record.is_file():
             return json.loads(record.read_text())
-        base = self.source_model("baseline", seed)
+        base = self.source_model("baseline", seed) if row.source != "none" else None
         if row.method is None:
             m = base["metrics"] if row.key == "direct" else base["adabn"]
             rec = {"target_mAP": m["target_mAP"], "target_R1": m["target_R1"], "source_mAP": base["metrics"]["source_mAP"],
@@ -120,6 +125,8 @@ class Leaderboard:
             flags = dict(seed=seed, name=f"{row.key}-s{seed}", output=str(self.out / "runs"), **self.common)
             if row.key == "supervised":
                 cfg = resolve_config("baseline", source="synth-b", target="synth-b", flags=flags)
+            elif row.source == "none":  # no source: nothing to start from
+                cfg = resolve_config(row.method, source="none", flags=flags, sets=row.sets)
             else:
                 cfg = resolve_config(row.method, flags=flags, sets=row.sets)
                 n = METHODS[row.method].source_models(cfg.params)

@@ -20,7 +20,7 @@ def write(tmp_path, text, name="space.yaml"):
     return path
 
 
-@pytest.mark.parametrize("method", ["baseline", "mmt", "ecn", "mar", "san", "spcl", "cluster_contrast"])
+@pytest.mark.parametrize("method", ["baseline", "mmt", "ecn", "mar", "san", "spcl", "cluster_contrast", "self_training"])
 def test_shipped_search_spaces_are_valid(method):
     space = load_search_space(default_path(method), resolve_config(method))
     assert space.params and all(p.line > 0 for p in space.params.values())

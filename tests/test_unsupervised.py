@@ -1,7 +1,7 @@
 """The fully unsupervised setting (`--source none`): no labelled source at all, the target alone from ImageNet (or,
 for the embedded `small` network, random) weights, for the methods that define it (SpCL, Cluster Contrast). Its
-config, presets and refusals before Ray; SpCL's target-only memory in-process; a run under Ray Train and a sweep
-with no source, each checked in MLflow for what a run without a source must not have."""
+config, presets and refusals before Ray; SpCL's target-only memory and the self-training reference in-process; a
+sweep with no source under Ray Train and Tune, checked in MLflow for what a run without a source must not have."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from reid_ray.methods import METHODS
 
 def test_no_source_resolves_for_the_methods_that_define_it_and_refuses_the_others():
     able = sorted(m for m, cls in METHODS.items() if cls.unsupervised is not None)
-    assert able == ["cluster_contrast", "spcl"]
+    assert able == ["cluster_contrast", "self_training", "spcl"]
     for method in able:
         cfg = resolve_config(method, NO_SOURCE)
         assert (cfg.source, cfg.target, cfg.has_source) == ("none", "synth-b", False)
         assert cfg.params.source_init is False and METHODS[method].source_models(cfg.params) == 0
         assert cfg.experiment_name == "none->synth-b" and cfg.model.pretrained == "none"  # `small`: random weights
     for method in sorted(set(METHODS) - set(able)):
-        with pytest.raises(ReidRayError, match=f"{method} needs a labelled source.*runs cluster_contrast, spcl"):
+        with pytest.raises(ReidRayError, match=f"{method} needs a labelled source.*runs cluster_contrast, self_training, spcl"):
             resolve_config(method, NO_SOURCE)
     assert resolve_config("spcl").has_source  # the default stays UDA, from synth-a
 
@@ -71,26 +71,56 @@ def test_spcl_without_a_source_keeps_the_targets_rows_alone(tiny_synth):
     assert torch.allclose(m.memory.features.norm(dim=1), torch.ones(t.num_rows), atol=1e-4)
 
 
-@pytest.mark.ray
-def test_a_run_without_a_source_trains_under_ray_and_logs_no_source(ray_local, tiny_synth, tmp_path, capsys):
-    from mlflow.tracking import MlflowClient
+def test_self_training_resets_its_classifier_to_the_centroids_and_trains_on_their_labels(tiny_synth):
+    """The plain k-means self-training reference: each epoch the classifier is the L2-normalised k-means centroids
+    (the clusterer's), the Adam moments start afresh, and a step is BoT's CE + triplet on the pseudo-labels."""
+    import torch.nn.functional as F
 
-    from reid_ray.cli.train import main
+    from reid_ray.clustering.client import LocalClusterer, run_spec
+    from reid_ray.data.domains import load_domains
+    from reid_ray.methods import EpochContext
+    from reid_ray.training.loop import train_epoch
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["--method", "cluster_contrast", "--source", "none", "--data-root", str(tiny_synth), "--output",
-            str(tmp_path / "out"), "--mlflow-uri", uri, "--workers", "1", "--epochs", "1", "--name", "usl",
-            "--set", "num_identities=4", "--set", "eps=0.7", "--set", "min_samples=2", "--set", "k1=6",
-            "--set", "k2=3", "--set", "iters=2", "--set", "log_model=false"]
-    assert main(argv) == 0
+    cfg = resolve_config("self_training", NO_SOURCE, flags=dict(data_root=str(tiny_synth)),
+                         sets=["num_identities=4", "iters=2", "num_clusters=8"])
+    domains = load_domains(cfg.source, cfg.target, cfg.data_root)
+    cls = METHODS["self_training"]
+    cls.check(cfg, domains)
+    m = cls(cfg, domains, torch.device("cpu"))
+    t = domains.target.train
+    m.clusterer = LocalClusterer(run_spec(cls, cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+    m.setup()
+    seen = {}
+    refresh = m.clusterer.refresh
+    m.clusterer.refresh = lambda feats, epoch: seen.setdefault(epoch, refresh(feats, epoch))
+    train_epoch(m, EpochContext(epoch=0), amp=False)
+    assert m.optimizer.state  # Adam's moments after the epoch's steps ...
+    m.on_epoch_start(EpochContext(epoch=1))
+    assert not m.optimizer.state  # ... cleared at the next refresh
+    w = m.eval_model().classifier.weight
+    assert torch.allclose(w, torch.as_tensor(seen[1].centroids), atol=1e-6) and w.shape == (8, m.eval_model().feat_dim)
+    assert torch.allclose(w.norm(dim=1), torch.ones(8), atol=1e-5)
+    batch = next(iter(m.train_loader))
+    losses = m.train_step(batch, EpochContext(epoch=1))
+    out = m.eval_model()(batch["img"])
+    y = batch["label"]
+    smooth = torch.full((len(y), 8), 0.1 / 8).scatter_(1, y[:, None], 0.9 + 0.1 / 8)  # ε = 0.1 over k = 8 classes
+    ce = -(smooth * F.log_softmax(out["logits"], 1)).sum(1).mean()
+    assert torch.allclose(losses["ce"], ce, atol=1e-5) and torch.allclose(losses["loss"], ce + losses["triplet"])
+    assert cls.check(cfg, domains) is None
+    with pytest.raises(ReidRayError, match="params.num_clusters=5000: k-means needs"):
+        cls.check(resolve_config("self_training", NO_SOURCE, sets=["num_clusters=5000"]), domains)
+
+
+def test_a_run_without_a_source_has_no_source_row_in_its_summary(capsys):
+    from reid_ray.cli.train import print_summary
+
+    cfg = resolve_config("cluster_contrast", NO_SOURCE)
+    print_summary(cfg, {"metrics": {"target_mAP": 81.5, "target_R1": 90.0}, "mlflow_uri": "sqlite:///m.db",
+                        "mlflow_run_id": "abc", "wall_time": 1.0, "checkpoint": "c", "run_dir": "r"})
     out = capsys.readouterr().out
-    assert "target synth-b (unsupervised)" in out and "(supervised)" not in out  # no source row in the summary
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("none->synth-b").experiment_id])
-    assert run.info.status == "FINISHED" and 0 <= run.data.metrics["target_mAP"] <= 100
-    assert not [k for k in run.data.metrics if k.startswith("source_")]
-    assert run.data.tags["source"] == "none" and run.data.params["params.source_init"] == "False"
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synth-b"]
+    assert "cluster_contrast: none -> synth-b" in out and "target synth-b (unsupervised)" in out and "81.5" in out
+    assert "(supervised)" not in out and "nan" not in out
 
 
 @pytest.mark.ray
@@ -116,6 +146,8 @@ def test_a_sweep_without_a_source_ranks_its_trials_with_no_direct_transfer(tmp_p
     runs = client.search_runs([client.get_experiment_by_name("none->synth-b").experiment_id])
     trials = [r for r in runs if r.data.tags.get("method") == "spcl" and "target_mAP" in r.data.metrics]
     assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    assert trials[0].data.tags["source"] == "none" and trials[0].data.params["params.source_init"] == "False"
+    assert [d.dataset.name for d in trials[0].inputs.dataset_inputs] == ["synth-b"]  # no source dataset logged
     assert not [k for r in runs for k in r.data.metrics if k.startswith(("source_", "direct_transfer"))]
     summary = next((tmp_path / "out").rglob("summary.md")).read_text()
     assert "none -> synth-b" in summary and "Direct transfer" not in summary

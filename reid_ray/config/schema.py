@@ -9,10 +9,11 @@
     1. defaults               the dataclasses below, and the method's own `Params` dataclass
     2. synthetic defaults     `SYNTHETIC_DEFAULTS` when both domains are the embedded benchmark
     3. the method's config    `Method.config_defaults` (what its paper trains with everywhere); on the
-                              embedded benchmark also `Method.synthetic_overrides`, and in a sweep
-                              on it `SYNTHETIC_SWEEP` (short trials), then `Method.sweep_overrides`;
-                              with `--source none`, then `Method.unsupervised` (the fully unsupervised
-                              setting: no source model to start from)
+                              embedded benchmark also `Method.synthetic_overrides`;
+                              with `--source none`, `Method.unsupervised` (the fully unsupervised
+                              setting: no source model to start from), on the embedded benchmark also
+                              `Method.synthetic_unsupervised`; in a sweep on the embedded benchmark,
+                              last, `SYNTHETIC_SWEEP` (short trials), then `Method.sweep_overrides`
     4. preset                 `--preset`: the shared real-benchmark settings, then the method's own
                               (`Method.presets`, see presets.py)
     5. config file            `--config` (a run's config.yaml, a sweep's best_config.yaml), or a search
@@ -187,10 +188,12 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     apply_overrides(cfg, cls.config_defaults)                             # 3
     if synthetic:
         apply_overrides(cfg, cls.synthetic_overrides)
-        if sweep:
-            apply_overrides(cfg, {**SYNTHETIC_SWEEP, **cls.sweep_overrides})
-    if source == NO_SOURCE:                                               # 3b
+    if source == NO_SOURCE:
         apply_overrides(cfg, no_source_overrides(cls))
+        if synthetic:
+            apply_overrides(cfg, cls.synthetic_unsupervised)
+    if synthetic and sweep:
+        apply_overrides(cfg, {**SYNTHETIC_SWEEP, **cls.sweep_overrides})
     apply_overrides(cfg, preset_overrides)                                # 4
     apply_overrides(cfg, file or {})                                      # 5
     apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6

@@ -9,7 +9,7 @@ it in `REID_RAY_METHODS=package.module[,other.module]` so the CLIs import it fir
 import importlib
 import os
 
-from reid_ray.methods import baseline, cluster_contrast, ecn, mar, mmt, san, spcl  # noqa: F401  (each registers)
+from reid_ray.methods import baseline, cluster_contrast, ecn, mar, mmt, san, self_training, spcl  # noqa: F401  (each registers)
 from reid_ray.methods.base import (
     METHODS,
     Domains,

@@ -107,6 +107,9 @@ class Method:
     # the fully unsupervised setting (`--source none`: the target alone, from ImageNet or random weights): what
     # it sets (e.g. no source model to start from), or None for a method that needs a labelled source
     unsupervised: ClassVar[dict[str, Any] | None] = None
+    # ... and on the embedded benchmark with no source (its `small` network from random weights), on top of
+    # `synthetic_overrides`: a network that starts from nothing needs more epochs than one fine-tuned from a source
+    synthetic_unsupervised: ClassVar[dict[str, Any]] = {}
     # config fields the method's paper trains with on every dataset (e.g. a constant lr), before the presets
     config_defaults: ClassVar[dict[str, Any]] = {}
     # what changes on the embedded synthetic benchmark (small, CPU-sized), on top of config.SYNTHETIC_DEFAULTS
@@ -140,8 +143,9 @@ class Method:
 
     @classmethod
     def source_models(cls, params) -> int:
-        """How many source-trained models the method starts from (0 unless `needs_source_init`)."""
-        return 1 if cls.needs_source_init else 0
+        """How many source-trained models the method starts from: 0 unless `needs_source_init`, and 0 where its
+        params say `source_init: false` (it then starts from `model.pretrained`)."""
+        return 1 if cls.needs_source_init and getattr(params, "source_init", True) else 0
 
     @classmethod
     def pretrain_params(cls, params) -> dict[str, Any]:

@@ -101,10 +101,6 @@ class ECN(Method):
                  "market2msmt": {"mAP": 8.5, "R1": 25.3, "paper": _PAPER}}
 
     @classmethod
-    def source_models(cls, params: ECNParams) -> int:
-        return 1 if params.source_init else 0
-
-    @classmethod
     def check(cls, cfg, domains) -> None:
         super().check(cfg, domains)
         p, n = cfg.params, domains.target.train.num_rows
