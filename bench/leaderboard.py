@@ -6,8 +6,9 @@ Rows: direct transfer and AdaBN (the seed's BoT baseline, no training on the tar
 embedded defaults, MMT once with k-means and once with DBSCAN pseudo-labels, MMT started from SAN source
 models, the fully unsupervised setting (`usl-*`: no source, random weights, the target alone: k-means
 self-training, SpCL, Cluster Contrast), and the upper bound (the baseline trained with synth-b's own labels).
-Every UDA run starts from the seed's source models (bench_uda's `baseline-s<seed>`, MMT's second net from seed + 1), runs under Ray Train
-with the benchmark's workers, and reports its **last** epoch (no model selection on target labels).
+Every UDA run starts from the seed's source models (bench_uda's `baseline-s<seed>`, MMT's second net from
+seed + 1), runs under Ray Train with the benchmark's workers, and reports its **last** epoch (no model selection
+on target labels).
 
 Each (row, seed) is recorded in `bench/records/<benchmark>/<row>-s<seed>.json` once finished (committed: a few
 hundred bytes each, so a new checkout keeps them), and a rerun reuses it, so the table can be filled row by row.
