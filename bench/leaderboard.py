@@ -3,9 +3,8 @@
     python -m bench.leaderboard [--seeds 0 1 2] [--data-root data] [--rows mmt-kmeans ecn ...] [--results]
 
 Rows: direct transfer and AdaBN (the seed's BoT baseline, no training on the target), each UDA method at its
-embedded defaults, MMT once with k-means and once with DBSCAN pseudo-labels, MMT started from SAN source
-models, the fully unsupervised setting (`usl-*`: no source, random weights, the target alone: k-means
-self-training, SpCL, Cluster Contrast), and the upper bound (the baseline trained with synth-b's own labels).
+embedded defaults, MMT with k-means and with DBSCAN pseudo-labels, MMT from SAN source models, the fully
+unsupervised setting (`usl-*`: random weights, the target alone), and the upper bound (synth-b's own labels).
 Every UDA run starts from the seed's source models (bench_uda's `baseline-s<seed>`, MMT's second net from
 seed + 1), runs under Ray Train with the benchmark's workers, and reports its **last** epoch (no model selection
 on target labels).
@@ -49,8 +48,7 @@ class Row:
     label: str
     method: str | None = None           # None: read from the seed's baseline record
     sets: dict = field(default_factory=dict)
-    source: str = "baseline"            # baseline | san: the source models the method starts from | none: no
-                                        # source at all (the fully unsupervised setting, from random weights)
+    source: str = "baseline"            # baseline | san: the source models it starts from | none: no source at all
 
 
 ROWS = [
@@ -69,9 +67,8 @@ ROWS = [
     Row("spcl", "SpCL", "spcl"),
     Row("cluster_contrast", "Cluster Contrast", "cluster_contrast"),
     Row("san-mmt", "MMT from SAN source models", "mmt", source="san"),
-    Row("usl-self_training", "k-means self-training, no source", "self_training", source="none"),
-    Row("usl-spcl", "SpCL, no source", "spcl", source="none"),
-    Row("usl-cluster_contrast", "Cluster Contrast, no source", "cluster_contrast", source="none"),
+    *(Row(f"usl-{m}", f"{label}, no source", m, source="none")  # the fully unsupervised setting, from random weights
+      for m, label in (("self_training", "k-means self-training"), ("spcl", "SpCL"), ("cluster_contrast", "Cluster Contrast"))),
     Row("supervised", "supervised on the target (upper bound)", "baseline"),
 ]
 UDA = {"mmt-kmeans", "mmt-dbscan", "mmt-kmeans-bn64", "mmt-dbscan-bn64", "ecn", "mar", "spcl", "cluster_contrast",
@@ -92,11 +89,8 @@ def curve(uri: str, run_id: str | None, key: str = "target_mAP") -> list[float]:
 
 class Leaderboard:
     def __init__(self, data_root: str, workers: int, tag: str):
-        self.data_root = data_root
-        bench = Path(data_root).name + tag
-        self.out = Path("bench/out/leaderboard") / bench
-        self.records = RECORDS / bench
-        self.bench = bench
+        self.data_root, bench = data_root, Path(data_root).name + tag
+        self.out, self.records, self.bench = Path("bench/out/leaderboard") / bench, RECORDS / bench, bench
         # source models: bench_uda's shared records for the default benchmark, the leaderboard's own otherwise
         self.sources = "bench/out/uda" if Path(data_root).resolve() == Path("data").resolve() else str(self.out / "sources")
         self.common = dict(data_root=data_root, workers=workers, mlflow_uri=MLFLOW_URI, experiment=f"leaderboard-{bench}")
@@ -126,10 +120,8 @@ class Leaderboard:
             flags = dict(seed=seed, name=f"{row.key}-s{seed}", output=str(self.out / "runs"), **self.common)
             if row.key == "supervised":
                 cfg = resolve_config("baseline", source="synth-b", target="synth-b", flags=flags)
-            elif row.source == "none":  # no source: nothing to start from
-                cfg = resolve_config(row.method, source="none", flags=flags, sets=row.sets)
             else:
-                cfg = resolve_config(row.method, flags=flags, sets=row.sets)
+                cfg = resolve_config(row.method, "none" if row.source == "none" else None, flags=flags, sets=row.sets)
                 n = METHODS[row.method].source_models(cfg.params)
                 cfg.init = [self.source_model(row.source, seed + i)["init"] for i in range(n)]
             out = run_training(cfg)
