@@ -86,7 +86,8 @@ def seed_source_models(cfg, count: int | None = None) -> list[Path]:
                 train_epoch(method, EpochContext(epoch))
             metrics = {"epoch": float(pre.epochs)}
             for name, ds in (("source", domains.source), ("target", domains.target)):
-                metrics.update(evaluate_method(method, ds, pre, name)[0])
+                if ds.labelled:  # a user's image folder has no query/gallery
+                    metrics.update(evaluate_method(method, ds, pre, name)[0])
             Path(cached).parent.mkdir(parents=True, exist_ok=True)
             Path(cached).with_suffix(".json").write_text(json.dumps(metrics, indent=1))
             torch.save({"method": method.state_dict(), "epoch": pre.epochs - 1, "config": to_dict(pre)}, cached)

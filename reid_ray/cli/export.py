@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from reid_ray import storage
+from reid_ray import ReidRayError, storage
 from reid_ray.inference.embedder import CHECKPOINT_HELP, load_embedder, pick_device
 
 NET_HELP = "which network of a multi-network checkpoint (default: the one its evaluation reports"
@@ -88,7 +88,7 @@ def main_embed(argv: list[str] | None = None) -> int:
 
 
 def main_evaluate(argv: list[str] | None = None) -> int:
-    """reid-ray evaluate --checkpoint C --dataset NAME --data-root R [--rerank]"""
+    """reid-ray evaluate --checkpoint C --dataset NAME --data-root R [--rerank] [--visualize N [--visualize-out P]]"""
     from reid_ray.cli import run_cli
     from reid_ray.inference.evaluate import evaluate_checkpoint, results_table
 
@@ -104,6 +104,11 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank", action="store_true", help="also k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     p.add_argument("--net", default=None, help=f"{NET_HELP})")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="also draw N random queries' top-10 gallery images (green: same identity, red: not; by the "
+                        "plain distances) as one PNG (default 0: none)")
+    p.add_argument("--visualize-out", default="ranked_lists.png",
+                   help="the PNG --visualize writes (replaced atomically; default ranked_lists.png here)")
     args = p.parse_args(argv)
 
     def _run(a) -> int:
@@ -113,11 +118,18 @@ def main_evaluate(argv: list[str] | None = None) -> int:
 
         device = pick_device(a.device)
         read_dataset(a.dataset, a.data_root)  # a wrong name or root fails before the checkpoint loads
+        if a.visualize > 0:
+            if storage.is_uri(a.visualize_out):
+                raise ReidRayError(f"--visualize-out {a.visualize_out}: pass a local file's path, not a URI")
+            storage.check_file(a.visualize_out, "--visualize-out", writes=True)
         emb = load_embedder(a.checkpoint, a.net, device)
-        res = evaluate_checkpoint(emb, a.dataset, a.data_root, rerank=a.rerank, device=device)
+        res = evaluate_checkpoint(emb, a.dataset, a.data_root, rerank=a.rerank, device=device,
+                                  visualize=a.visualize, visualize_out=a.visualize_out)
         console = Console()
         console.print(results_table(emb, res))
         console.print(f"checkpoint {emb.path} (sha256 {emb.digest[:12]}...)")
+        if "visualization" in res:
+            console.print(f"wrote {res['visualization']} ({a.visualize} queries' ranked lists)")
         return 0
 
     return run_cli(_run, args)

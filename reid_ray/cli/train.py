@@ -21,6 +21,7 @@ from pathlib import Path
 
 from reid_ray import ReidRayError, storage
 from reid_ray.config import TrainConfig, checks, dotted, flatten, load_config_file, resolve_config
+from reid_ray.config.schema import METRICS
 from reid_ray.methods import METHODS, method_class
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, run_checkpoints
 
@@ -36,7 +37,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     resume = resolve_resume(a.resume, a.output or file.get("output") or "outputs", a.method or method)
     flags = dict(data_root=a.data_root, workers=a.workers, epochs=a.epochs, eval_every=a.eval_every, seed=a.seed,
                  mlflow_uri=a.mlflow_uri, experiment=a.experiment, name=a.name, output=a.output,
-                 resume=resume, init=a.init, clustering=a.clustering)
+                 resume=resume, init=a.init, clustering=a.clustering, metric=a.metric)
     saved = _saved_config(resume)
     if saved is None:
         cfg = resolve_config(a.method or method or "baseline", a.source or source, a.target or target,
@@ -167,16 +168,25 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
     from rich.table import Table
 
     m = out["metrics"]
-    table = Table(title=f"{cfg.method}: {cfg.source} -> {cfg.target}")
+    table = Table(title=f"{cfg.method}: {cfg.source} -> {cfg.target_label}")
     table.add_column("")
     table.add_column("mAP (%)", justify="right")
     table.add_column("R1 (%)", justify="right")
     adapted = ("adapted" if method_class(cfg.method).adapts else "direct transfer") if cfg.has_source else "unsupervised"
     rows = [("source", f"source {cfg.source} (supervised)")] if cfg.has_source else []
-    for name, label in rows + [("target", f"target {cfg.target} ({adapted})")]:
+    if cfg.target_labelled:  # a folder of unlabelled images has no target mAP: no row pretends it has one
+        rows.append(("target", f"target {cfg.target} ({adapted})"))
+    for name, label in rows:
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
+    ranked = cfg.selection_metric
+    for key, label in (("source_val_mAP", "source-validation mAP (label-free)"),
+                       ("target_probe", "target mixup probe (label-free, %)")):
+        if key in m:
+            table.add_row(label + (" (ranked on)" if key == ranked else ""), f"{m[key]:.1f}", "")
     console = Console(highlight=False)
     console.print(table)
+    if not cfg.target_labelled:
+        console.print(f"{cfg.target_label} has no labels: best.pt is the epoch with the best {ranked}")
     from reid_ray.tracking import ui_hint
 
     uri = out["mlflow_uri"]
@@ -197,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help=f"one of: {', '.join(sorted(METHODS))} (default baseline)")
     p.add_argument("--source", default=None, help="labelled source dataset (default synth-a), or none: the fully "
                    "unsupervised setting (the target alone; spcl, cluster_contrast)")
-    p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
+    p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b), or folder:PATH: your "
+                                                  "own unlabelled images (searched recursively)")
+    p.add_argument("--metric", default=None, choices=("auto", *METRICS),
+                   help="what best.pt ranks epochs on: target_mAP (needs target labels; the default where the target "
+                        "has them), source_val_mAP (the default for a target with no labels) or target_probe")
     p.add_argument("--config", default=None, help="a config YAML, e.g. a sweep's best_config.yaml (flags override it)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None, help="folder holding the datasets' own top folders (default: data)")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from reid_ray import ReidRayError, storage
 from reid_ray.config import TrainConfig, is_synthetic, resolve_config
+from reid_ray.config.schema import METRICS
 from reid_ray.config.search_space import default_path, load_search_space
 from reid_ray.config.sweep import SWEEP_FILE, Sweep, latest_sweep, sweep_dir
 from reid_ray.methods import METHODS, method_class
@@ -57,7 +58,8 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
     space = load_search_space(space_path, TrainConfig(method=cls.name, params=cls.Params()))
     # trials are ranked on the target: the source test set only at a trial's last epoch
     flags = dict(data_root=args.data_root, mlflow_uri=args.mlflow_uri, output=output, experiment=args.experiment,
-                 workers=args.workers_per_trial, seed=args.seed, eval_source=False, epochs=args.epochs)
+                 workers=args.workers_per_trial, seed=args.seed, eval_source=False, epochs=args.epochs,
+                 metric=args.metric)
     cfg = resolve_config(args.method, args.source, args.target, preset=args.preset, file=space.fixed, flags=flags,
                          sets=args.overrides, sweep=True)
     if args.gpus_per_worker is None and cfg.use_gpu.lower() in ("true", "1", "yes"):
@@ -70,7 +72,7 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
                  space_path=str(space_path), space_text=space.text, num_samples=num_samples, seed=args.seed,
                  scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                  gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent,
-                 optuna_storage=optuna_storage(args.optuna_storage))
+                 optuna_storage=optuna_storage(args.optuna_storage), metric=f"{cfg.selection_metric}_last")
 
 
 def check_sweep_flags(args: argparse.Namespace, num_samples: int) -> None:
@@ -128,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--source", default=None, help="labelled source dataset (default synth-a), or none: the fully "
                    "unsupervised setting (the target alone; spcl, cluster_contrast)")
-    p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b)")
+    p.add_argument("--target", default=None, help="unlabelled target dataset (default synth-b), or folder:PATH: your "
+                                                  "own unlabelled images")
+    p.add_argument("--metric", default=None, choices=("auto", *METRICS),
+                   help="what ASHA, Optuna and the final pick rank trials on: target_mAP (needs target labels; the "
+                        "default where the target has them), source_val_mAP (the source's held-out identities; the "
+                        "default for a target with no labels) or target_probe (target-only; the default with "
+                        "--source none and no target labels)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial")

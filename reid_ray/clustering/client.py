@@ -46,11 +46,13 @@ class ClusterSpec:
     k1: int = 30
     k2: int = 6
     backend: str = "auto"              # auto | faiss | torch: the run's clustering.backend (kmeans.clustering_engine)
+    picture: bool = False              # draw the refresh's features in 2-D by pseudo-label (the run's clustering.pictures)
 
 
 def run_spec(method_cls, cfg) -> ClusterSpec:
     """The method's spec with the run's `clustering.backend`."""
-    return dataclasses.replace(method_cls.cluster_spec(cfg), backend=cfg.clustering.backend)
+    return dataclasses.replace(method_cls.cluster_spec(cfg), backend=cfg.clustering.backend,
+                               picture=cfg.clustering.pictures)
 
 
 def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: np.ndarray | None = None,
@@ -78,7 +80,24 @@ def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: n
                      cluster_on_gpu=float(device.type == "cuda"))
     if truth is not None:
         res.stats.update(cluster_quality(res.labels, truth, cameras))
+    if spec.picture:
+        res.picture = cluster_picture(features, res.labels, truth, epoch)
     return res
+
+
+def cluster_picture(features: np.ndarray, labels: np.ndarray, truth: np.ndarray | None, epoch: int) -> bytes:
+    """The refresh's picture (`evaluation.visualize.cluster_map`: PCA of up to 1,000 seeded points coloured by
+    pseudo-label, identity purity in the title where the true ids are known) as PNG bytes, which travel with the
+    labels to the ranks (rank 0 logs them)."""
+    import tempfile
+    from pathlib import Path
+
+    from reid_ray.evaluation.visualize import cluster_map
+
+    with tempfile.TemporaryDirectory(prefix="reid-ray-clusters-") as d:
+        path, _ = cluster_map(features, labels, Path(d) / "clusters.png", truth=truth, seed=0, max_points=1000,
+                              title=f"target features at the refresh of epoch {epoch + 1}")
+        return path.read_bytes()
 
 
 def cluster_means(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -108,6 +127,7 @@ def check_same_across_ranks(res: ClusterResult) -> None:
 class LocalClusterer:
     def __init__(self, spec: ClusterSpec, truth: np.ndarray | None = None, cameras: np.ndarray | None = None):
         self.spec, self.truth, self.cameras = spec, truth, cameras
+        self.last: ClusterResult | None = None  # the latest refresh (its picture: the worker logs it)
 
     def refresh(self, local_features: np.ndarray, epoch: int) -> ClusterResult:
         t0 = time.perf_counter()
@@ -115,6 +135,7 @@ class LocalClusterer:
             res = run_clustering(local_features, self.spec, epoch, self.truth, self.cameras)
             res.stats["gather_time"] = time.perf_counter() - t0 - res.stats["cluster_time"]
             check_same_across_ranks(res)
+            self.last = res
             return res
         shards = [None] * dist.get_world_size()
         dist.all_gather_object(shards, local_features)  # rank order = dataset order
@@ -127,4 +148,5 @@ class LocalClusterer:
         res = box[0]
         res.stats.update({"gather_time": t1 - t0, "return_time": time.perf_counter() - t2})
         check_same_across_ranks(res)
+        self.last = res
         return res

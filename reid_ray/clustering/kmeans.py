@@ -69,6 +69,7 @@ class ClusterResult:
     centroids: np.ndarray | None       # (C, D) float32, L2-normalised; None for DBSCAN
     stats: dict[str, float] = field(default_factory=dict)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more labellings (self-paced: tight, loose)
+    picture: bytes | None = None       # a PNG of the features in 2-D by pseudo-label (ClusterSpec.picture)
 
 
 def _as_float32(x) -> np.ndarray:

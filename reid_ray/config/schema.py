@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 from reid_ray import ReidRayError
 from reid_ray.data.domains import NO_SOURCE  # noqa: F401 - --source none: the fully unsupervised setting
+from reid_ray.data.folder import folder_label, is_folder
 from reid_ray.data.loader import LoaderConfig
 from reid_ray.data.transforms import TransformConfig
 from reid_ray.methods.base import NoParams
@@ -74,6 +75,25 @@ class ClusteringConfig:
     where: str = "actor"               # actor (the PseudoLabeler Ray actor) | local (rank 0, in-process)
     backend: str = "auto"              # auto (faiss's GPU build, else torch on a CUDA GPU, else faiss-cpu) | faiss |
                                        # torch (on CUDA, else the CPU): clustering/kmeans.py's clustering_engine
+    pictures: bool = True              # each refresh's target features in 2-D by pseudo-label, logged to MLflow
+
+
+@dataclass
+class LabelFreeConfig:
+    """The label-free scores each evaluation computes (evaluation/label_free.py), on fixed seeded subsets so that
+    every trial of a sweep is scored on the same images: what `metric` can rank on when the target has no labels."""
+
+    enabled: bool = True
+    source_val_ids: int = 100          # source-validation mAP: this many of the source's held-out identities (its
+                                       # query/gallery, never in its training split), drawn with `seed`
+    probe_images: int = 512            # target-only mixup probe: its pool of target training images
+    probe_pairs: int = 256             # ... and its mixed probes
+    probe_lam: float = 0.7             # ... each m = lam·x_a + (1 − lam)·x_b
+    seed: int = 0                      # fixed across trials and seeds (not the run's seed)
+
+
+# what `metric` may name: the scores a run can rank its epochs (best.pt) and a sweep its trials on
+METRICS = ("target_mAP", "source_val_mAP", "target_probe")
 
 
 @dataclass
@@ -85,6 +105,9 @@ class TrainConfig:
     epochs: int = 120
     eval_every: int = 10
     eval_source: bool = True           # source test set at every evaluation; False: at the last epoch only (sweeps)
+    metric: str = "auto"               # what best.pt and a sweep rank on (METRICS): auto = target_mAP when the target
+                                       # has labels, else source_val_mAP (target_probe with --source none)
+    label_free: LabelFreeConfig = field(default_factory=LabelFreeConfig)
     seed: int = 0
     workers: int = 2
     use_gpu: str = "auto"              # auto | true | false
@@ -114,12 +137,41 @@ class TrainConfig:
 
     @property
     def experiment_name(self) -> str:
-        """The MLflow experiment the run lands in: `experiment`, else "<source>-><target>"."""
-        return self.experiment or f"{self.source}->{self.target}"
+        """The MLflow experiment the run lands in: `experiment`, else "<source>-><target>" (an image folder by its
+        own name: `synth-a->folder:crops`)."""
+        return self.experiment or self.source_to_target
 
     @property
     def source_to_target(self) -> str:
-        return f"{self.source}->{self.target}"
+        return f"{self.source}->{self.target_label}"
+
+    @property
+    def target_label(self) -> str:
+        """The target as tables and titles name it: a dataset's name, or `folder:<its name>`."""
+        return folder_label(self.target) if is_folder(self.target) else self.target
+
+    @property
+    def target_labelled(self) -> bool:
+        """False when the target is a user's image folder: no identities, so no target mAP."""
+        return not is_folder(self.target)
+
+    @property
+    def selection_metric(self) -> str:
+        """The metric `metric` names, `auto` resolved: target mAP where the target has labels; else the
+        source-validation mAP, or the target-only probe when there is no source either."""
+        if self.metric != "auto":
+            return self.metric
+        if self.target_labelled:
+            return "target_mAP"
+        return "source_val_mAP" if self.has_source else "target_probe"
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The rankable metrics (METRICS) this run computes at each evaluation: target mAP where the target has
+        labels; the label-free scores unless `label_free.enabled` is false (source_val_mAP needs a source)."""
+        lf = self.label_free.enabled
+        return tuple(m for m, ok in (("target_mAP", self.target_labelled), ("source_val_mAP", lf and self.has_source),
+                                     ("target_probe", lf)) if ok)
 
     @property
     def has_source(self) -> bool:
@@ -141,10 +193,21 @@ SYNTHETIC_SWEEP = {"epochs": 3, "eval_every": 1, "pretrain_epochs": 8, "workers"
 
 
 def is_synthetic(source: str, target: str) -> bool:
-    """Both domains are the embedded benchmark, or its target with no source (the only test of it)."""
+    """The embedded benchmark's settings apply: both domains are the embedded benchmark, or its target with no
+    source (the only test of it), or an image folder adapted to from the embedded source (its source models are
+    the embedded benchmark's small network at 64×32)."""
     from reid_ray.data.synthetic import DOMAINS
 
+    if is_folder(target):
+        return source.lower() in DOMAINS
     return (source.lower() in DOMAINS or source.lower() == NO_SOURCE) and target.lower() in DOMAINS
+
+
+def _domain_name(name: str) -> str:
+    """A dataset name lower-cased; an image folder `folder:PATH` with PATH made absolute (its case kept)."""
+    from reid_ray.data.folder import folder_spec
+
+    return folder_spec(name) if is_folder(name) else name.lower()
 
 
 def no_source_overrides(cls) -> dict:
@@ -176,11 +239,15 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     if preset:
         p_source, p_target, preset_overrides = apply_preset(preset, cls)
         source, target = source or p_source, target or p_target
-    source, target = (source or "synth-a").lower(), (target or "synth-b").lower()
+    source, target = _domain_name(source or "synth-a"), _domain_name(target or "synth-b")
+    if is_folder(source):
+        raise ReidRayError(f"--source {source}: an image folder has no identity labels, so it can only be the target "
+                           "(--target folder:PATH); name a labelled source dataset, or --source none")
     for d in (source, target):
-        if d not in dataset_names() and not (d == NO_SOURCE and d == source):
+        if d not in dataset_names() and not (d == NO_SOURCE and d == source) and not is_folder(d):
             raise ReidRayError(f"unknown dataset {d!r}; valid names: {', '.join(dataset_names())}"
-                               + (f" (and --source {NO_SOURCE}: no source)" if d == source else ""))
+                               + (f" (and --source {NO_SOURCE}: no source)" if d == source else
+                                  " (or folder:PATH, your own unlabelled images)"))
     cfg = TrainConfig(method=cls.name, source=source, target=target, params=cls.Params())
     synthetic = is_synthetic(source, target)
     if synthetic:                                                         # 2
@@ -199,6 +266,7 @@ def resolve_config(method: str = "baseline", source: str | None = None, target: 
     apply_overrides(cfg, {k: v for k, v in (flags or {}).items() if v is not None})  # 6
     apply_overrides(cfg, sets or [])                                      # 7
     check_choices(cfg, cls.choices)
+    check_metric(cfg)
     check_samples_per_bn(cfg.model.samples_per_bn, cfg.loader.num_identities * cfg.loader.num_instances, cfg.workers)
     return cfg
 
@@ -208,6 +276,23 @@ _CHOICES = {"clustering.where": ("actor", "local"), "clustering.backend": ("auto
             "checkpoint_upload": ("auto", "sync", "async"), "loader.decode": ("cpu", "device"),
             "optim.optimizer": ("adam", "sgd"),
             "optim.fused": ("auto", "true", "false"), "model.pooling": ("avg", "gem")}
+
+
+def check_metric(cfg: TrainConfig) -> None:
+    """A `metric` the run can compute: target mAP needs target labels, source_val_mAP a source, and the label-free
+    scores `label_free.enabled`."""
+    if cfg.metric not in ("auto", *METRICS):
+        raise ReidRayError(f"metric={cfg.metric!r}; valid: auto, {', '.join(METRICS)}")
+    m = cfg.selection_metric
+    if m == "target_mAP" and not cfg.target_labelled:
+        raise ReidRayError(f"--metric target_mAP needs target labels, and {cfg.target_label} has none; rank on "
+                           "source_val_mAP or target_probe (or leave --metric out)")
+    if m == "source_val_mAP" and not cfg.has_source:
+        raise ReidRayError("--metric source_val_mAP needs a labelled source, and --source none has none; rank on "
+                           "target_probe")
+    if m != "target_mAP" and not cfg.label_free.enabled:
+        raise ReidRayError(f"--metric {m} is a label-free score, and label_free.enabled=false turns them off; "
+                           "drop that --set")
 
 
 def check_choices(cfg: TrainConfig, method_choices: dict | None = None) -> None:

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reid_ray import ReidRayError
+from reid_ray.data.folder import is_folder, read_folder
 from reid_ray.data.layouts import (
     IMAGE_SUFFIXES,
     LAYOUTS,
@@ -57,6 +58,7 @@ class DatasetError(ReidRayError):
 
 
 def dataset_names() -> list[str]:
+    """The published layouts' names (a user's folder is `folder:PATH`, data/folder.py)."""
     return sorted(LAYOUTS)
 
 
@@ -69,6 +71,8 @@ class ReIDDataset:
     train: pa.Table
     query: pa.Table
     gallery: pa.Table
+    labelled: bool = True      # False: a user's image folder (`folder:PATH`): no identities, no query/gallery
+    cameras_from: str = "file names"  # folder: "sub-folders", "file names" or "none" (one camera), data/folder.py
 
     def split(self, name: str) -> pa.Table:
         return {"train": self.train, "query": self.query, "gallery": self.gallery}[name]
@@ -97,6 +101,10 @@ class ReIDDataset:
         return h.hexdigest()[:16]
 
     def __str__(self) -> str:
+        if not self.labelled:
+            st = self.stats()["train"]
+            return (f"{self.name}: {st['images']} unlabelled images, {st['cameras']} camera(s) (from "
+                    f"{self.cameras_from}); no identities, no query/gallery (a target only)")
         lines = [f"{self.name} ({self.root})", f"  {'split':<8}{'ids':>8}{'images':>9}{'cameras':>9}"]
         for s, st in self.stats().items():
             lines.append(f"  {s:<8}{st['ids']:>8}{st['images']:>9}{st['cameras']:>9}")
@@ -110,6 +118,8 @@ def read_dataset(name: str, root: str | os.PathLike, *, variant: str | None = No
     `variant` selects CUHK03-NP's "labeled" (default) or "detected" boxes
     (equivalently, name "cuhk03np-detected").
     """
+    if is_folder(name):  # a user's unlabelled images, `folder:PATH` (data/folder.py)
+        return read_folder(name, cache_dir)
     key = name.lower()
     if key == "cuhk03np" and variant not in (None, "labeled"):
         if variant != "detected":

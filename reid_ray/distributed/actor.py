@@ -79,6 +79,7 @@ class ActorClusterer:
 
     def __init__(self, handle, retries: int = 3):
         self.handle, self.retries = handle, retries
+        self.last: ClusterResult | None = None  # the latest refresh (its picture: the worker logs it)
 
     def refresh(self, local_features: np.ndarray, epoch: int) -> ClusterResult:
         distributed = dist.is_available() and dist.is_initialized()
@@ -100,6 +101,7 @@ class ActorClusterer:
                                   "return_time": time.perf_counter() - t1 - res.stats.get("cluster_time", 0.0),
                                   "refresh_attempts": attempt + 1})
                 check_same_across_ranks(res)
+                self.last = res
                 return res
         raise RuntimeError(f"pseudo-label refresh for epoch {epoch} failed {self.retries} times")
 

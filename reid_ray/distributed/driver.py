@@ -55,6 +55,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     if plan is None:
         check_run(cfg, domains)
         tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
+        warn_one_camera(cfg, domains)
     resumed = resumed_state(cfg)
     if resumed:
         warn_changed_data(resumed, domains, cfg.resume)
@@ -71,6 +72,16 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
                           cpu_per_gpu=cpus_per_gpu(ray.nodes()), workers_flag="--workers",
                           cpu_flag="--set use_gpu=false")
     return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
+
+
+def warn_one_camera(cfg: TrainConfig, domains) -> None:
+    """One warning where the target has a single camera and the method uses parts that need several (an image
+    folder with no camera sub-folders or `c<N>` names, data/folder.py): what each part loses."""
+    target = domains.target
+    lost = method_class(cfg.method).camera_parts(cfg)
+    if lost and target.stats()["train"]["cameras"] == 1:
+        where = (" (no camera sub-folders, no c<N> in the file names)" if not target.labelled else "")
+        print(f"reid-ray: warning: {cfg.target_label} has one camera{where}: {'; '.join(lost)}", flush=True)
 
 
 def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key, show_progress: bool = True) -> dict:
@@ -90,7 +101,8 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
         from reid_ray.clustering.client import run_spec
         from reid_ray.distributed.actor import create_pseudo_labeler
         t = domains.target.train  # ground truth for quality metrics only (logged, never trained on)
-        labeler = create_pseudo_labeler(run_spec(method_cls, cfg), t["pid"].to_numpy(), t["camid"].to_numpy(),
+        truth = t["pid"].to_numpy() if domains.target.labelled else None  # an image folder has none
+        labeler = create_pseudo_labeler(run_spec(method_cls, cfg), truth, t["camid"].to_numpy(),
                                         plan.actor, plan.actor_threads)
     progress = RunProgress(name, cfg.epochs) if show_progress else contextlib.nullcontext()
     train_env_defaults()

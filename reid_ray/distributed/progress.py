@@ -21,7 +21,7 @@ from ray.util.queue import Queue
 from rich.console import Console
 
 from reid_ray.config.sweep import METRIC
-from reid_ray.tracking.console import console, epoch_line, make_progress, number, status_text
+from reid_ray.tracking.console import CARRIED, console, epoch_line, make_progress, number, status_text
 
 
 class _ForwardReports(ray.train.UserCallback):
@@ -84,8 +84,8 @@ class RunProgress:
                 return
 
     def show(self, metrics: dict) -> None:
-        if "target_mAP" not in metrics and "target_mAP" in self.last:
-            metrics = {**metrics, "target_mAP": self.last["target_mAP"]}  # carried between evaluations
+        # carried between evaluations
+        metrics = {**{k: self.last[k] for k in CARRIED if k in self.last and k not in metrics}, **metrics}
         self.last = metrics
         epoch = int(metrics.get("epoch", 0))
         self.progress.update(self.task, completed=epoch, status=status_text(metrics))
@@ -101,13 +101,13 @@ class SweepProgress(tune.Callback):
     """The live display of a sweep, in Tune's driver: a bar of trials done, and one bar per running trial
     (its epochs, loss, target mAP); one line when a trial ends."""
 
-    def __init__(self, name: str, num_samples: int, epochs: int):
-        self.name, self.num_samples, self.epochs = name, num_samples, epochs
+    def __init__(self, name: str, num_samples: int, epochs: int, metric: str = METRIC):
+        self.name, self.num_samples, self.epochs, self.metric = name, num_samples, epochs, metric
         self.progress = None
         self.tasks: dict[str, int] = {}
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment: the display is rebuilt on restore
-        return {"name": self.name, "num_samples": self.num_samples, "epochs": self.epochs}
+        return {"name": self.name, "num_samples": self.num_samples, "epochs": self.epochs, "metric": self.metric}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -129,8 +129,9 @@ class SweepProgress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.progress is not None:
-            self.progress.update(self._task(trial), completed=int(result.get("epoch", 0)), status=status_text(
-                {**result, "target_mAP": result.get("target_mAP", result.get(METRIC))}))
+            carried = {k.removesuffix("_last"): v for k, v in result.items() if k.endswith("_last")}
+            self.progress.update(self._task(trial), completed=int(result.get("epoch", 0)),
+                                 status=status_text({**carried, **result}))
 
     def _end(self, trial, how: str) -> None:
         if self.progress is None:
@@ -142,9 +143,9 @@ class SweepProgress(tune.Callback):
         how = result.get("trial_status") or how
         if how == "completed" and int(result.get("epoch", 0)) < self.epochs:
             how = "stopped by ASHA"
-        mAP = number(result, METRIC)
+        score, label = number(result, self.metric), self.metric.removesuffix("_last").replace("_", " ")
         self.progress.console.print(f"trial {trial.trial_id}: {how} after {int(result.get('epoch', 0))} epochs"
-                                    + (f", target mAP {mAP:.1f}" if mAP is not None else ""))
+                                    + (f", {label} {score:.1f}" if score is not None else ""))
         self.progress.advance(self.sweep)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -33,7 +33,13 @@ from reid_ray.config.checks import check_config, check_sweep
 from reid_ray.config.search_space import SearchSpace, load_search_space
 from reid_ray.config.sweep import METRIC, Sweep, sweep_dir
 from reid_ray.data.domains import ensure_data
-from reid_ray.distributed.driver import pretraining_metrics, run_training, source_inits, stop_interrupted_runs
+from reid_ray.distributed.driver import (
+    pretraining_metrics,
+    run_training,
+    source_inits,
+    stop_interrupted_runs,
+    warn_one_camera,
+)
 from reid_ray.distributed.progress import SweepProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources
 from reid_ray.distributed.runtime import init_ray, wait_for_gpus
@@ -79,7 +85,8 @@ def run_trial(sample: dict, *, base: TrainConfig, plan: ResourcePlan, sweep_name
                            "trial_id": trial_id})
     except ReidRayError as e:  # Diverged too: the trial ends with its reason (a target mAP of 0), the sweep goes on
         status = "diverged" if isinstance(e, Diverged) else f"error: {e}"
-        tune.report({METRIC: 0.0, "epoch": cfg.epochs, "trial_id": trial_id, "trial_status": status})
+        tune.report({f"{m}_last": 0.0 for m in cfg.scores} | {"epoch": cfg.epochs, "trial_id": trial_id,
+                                                                "trial_status": status})
 
 
 def run_sweep(sweep: Sweep) -> SweepOutcome:
@@ -90,6 +97,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     domains = ensure_data(base)
     check_sweep(base, space, domains)
     tracking.check_uri(tracking.resolve_uri(base.mlflow_uri))
+    warn_one_camera(base, domains)
     with sweep_lock(sweep_dir(base.output, sweep.name), sweep.name):
         return _locked_sweep(sweep, base, space, method_class(base.method))
 
@@ -140,7 +148,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
                                                      verbose=1 if console.verbose() else 0,
                                                      callbacks=[CloseStoppedRuns(uri, experiment, base.epochs),
                                                                 SweepProgress(sweep.name, sweep.num_samples,
-                                                                              base.epochs)]))
+                                                                              base.epochs, sweep.metric)]))
     status = "FAILED"
     # Ctrl-C and SIGTERM are this driver's (reid_ray.catch_stop_signals): Tune's own SIGINT handler would end
     # the sweep as if it had finished, and print a resume command that is not reid-ray's
@@ -152,7 +160,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
             status = "KILLED"
             stop_interrupted_runs(e, uri, experiment, "sweep", sweep.name)
             raise
-        rows = [_row(res, base.epochs, uri, experiment) for res in grid]
+        rows = [_row(res, base.epochs, uri, experiment, sweep.metric) for res in grid]
         out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri, errors=grid.num_errors,
                                           trials=len(grid), best_trial=_best_trial(grid, sweep.metric)), space)
         status = "FINISHED"
@@ -200,7 +208,7 @@ def sweep_lock(folder, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
+def _row(res, epochs: int, uri: str, experiment: str, metric: str = METRIC) -> TrialRow:
     m = dict(res.metrics or {})
     done = int(m.get("epoch", 0))
     trial_id = m.get("trial_id", "?")
@@ -209,7 +217,8 @@ def _row(res, epochs: int, uri: str, experiment: str) -> TrialRow:
                     status="error" if res.error else m.get("trial_status") or (
                         "completed" if done >= epochs else "stopped by ASHA"),
                     epoch=done, target_mAP=m.get(METRIC, math.nan), target_R1=m.get("target_R1", math.nan),
-                    source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None)
+                    source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None,
+                    score=m.get(metric, math.nan))
 
 
 def _best_trial(grid, metric: str) -> str | None:

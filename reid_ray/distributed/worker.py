@@ -35,12 +35,13 @@ import torch
 
 from reid_ray import Diverged, ReidRayError, full_disk_is_the_users, storage, tracking
 from reid_ray.config import TrainConfig, flatten, from_dict, to_dict
-from reid_ray.config.sweep import METRIC
 from reid_ray.data.domains import load_domains
 from reid_ray.distributed import ray_logs, verdict
 from reid_ray.methods import EpochContext, method_class
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, save_checkpoint
+from reid_ray.training.label_free import label_free_scores
 from reid_ray.training.loop import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
+from reid_ray.training.pictures import ranked_list_picture
 
 
 def _clusterer(method, cfg: TrainConfig, handle):
@@ -49,7 +50,8 @@ def _clusterer(method, cfg: TrainConfig, handle):
         return ActorClusterer(handle)
     from reid_ray.clustering.client import LocalClusterer, run_spec
     t = method.domains.target.train
-    return LocalClusterer(run_spec(type(method), cfg), t["pid"].to_numpy(), t["camid"].to_numpy())
+    truth = t["pid"].to_numpy() if method.domains.target.labelled else None  # an image folder has none
+    return LocalClusterer(run_spec(type(method), cfg), truth, t["camid"].to_numpy())
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -93,11 +95,14 @@ def _train(config: dict) -> None:
     mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
     ectx = EpochContext(epoch=0, rank=rank, world_size=world)
     state = _restored(ray.train.get_checkpoint(), cfg, config["run_dir"])  # [3] set when Ray restarts the group
-    start, best, last_target = 0, _Best(), 0.0  # last_target: the latest target mAP, carried between evaluations
+    metric = cfg.selection_metric  # what best.pt (and a sweep) ranks on
+    # the latest score of each rankable metric, carried between evaluations (reported every epoch as `<name>_last`)
+    start, best, last = 0, _Best(metric=metric), dict.fromkeys(cfg.scores, 0.0)
     if state is not None:
         method.load_state_dict(state["method"])
-        start, best, ectx.iteration = state["epoch"] + 1, _Best(state["best"]), state["iteration"]
-        last_target = state.get("last_target", 0.0)
+        start, best, ectx.iteration = state["epoch"] + 1, _Best(state["best"], metric), state["iteration"]
+        last.update({k: v for k, v in state.get("last_scores", {"target_mAP": state.get("last_target", 0.0)}).items()
+                     if k in last})
         set_rng_state(state["rng"])
     # the run's own files (best.pt, cmc.png, eval artifacts, a fallback store): written in the run folder, or
     # under a URI --output in a local folder on rank 0 and uploaded from there (storage.stage)
@@ -116,16 +121,18 @@ def _train(config: dict) -> None:
         for epoch in range(start, cfg.epochs):
             ectx.epoch = epoch
             metrics = {"epoch": epoch + 1, **train_epoch(method, ectx, cfg.amp)}
-            last = epoch + 1 == cfg.epochs
-            if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
-                metrics.update(_evaluate(method, cfg, last, curves, run, run_dir, remote, epoch + 1))
-                last_target = float(metrics["target_mAP"])
+            if run:
+                _log_refresh_picture(method, run, run_dir, remote, epoch + 1)
+            final = epoch + 1 == cfg.epochs
+            if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or final):
+                metrics.update(_evaluate(method, cfg, final, curves, run, run_dir, remote, epoch + 1))
+                last.update({k: float(metrics[k]) for k in last if k in metrics})
             if rank == 0:
                 _say(f"[epoch {epoch + 1}/{cfg.epochs}] " + "  ".join(
                     f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if run:
                 run.log_metrics(metrics, step=epoch + 1)
-            report = {**metrics, "best_target_mAP": best.target_mAP, METRIC: last_target}
+            report = {**metrics, f"best_{metric}": best.score, **{f"{k}_last": v for k, v in last.items()}}
             if run and run.pending:  # the driver's display warns once (this worker's console is Ray's log file)
                 report["mlflow_buffered"] = len(run.pending)
             # async: Ray Train copies the folder to storage while the next epoch trains, then deletes it
@@ -134,10 +141,11 @@ def _train(config: dict) -> None:
             try:
                 if rank == 0:
                     improved = best.update(metrics)
-                    keep = (epoch + 1) % cfg.checkpoint_every == 0 or last
+                    keep = (epoch + 1) % cfg.checkpoint_every == 0 or final
                     if keep or improved:
                         state = {"method": method.state_dict(), "epoch": epoch, "best": best.metrics,
-                                 "iteration": ectx.iteration, "last_target": last_target, "rng": rng_state(),
+                                 "iteration": ectx.iteration, "last_target": last.get("target_mAP", 0.0),
+                                 "last_scores": dict(last), "rng": rng_state(),
                                  "config": to_dict(cfg), "report": {k: float(v) for k, v in report.items()},
                                  **identity}
                     checkpoint = _epoch_checkpoint(state, Path(tmp), keep, improved, run_dir, remote)
@@ -201,17 +209,19 @@ def _open_run(ml: dict, cfg: TrainConfig, cfg_dict: dict, domains, run_dir: Path
 
 
 class _Best:
-    """The best epoch so far by target mAP (what best.pt holds, and the MLflow model's metrics)."""
+    """The best epoch so far by the run's selection metric (`TrainConfig.selection_metric`: target mAP, or a
+    label-free score where the target has no labels): what best.pt holds, and the MLflow model's metrics."""
 
-    def __init__(self, metrics: dict | None = None):
-        self.metrics = metrics or {"target_mAP": -1.0}
+    def __init__(self, metrics: dict | None = None, metric: str = "target_mAP"):
+        self.metric = metric
+        self.metrics = metrics or {metric: -1.0}
 
     @property
-    def target_mAP(self) -> float:
-        return self.metrics["target_mAP"]
+    def score(self) -> float:
+        return self.metrics.get(self.metric, -1.0)
 
     def update(self, metrics: dict) -> bool:
-        if metrics.get("target_mAP", -1) <= self.target_mAP:
+        if metrics.get(self.metric, -1) <= self.score:
             return False
         self.metrics = {k: float(v) for k, v in metrics.items() if k.startswith(("source_", "target_", "epoch"))}
         return True
@@ -225,12 +235,35 @@ def _evaluate(method, cfg: TrainConfig, last: bool, curves: dict, run, run_dir: 
     for name, ds in method.domains.named():
         if name == "source" and not (cfg.eval_source or last):
             continue
+        if not ds.labelled:  # a user's image folder: no identities, no mAP (the label-free scores below)
+            continue
         res, curves[name] = evaluate_method(method, ds, cfg, name)
         metrics.update(res)
+    if cfg.label_free.enabled:
+        metrics.update(label_free_scores(method.eval_model(), method.domains.source, method.domains.target, cfg,
+                                         method.device, source_mAP=metrics.get("source_mAP")))
     for path in method.eval_artifacts(run_dir / f"epoch{epoch}") if run else ():
         run.log_artifact(path, f"epoch{epoch}")
+    if run and last:  # what the final network retrieves: the target's ranked lists (training/pictures.py)
+        picture = ranked_list_picture(method.eval_model(), method.domains.target, cfg, method.device,
+                                      run_dir / f"epoch{epoch}" / "ranked_lists.png")
+        run.log_artifact(picture, f"epoch{epoch}")
     _publish(run_dir, remote, f"epoch{epoch}")
     return metrics
+
+
+def _log_refresh_picture(method, run, run_dir: Path, remote: str | None, epoch: int) -> None:
+    """Rank 0: the picture of the pseudo-label refresh this epoch began with, if it drew one (clustering.pictures),
+    under `epoch<N>/clusters.png`."""
+    res = getattr(method.clusterer, "last", None)
+    if res is None or not res.picture:
+        return
+    method.clusterer.last = None  # logged once
+    path = run_dir / f"epoch{epoch}" / "clusters.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(res.picture)
+    run.log_artifact(path, f"epoch{epoch}")
+    _publish(run_dir, remote, f"epoch{epoch}")
 
 
 def _epoch_checkpoint(state: dict, tmp: Path, keep: bool, improved: bool, run_dir: Path, remote: str | None):

@@ -16,10 +16,13 @@ if TYPE_CHECKING:
 
 def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, rerank: bool = False,
                         device: torch.device | str = "cpu", k1: int = 20, k2: int = 6,
-                        lambda_value: float = 0.3) -> dict:
-    """{"dataset", "query", "gallery", "plain": metrics[, "rerank": metrics]}, each metrics as
-    `training.loop.evaluate_model` gives them (mAP, R1, R5, R10 in %, cmc) on the dataset's query/gallery;
-    "rerank" after k-reciprocal re-ranking (`evaluation.re_ranking`) of the same features' distances."""
+                        lambda_value: float = 0.3, visualize: int = 0,
+                        visualize_out: str | Path = "ranked_lists.png") -> dict:
+    """{"dataset", "query", "gallery", "plain": metrics[, "rerank": metrics][, "visualization": path]}, each
+    metrics as `training.loop.evaluate_model` gives them (mAP, R1, R5, R10 in %, cmc) on the dataset's
+    query/gallery; "rerank" after k-reciprocal re-ranking (`evaluation.re_ranking`) of the same features'
+    distances. `visualize` > 0: that many queries' ranked lists by the plain distances
+    (`evaluation.visualize.ranked_lists`), written to `visualize_out`."""
     import torch
 
     from reid_ray.data.readers import read_dataset
@@ -35,6 +38,12 @@ def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, r
     if rerank:
         out["rerank"] = rank_metrics(re_ranking(qg, pairwise_distance(qf, qf), pairwise_distance(gf, gf), k1, k2,
                                                 lambda_value), qp, gp, qc, gc)
+    if visualize > 0:
+        from reid_ray.evaluation.visualize import ranked_lists
+
+        out["visualization"] = ranked_lists(ds.split("query")["path"].to_pylist(),
+                                            ds.split("gallery")["path"].to_pylist(), qg, visualize_out,
+                                            num_queries=visualize, q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc)
     return out
 
 

@@ -163,6 +163,16 @@ class Method:
         check_pk(cfg, domains.source.train["pid"].to_numpy(), f"source {cfg.source}")
 
     @classmethod
+    def camera_parts(cls, cfg: TrainConfig) -> list[str]:
+        """The parts of the method, as configured, that need several target cameras, each said as what it
+        loses on a target of one camera (the driver warns once with them; data/folder.py says where a folder's
+        cameras come from). By default the cross-camera target sampler, where the method's params use it."""
+        if getattr(cfg.params, "target_sampler", None) == "cross_camera":
+            return ["the cross-camera sampler draws each cluster's K images from that one camera (a plain P×K "
+                    "sampler)"]
+        return []
+
+    @classmethod
     def cluster_spec(cls, cfg: TrainConfig) -> ClusterSpec | None:
         """What the pseudo-label refresh computes (methods with `uses_clustering`)."""
         return None

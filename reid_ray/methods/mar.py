@@ -86,6 +86,11 @@ class MAR(Method):
     published = {"msmt2market": {"mAP": 40.0, "R1": 67.7, "paper": _PAPER}}
 
     @classmethod
+    def camera_parts(cls, cfg) -> list[str]:
+        return [*super().camera_parts(cfg), f"the cross-view term (CML, lamb_1={cfg.params.lamb_1:g}) has one camera "
+                "to align with itself and adds nothing"]
+
+    @classmethod
     def check(cls, cfg, domains) -> None:
         super().check(cfg, domains)
         p = cfg.params

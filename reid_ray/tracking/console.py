@@ -76,13 +76,19 @@ def number(metrics: dict, key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else None
 
 
+# the scores of an evaluation a person watches, carried on the display between evaluations
+CARRIED = {"target_mAP": "target mAP", "source_val_mAP": "source-val mAP", "target_probe": "probe"}
+
+
 def status_text(metrics: dict) -> str:
-    """The fields a person watches: the loss and the latest target mAP."""
+    """The fields a person watches: the loss, the latest target mAP (where the target has labels) and the
+    label-free scores."""
     parts = []
     if (loss := number(metrics, "loss")) is not None:
         parts.append(f"loss {loss:.3f}")
-    if (mAP := number(metrics, "target_mAP")) is not None:
-        parts.append(f"target mAP {mAP:.1f}")
+    for key, label in CARRIED.items():
+        if (v := number(metrics, key)) is not None:
+            parts.append(f"{label} {v:.1f}")
     return "  ".join(parts)
 
 

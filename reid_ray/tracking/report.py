@@ -33,6 +33,7 @@ class TrialRow:
     target_R1: float
     source_mAP: float
     run_id: str | None = None     # its MLflow run (found by the trial_id tag)
+    score: float = math.nan       # the sweep's metric at the trial's last report (= target_mAP when it ranks on that)
 
 
 @dataclass
@@ -55,18 +56,28 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[TrialRow], params: list[str], run_ids: bool = False) -> str:
-    head = ["trial", *params, "target mAP", "target R1", "epochs", "status", *(["MLflow run"] if run_ids else [])]
+def metric_name(metric: str) -> str:
+    """A sweep's reported metric as tables name it: `source_val_mAP_last` -> `source_val_mAP`."""
+    return metric.removesuffix("_last")
+
+
+def markdown_table(rows: list[TrialRow], params: list[str], run_ids: bool = False, metric: str = "target_mAP",
+                   labelled: bool = True) -> str:
+    """The trials' table: the metric the sweep ranks on, and the target mAP beside it where the target has labels."""
+    label_free = metric_name(metric) != "target_mAP"
+    head = ["trial", *params, *([f"{metric_name(metric)} (ranked on)"] if label_free else []),
+            *(["target mAP", "target R1"] if labelled else []), "epochs", "status", *(["MLflow run"] if run_ids else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.trial, *[_fmt(r.config.get(p, "")) for p in params], _fmt(r.target_mAP),
-                 _fmt(r.target_R1), str(r.epoch), r.status, *([r.run_id or ""] if run_ids else [])]
+        cells = [r.trial, *[_fmt(r.config.get(p, "")) for p in params], *([_fmt(r.score)] if label_free else []),
+                 *([_fmt(r.target_mAP), _fmt(r.target_R1)] if labelled else []), str(r.epoch), r.status,
+                 *([r.run_id or ""] if run_ids else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def parallel_coordinates(rows: list[TrialRow], params: list[str], space=None):
-    """Optuna's parallel-coordinates plot of the trials' parameters against their target mAP (a matplotlib
+def parallel_coordinates(rows: list[TrialRow], params: list[str], space=None, metric: str = "target_mAP"):
+    """Optuna's parallel-coordinates plot of the trials' parameters against the sweep's metric (a matplotlib
     figure), or None with fewer than two scored trials. The trials go into an in-memory Optuna study with the
     search space's distributions (log scale for a loguniform one)."""
     import warnings
@@ -77,7 +88,7 @@ def parallel_coordinates(rows: list[TrialRow], params: list[str], space=None):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.visualization.matplotlib import plot_parallel_coordinate
 
-    scored = [r for r in rows if not math.isnan(r.target_mAP) and all(p in r.config for p in params)]
+    scored = [r for r in rows if not math.isnan(r.score) and all(p in r.config for p in params)]
     if len(scored) < 2 or not params:
         return None
 
@@ -106,10 +117,10 @@ def parallel_coordinates(rows: list[TrialRow], params: list[str], space=None):
     for r in scored:
         values = {p: (str(r.config[p]) if isinstance(dists[p], CategoricalDistribution)
                       and str(r.config[p]) in dists[p].choices else r.config[p]) for p in params}
-        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=r.target_mAP))
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=r.score))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = plot_parallel_coordinate(study, target_name="target mAP")
+        ax = plot_parallel_coordinate(study, target_name=metric_name(metric).replace("_", " "))
     fig = ax.figure
     fig.set_size_inches(max(6.0, 1.6 * (len(params) + 1)), 4.0)
     fig.tight_layout()
@@ -125,35 +136,41 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
 
     sweep, base, folder, uri = out.sweep, out.sweep.base, out.folder, out.uri
     local = storage.stage(folder)  # the sweep's folder, or under a URI --output a local one uploaded at the end
-    rows = sorted(out.rows, key=lambda r: -r.target_mAP if not math.isnan(r.target_mAP) else math.inf)
+    rows = sorted(out.rows, key=lambda r: -r.score if not math.isnan(r.score) else math.inf)
     params = sorted({k for r in rows for k in r.config})
     best = next((r for r in rows if r.trial == out.best_trial), None)
-    dt = sweep.direct_transfer
-    text = [f"# Sweep {sweep.name}: {base.method}, {base.source} -> {base.target}\n",
-            f"Search space: `{sweep.space_path}`; {len(rows)} trials; ranked by `{sweep.metric}` at each trial's last "
-            "report.\n"]
-    if dt:
+    dt, metric, labelled = sweep.direct_transfer, metric_name(sweep.metric), base.target_labelled
+    text = [f"# Sweep {sweep.name}: {base.method}, {base.source} -> {base.target_label}\n",
+            f"Search space: `{sweep.space_path}`; {len(rows)} trials; ranked by `{metric}` at each trial's last "
+            "report" + ("" if metric == "target_mAP" else ", a label-free score" + (
+                " (the target mAP beside it is for comparison only: no trial was chosen by it)" if labelled else
+                "; the target has no labels, so there is no target mAP")) + ".\n"]
+    if dt and labelled:
         text.append(f"Direct transfer (the source model every trial starts from): target mAP "
                     f"{dt.get('target_mAP', float('nan')):.1f}, R1 {dt.get('target_R1', float('nan')):.1f}.\n")
-    text.append(markdown_table(rows, params, run_ids=True))
+    text.append(markdown_table(rows, params, run_ids=True, metric=sweep.metric, labelled=labelled))
     if best is not None:
         cfg = apply_overrides(copy.deepcopy(base), dict(best.config))
         cfg.name, cfg.resume = "", ""
         best_yaml, where = local / "best_config.yaml", folder / "best_config.yaml"
-        write_text_atomic(best_yaml, f"# best trial {best.trial} of sweep {sweep.name}: target mAP "
-                                     f"{best.target_mAP:.1f}\n# python -m reid_ray.train --config {where}\n"
+        score = f"{metric} {best.score:.1f}" + (f", target mAP {best.target_mAP:.1f}"
+                                                if labelled and metric != "target_mAP" else "")
+        write_text_atomic(best_yaml, f"# best trial {best.trial} of sweep {sweep.name}: {score}\n"
+                                     f"# python -m reid_ray.train --config {where}\n"
                                      + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         out.best_config = str(where)
-        text.append(f"\nBest: trial {best.trial}, target mAP {best.target_mAP:.1f}; config: `{where}`\n")
+        text.append(f"\nBest: trial {best.trial}, {score}; config: `{where}`\n")
         tracking.log_artifact(uri, sweep.parent_run_id, best_yaml)
-        tracking.log_metrics(uri, sweep.parent_run_id, {"best_target_mAP": best.target_mAP,
-                                                         "best_target_R1": best.target_R1}, step=0)
+        best_metrics = {f"best_{metric}": best.score}
+        if labelled:
+            best_metrics.update(best_target_mAP=best.target_mAP, best_target_R1=best.target_R1)
+        tracking.log_metrics(uri, sweep.parent_run_id, best_metrics, step=0)
         from mlflow.tracking import MlflowClient
         MlflowClient(uri).set_tag(sweep.parent_run_id, "best_trial", best.trial)
-    if dt:
+    if dt and labelled:
         tracking.log_metrics(uri, sweep.parent_run_id, {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
                              step=0)
-    fig = parallel_coordinates(rows, params, space)
+    fig = parallel_coordinates(rows, params, space, sweep.metric)
     if fig is not None:
         import matplotlib.pyplot as plt
 
@@ -161,7 +178,7 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
             fig.savefig(tmp, dpi=100)
         plt.close(fig)
         tracking.log_figure(uri, sweep.parent_run_id, fig, "parallel_coordinates.png")
-        text.append("\n![parameters against target mAP](parallel_coordinates.png)\n")
+        text.append(f"\n![parameters against {metric}](parallel_coordinates.png)\n")
     write_text_atomic(local / "summary.md", "\n".join(text))
     tracking.log_artifact(uri, sweep.parent_run_id, local / "summary.md")
     if storage.is_uri(folder):
@@ -209,16 +226,23 @@ def print_results(out: SweepOutcome) -> None:
     sweep, base, dt = out.sweep, out.sweep.base, out.sweep.direct_transfer
     console = Console(highlight=False)
     names = short_names(out.params)
+    metric, labelled = metric_name(sweep.metric), base.target_labelled
+    label_free = metric != "target_mAP"
+    nan = float("nan")
     key_rows, extra_rows = [], []
     if dt:
-        key_rows.append(["direct transfer", _fmt(dt.get("target_mAP", float("nan"))),
-                         _fmt(dt.get("target_R1", float("nan"))), "", "source model"])
+        key_rows.append(["direct transfer", *([_fmt(dt.get(metric, nan))] if label_free else []),
+                         *([_fmt(dt.get("target_mAP", nan)), _fmt(dt.get("target_R1", nan))] if labelled else []),
+                         "", "source model"])
         extra_rows.append([""] * len(out.params))
     for r in out.rows:
-        key_rows.append([r.trial, _fmt(r.target_mAP), _fmt(r.target_R1), str(r.epoch), r.status])
+        key_rows.append([r.trial, *([_fmt(r.score)] if label_free else []),
+                         *([_fmt(r.target_mAP), _fmt(r.target_R1)] if labelled else []), str(r.epoch), r.status])
         extra_rows.append([_fmt(r.config.get(p, "")) for p in out.params])
-    console.print(fitted_table(f"sweep {sweep.name}: {base.method}, {base.source} -> {base.target}",
-                               ["trial", "target mAP", "R1", "epochs", "status"], key_rows,
+    console.print(fitted_table(f"sweep {sweep.name}: {base.method}, {base.source} -> {base.target_label}"
+                               + (f", ranked on {metric}" if label_free else ""),
+                               ["trial", *([f"{metric} ▼"] if label_free else []),
+                                *(["target mAP", "R1"] if labelled else []), "epochs", "status"], key_rows,
                                [names[p] for p in out.params], extra_rows, console.width,
                                note=str(out.folder / "summary.md")))
     if out.best_config:

@@ -1,0 +1,102 @@
+"""The label-free scores of an evaluation (`training.loop` evaluates, the worker logs): what a run or a sweep can
+rank on when the target has no labels. The scores themselves, with their formulas and sources, are
+`evaluation.label_free`'s; this module picks the fixed images they are computed on and runs the network.
+
+    scores = label_free_scores(method, cfg)   # {"source_val_mAP": ..., "target_probe": ..., diagnostics}
+
+- `source_val_mAP`: mAP on `label_free.source_val_ids` of the source's held-out identities (its query/gallery
+  split, whose identities its training split never holds), drawn with `label_free.seed`. It needs no target label.
+- `target_probe`: the target-only mixup probe on `label_free.probe_images` target training images.
+- diagnostics, logged and never ranked on: the probe pool's soft neighbourhood density (`target_snd`), mean
+  pairwise cosine (`target_mean_cosine`) and effective rank (`target_effective_rank`), a check for collapse.
+
+The subsets depend on `label_free.seed` only (not on the run's seed), so every trial of a sweep, and every seed, is
+scored on the same images. Their cost is bounded by the subset sizes, whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from reid_ray.config import TrainConfig
+from reid_ray.data.loader import build_test_loader
+from reid_ray.data.readers import ReIDDataset
+
+
+def identity_subset(dataset: ReIDDataset, ids: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(query, gallery) of `ids` of the dataset's test identities drawn with `seed` (all when it has fewer)."""
+    q, g = dataset.split("query"), dataset.split("gallery")
+    pids = np.unique(q["pid"].to_numpy())
+    pids = pids[pids > 0]  # Market's distractors (0) have no query
+    if len(pids) > ids:
+        pids = np.sort(np.random.default_rng(seed).choice(pids, ids, replace=False))
+    keep = pa.array(pids)
+    return q.filter(pc.is_in(q["pid"], keep)), g.filter(pc.is_in(g["pid"], keep))
+
+
+def probe_subset(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """`n` rows of the target's training table drawn with `seed`, in table order (all when it has fewer)."""
+    if table.num_rows <= n:
+        return table
+    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
+    return table.take(pa.array(rows))
+
+
+def _images(table: pa.Table, cfg: TrainConfig) -> torch.Tensor:
+    """The table's images through the test transform, as one (N, C, H, W) tensor on the CPU."""
+    return torch.cat([b["img"] for b in build_test_loader(table, cfg.transform, cfg.loader)])
+
+
+_POOLS: dict[str, torch.Tensor] = {}  # the probe pool's images, decoded once per process (every evaluation reuses them)
+
+
+def _probe_images(key: str, table: pa.Table, cfg: TrainConfig) -> torch.Tensor:
+    if key not in _POOLS:
+        _POOLS.clear()
+        _POOLS[key] = _images(table, cfg)
+    return _POOLS[key]
+
+
+def label_free_scores(model: torch.nn.Module, source: ReIDDataset | None, target: ReIDDataset, cfg: TrainConfig,
+                      device: torch.device, source_mAP: float | None = None) -> dict[str, float]:
+    """The evaluation's label-free scores of `model` (the method's evaluated network), in %, plus diagnostics.
+    `source_mAP`: the same network's mAP on the whole source test split where this evaluation computed it: the
+    source-validation mAP is that figure when the subset is the whole split (no second pass)."""
+    from reid_ray.evaluation.label_free import feature_collapse, mixup_probe, soft_neighborhood_density
+    from reid_ray.training.loop import rank_metrics
+
+    lf = cfg.label_free
+    out: dict[str, float] = {}
+    if source is not None:
+        from reid_ray.evaluation import extract_features, pairwise_distance
+
+        q, g = identity_subset(source, lf.source_val_ids, lf.seed)
+        if source_mAP is not None and (q.num_rows, g.num_rows) == (source.query.num_rows, source.gallery.num_rows):
+            out["source_val_mAP"] = float(source_mAP)
+        else:
+            (qf, qp, qc), (gf, gp, gc) = [extract_features(model, build_test_loader(t, cfg.transform, cfg.loader),
+                                                           device=device) for t in (q, g)]
+            out["source_val_mAP"] = float(rank_metrics(pairwise_distance(qf, gf), qp, gp, qc, gc)["mAP"])
+    pool = probe_subset(target.train, lf.probe_images, lf.seed)
+    images = _probe_images(f"{target.name}|{target.train.num_rows}|{lf.probe_images}|{lf.seed}|{cfg.transform}", pool,
+                           cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return F.normalize(model(x.to(device)).float(), dim=1).cpu()
+
+        out["target_probe"] = float(mixup_probe(embed, images, pairs=lf.probe_pairs, lam=lf.probe_lam, seed=lf.seed))
+        feats = torch.cat([embed(images[i:i + cfg.loader.test_batch_size])
+                           for i in range(0, len(images), cfg.loader.test_batch_size)])
+    finally:
+        model.train(was_training)
+    collapse = feature_collapse(feats)
+    out.update(target_snd=float(soft_neighborhood_density(feats)), target_mean_cosine=float(collapse["mean_cosine"]),
+               target_effective_rank=float(collapse["effective_rank"]))
+    return out

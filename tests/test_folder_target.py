@@ -1,0 +1,132 @@
+"""A user's own unlabelled images as the target (`--target folder:PATH`): how a folder is read (cameras from
+sub-folders, file names or none), the config it resolves to, and a run under Ray Train on a folder of the embedded
+target's images with no labels in their names, which ranks on a label-free score and reports no target mAP."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reid_ray import ReidRayError
+from reid_ray.config import resolve_config
+from reid_ray.data.folder import folder_cameras, read_folder
+from reid_ray.data.layouts import parse_market_name
+
+
+def unlabelled_copy(dataset_root: Path, out: Path, *, by_camera: bool = True) -> Path:
+    """The training images of synth-b under `dataset_root`, copied to `out` with no identity in their names:
+    one sub-folder per camera (`cam1/`, ...), or all in one folder with names that carry no camera."""
+    out.mkdir(parents=True)
+    for i, f in enumerate(sorted((dataset_root / "synth-b" / "bounding_box_train").iterdir())):
+        _pid, cam = parse_market_name(f.name)
+        folder = out / f"cam{cam + 1}" if by_camera else out
+        folder.mkdir(exist_ok=True)
+        shutil.copy(f, folder / f"frame{(i * 7919) % 100003:06d}{f.suffix}")
+    return out
+
+
+def crops(folder: Path, n: int, broken: int = 0) -> Path:
+    """`n` small person-sized PNGs in `folder` (two camera sub-folders), and `broken` files that are not images."""
+    for i in range(n):
+        d = folder / f"cam{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 32), (i * 37 % 255, i * 91 % 255, 90)).save(d / f"p{i:03d}.png")
+    for i in range(broken):
+        (folder / "cam0" / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+def test_cameras_come_from_sub_folders_then_file_names_then_one_camera():
+    assert folder_cameras(["north/a.jpg", "south/b.jpg", "north/c.jpg"]) == ([0, 1, 0], "sub-folders")
+    # Market-style tokens: c<N> at the start or after _ or -, before _, -, s or the extension
+    names = ["0001_c3s1_000451.jpg", "x-c1-7.png", "c2_9.jpg", "frame_c10.jpg"]
+    assert folder_cameras(names) == ([2, 0, 1, 3], "file names")  # cameras 1, 2, 3, 10 in numeric order
+    assert folder_cameras(["a.jpg", "b_c2.jpg"]) == ([0, 0], "none")  # not every name has one: one camera
+    assert folder_cameras(["only/a.jpg", "only/b.jpg"]) == ([0, 0], "none")  # one sub-folder is not cameras
+
+
+def test_a_folder_reads_as_an_unlabelled_target_with_no_query_or_gallery(tmp_path):
+    crops(tmp_path / "cams", 6)
+    ds = read_folder(f"folder:{tmp_path / 'cams'}")
+    assert not ds.labelled and ds.cameras_from == "sub-folders"
+    assert ds.train.num_rows == 6 and ds.query.num_rows == ds.gallery.num_rows == 0
+    assert set(ds.train["pid"].to_pylist()) == {-1} and sorted(set(ds.train["camid"].to_pylist())) == [0, 1]
+    assert "6 unlabelled images, 2 camera(s) (from sub-folders)" in str(ds)
+    (tmp_path / "cams" / "cam1" / "new.png").write_bytes((tmp_path / "cams" / "cam0" / "p000.png").read_bytes())
+    assert read_folder(f"folder:{tmp_path / 'cams'}").train.num_rows == 7  # the cache follows the folder
+
+
+def test_a_folder_target_resolves_with_its_path_absolute_and_a_label_free_metric(tmp_path, monkeypatch):
+    crops(tmp_path / "Crops", 4)
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config("mmt", target="folder:Crops")
+    assert cfg.target == f"folder:{tmp_path / 'Crops'}"  # absolute, its case kept, for every Ray worker
+    assert cfg.experiment_name == "synth-a->folder:Crops" and cfg.model.arch == "small"  # the embedded source's scale
+    assert not cfg.target_labelled and cfg.selection_metric == "source_val_mAP"
+    assert cfg.scores == ("source_val_mAP", "target_probe")
+    assert resolve_config("spcl", "none", "folder:Crops").selection_metric == "target_probe"
+    assert resolve_config("mmt").selection_metric == "target_mAP"  # a published target keeps its mAP
+    assert resolve_config("mmt", sets=["metric=target_probe"]).selection_metric == "target_probe"
+    with pytest.raises(ReidRayError, match="needs target labels"):
+        resolve_config("mmt", target="folder:Crops", sets=["metric=target_mAP"])
+    with pytest.raises(ReidRayError, match="only be the target"):
+        resolve_config("mmt", source="folder:Crops")
+
+
+def test_one_camera_warns_once_naming_what_each_part_loses(tmp_path, capsys):
+    from reid_ray.data.domains import Domains
+    from reid_ray.distributed.driver import warn_one_camera
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 32)).save(flat / f"{i}.png")
+    domains = Domains(None, read_folder(f"folder:{flat}"))
+    warn_one_camera(resolve_config("mar", target=f"folder:{flat}"), domains)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("reid-ray: warning: folder:flat has one camera (no camera sub-folders, no c<N>")
+    assert "the cross-view term (CML" in line and "\n" not in line
+    warn_one_camera(resolve_config("baseline", target=f"folder:{flat}"), domains)  # nothing camera-aware: silent
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.ray
+def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_score(tiny_synth, tmp_path):
+    """`python -m reid_ray.train --method mmt --target folder:...` on the embedded target's images without their
+    labels: it trains, ranks best.pt on the source-validation mAP and says so, logs the label-free scores every
+    evaluation, and has no target mAP anywhere (console, MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_cli, seed_source_models
+
+    folder = unlabelled_copy(tiny_synth, tmp_path / "crops")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["num_identities=4", "params.num_clusters=12", "params.iters=4", "log_model=false", "warmup_epochs=1"]
+    seed_source_models(resolve_config("mmt", target=f"folder:{folder}", sets=sets,
+                                      flags=dict(data_root=str(tiny_synth), output=str(tmp_path / "out"))))
+    proc = run_cli(["-m", "reid_ray.train", "--method", "mmt", "--target", f"folder:{folder}", "--data-root",
+                    str(tiny_synth), "--epochs", "2", "--eval-every", "1", "--output", str(tmp_path / "out"),
+                    "--mlflow-uri", uri, "--name", "crops", *[a for s in sets for a in ("--set", s)]], tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "source model: training" not in text, text  # the seeded source model
+    assert "source-validation mAP (label-free) (ranked on)" in proc.stdout, proc.stdout
+    assert "folder:crops has no labels: best.pt is the epoch with the best source_val_mAP" in proc.stdout
+    assert "target mAP" not in text and "warning" not in text.lower()
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert {"source_val_mAP", "target_probe", "target_snd", "target_mean_cosine", "target_effective_rank"} <= set(metrics)
+    assert not [k for k in metrics if k.startswith("target_mAP") or k in ("target_R1", "nmi", "cluster_purity")]
+    assert len(client.get_metric_history(run.info.run_id, "source_val_mAP")) == 2  # every evaluation
+    assert 0 <= metrics["target_probe"] <= 100 and 0 <= metrics["source_val_mAP"] <= 100
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synth-a", f"folder:{folder}"]
+    # the pictures: each refresh's clusters, and the final network's ranked lists (plain: no labels)
+    artifacts = {f.path for d in ("epoch1", "epoch2") for f in client.list_artifacts(run.info.run_id, d)}
+    assert {"epoch1/clusters.png", "epoch2/clusters.png", "epoch2/ranked_lists.png"} <= artifacts, artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "epoch2/ranked_lists.png", str(tmp_path)))
+    assert Image.open(local).format == "PNG"
