@@ -130,3 +130,41 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
     assert {"epoch1/clusters.png", "epoch2/clusters.png", "epoch2/ranked_lists.png"} <= artifacts, artifacts
     local = Path(client.download_artifacts(run.info.run_id, "epoch2/ranked_lists.png", str(tmp_path)))
     assert Image.open(local).format == "PNG"
+
+
+@pytest.mark.ray
+@pytest.mark.budget(150)
+def test_a_sweep_on_an_unlabelled_folder_ranks_on_a_label_free_score_and_says_so(tiny_synth, tmp_path):
+    """`python -m reid_ray.tune --method mmt --target folder:...`: ASHA, Optuna and the final pick rank on the
+    source-validation mAP; the table, summary.md and MLflow name it, show no target mAP, and the trials' ensemble
+    agreement stands beside it."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_cli, seed_sweep_source_models
+
+    folder = unlabelled_copy(tiny_synth, tmp_path / "crops", by_camera=False)
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  optim.lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3}\n"
+                     "fixed:\n  loader.num_identities: 4\n  params.num_clusters: 12\n  params.iters: 3\n"
+                     "  pretrain_epochs: 1\n  log_model: false\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["-m", "reid_ray.tune", "--method", "mmt", "--target", f"folder:{folder}", "--data-root", str(tiny_synth),
+            "--search-space", str(space), "--num-samples", "2", "--epochs", "1", "--output", str(tmp_path / "out"),
+            "--mlflow-uri", uri, "--name", "crops"]
+    seed_sweep_source_models(argv)
+    proc = run_cli(argv, tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "ranked on source_val_mAP" in proc.stdout and "target mAP" not in text
+    # one camera (no sub-folders, no c<N> names): MMT's cross-camera sampler falls back, said once
+    assert text.count("reid-ray: warning: folder:crops has one camera") == 1
+    summary = (tmp_path / "out" / "tune" / "crops" / "summary.md").read_text()
+    assert "ranked by `source_val_mAP`" in summary and "the target has no labels, so there is no target mAP" in summary
+    assert "| source_val_mAP (ranked on) | ensemble agreement |" in summary and "target mAP |" not in summary
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("sweep_parent") == "true")
+    assert "best_source_val_mAP" in parent.data.metrics and "best_target_mAP" not in parent.data.metrics
+    trials = [r for r in runs if r.data.tags.get("trial_id")]
+    assert len(trials) == 2 and all("ensemble_agreement" in r.data.metrics for r in trials)
+    assert all(0 <= r.data.metrics["ensemble_agreement"] <= 100 for r in trials)

@@ -156,9 +156,11 @@ def test_mixup_probe_collapsed_model_scores_zero():
 
 def test_mixup_probe_is_seeded():
     images = torch.randn(30, 1, 1, 8, generator=torch.Generator().manual_seed(0))
-    scores = [mixup_probe(embed_flat, images, pairs=64, lam=0.5, seed=s, batch=10) for s in (0, 0, 1)]
+    scores = [mixup_probe(embed_flat, images, pairs=64, lam=0.6, seed=s, batch=10) for s in (0, 0, 1)]
     assert scores[0] == scores[1] and 0 < scores[0] < 100
     assert scores[2] != scores[0]
+    with pytest.raises(ReidRayError, match="lam"):
+        mixup_probe(embed_flat, images, lam=0.5)  # no dominant image
 
 
 def test_silhouette_matches_sklearn():

@@ -283,6 +283,11 @@ def check_metric(cfg: TrainConfig) -> None:
     scores `label_free.enabled`."""
     if cfg.metric not in ("auto", *METRICS):
         raise ReidRayError(f"metric={cfg.metric!r}; valid: auto, {', '.join(METRICS)}")
+    lf = cfg.label_free
+    if not (0.5 < lf.probe_lam < 1 and lf.source_val_ids >= 1 and lf.probe_images >= 3 and lf.probe_pairs >= 1):
+        raise ReidRayError(f"label_free needs 0.5 < probe_lam < 1 (the first image dominates each mix), source_val_ids "
+                           f"≥ 1, probe_images ≥ 3 and probe_pairs ≥ 1; got probe_lam={lf.probe_lam}, source_val_ids="
+                           f"{lf.source_val_ids}, probe_images={lf.probe_images}, probe_pairs={lf.probe_pairs}")
     m = cfg.selection_metric
     if m == "target_mAP" and not cfg.target_labelled:
         raise ReidRayError(f"--metric target_mAP needs target labels, and {cfg.target_label} has none; rank on "

@@ -161,6 +161,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
             stop_interrupted_runs(e, uri, experiment, "sweep", sweep.name)
             raise
         rows = [_row(res, base.epochs, uri, experiment, sweep.metric) for res in grid]
+        _agreement(rows, base, sweep, uri)
         out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri, errors=grid.num_errors,
                                           trials=len(grid), best_trial=_best_trial(grid, sweep.metric)), space)
         status = "FINISHED"
@@ -219,6 +220,26 @@ def _row(res, epochs: int, uri: str, experiment: str, metric: str = METRIC) -> T
                     epoch=done, target_mAP=m.get(METRIC, math.nan), target_R1=m.get("target_R1", math.nan),
                     source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None,
                     score=m.get(metric, math.nan))
+
+
+def _agreement(rows: list[TrialRow], base: TrainConfig, sweep: Sweep, uri: str) -> None:
+    """The trials' ensemble agreement (training.label_free.sweep_agreement) at each evaluated epoch two or more
+    reached: logged to each trial's MLflow run (`ensemble_agreement`, step = epoch), and its value at the trial's
+    last epoch on its row. Label-free, reported beside the metric the sweep ranks on (no trial is picked by it).
+    Read from the trials' run folders: a sweep whose --output is a URI has none here."""
+    if not base.label_free.enabled or storage.is_uri(base.output):
+        return
+    from reid_ray.training.label_free import sweep_agreement
+
+    out = storage.absolute(base.output)
+    by_epoch = sweep_agreement({r.trial: out / f"{sweep.name}-{r.trial}" for r in rows})
+    for r in rows:
+        scores = {e: s[r.trial] for e, s in by_epoch.items() if r.trial in s}
+        if scores:
+            r.agreement = scores[max(scores)]
+        if r.run_id:
+            for epoch, score in sorted(scores.items()):
+                tracking.log_metrics(uri, r.run_id, {"ensemble_agreement": score}, step=epoch)
 
 
 def _best_trial(grid, metric: str) -> str | None:

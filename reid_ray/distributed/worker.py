@@ -39,7 +39,7 @@ from reid_ray.data.domains import load_domains
 from reid_ray.distributed import ray_logs, verdict
 from reid_ray.methods import EpochContext, method_class
 from reid_ray.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, newest_readable_checkpoint, save_checkpoint
-from reid_ray.training.label_free import label_free_scores
+from reid_ray.training.label_free import PROBE_FEATURES, label_free_scores
 from reid_ray.training.loop import evaluate_method, finish_networks, gpu_layout, rng_state, set_rng_state, train_epoch
 from reid_ray.training.pictures import ranked_list_picture
 
@@ -241,7 +241,8 @@ def _evaluate(method, cfg: TrainConfig, last: bool, curves: dict, run, run_dir: 
         metrics.update(res)
     if cfg.label_free.enabled:
         metrics.update(label_free_scores(method.eval_model(), method.domains.source, method.domains.target, cfg,
-                                         method.device, source_mAP=metrics.get("source_mAP")))
+                                         method.device, source_mAP=metrics.get("source_mAP"),
+                                         features_out=run_dir / f"epoch{epoch}" / PROBE_FEATURES if run else None))
     for path in method.eval_artifacts(run_dir / f"epoch{epoch}") if run else ():
         run.log_artifact(path, f"epoch{epoch}")
     if run and last:  # what the final network retrieves: the target's ranked lists (training/pictures.py)

@@ -73,10 +73,9 @@ def _average_precision(s: torch.Tensor, pos: torch.Tensor, most: int | None = No
     v, t = s[rows, cols][:, None], thr[rows]
     before = torch.zeros(b, pos.shape[1], dtype=torch.int32, device=s.device).index_add_(0, rows, (v > t).to(torch.int32))
     m, c = (v == t).nonzero(as_tuple=True)  # ties, few: each positive with itself, and exact equals
-    m, c = m[cols[m] < idx[rows[m], c]], c[cols[m] < idx[rows[m], c]]
-    before.index_put_((rows[m], c), torch.ones_like(c, dtype=torch.int32), accumulate=True)
-    position = before + 1
-    position = torch.where(present, position.double(), torch.inf).sort(1).values  # each row's positives in rank order
+    first = cols[m] < idx[rows[m], c]
+    before.index_put_((rows[m[first]], c[first]), torch.ones_like(c[first], dtype=torch.int32), accumulate=True)
+    position = torch.where(present, before.double() + 1, torch.inf).sort(1).values  # each row's positives in rank order
     if heavy.any():
         h = heavy.nonzero()[:, 0]
         ranked = _positions(-s[h], pos[h], torch.full_like(h[:, None], -1))[0]  # rank order, 0 where padded
@@ -88,8 +87,9 @@ def _average_precision(s: torch.Tensor, pos: torch.Tensor, most: int | None = No
 def ensemble_agreement(features: list[torch.Tensor], k: int = 20, block: int = 1024) -> list[float]:
     """Each candidate's retrieval mAP (%, 0-100) against pseudo-positives agreed on by all candidates.
 
-    EnsV (Ensemble Validation: "a simple ensemble of candidate models as a role model"; NeurIPS 2024
-    Datasets and Benchmarks track), adapted from classification to retrieval.
+    EnsV (Hu, Luo, Liang and Foo, "Towards Reliable Model Selection for Unsupervised Domain Adaptation: An
+    Empirical Study and A Certified Baseline", NeurIPS 2024 Datasets and Benchmarks track: a simple ensemble of
+    the candidate models as a role model), adapted from classification to retrieval.
     features: the T candidates' (N, D) features of the same N target images, in the same order.
 
     Consensus S̄ = (1/T) Σ_t F_t F_tᵀ, one row block at a time (its top-k lists are those of Σ_t F_t F_tᵀ:
@@ -157,8 +157,9 @@ def mixup_probe(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     equal) scores 0, and a nearly collapsed one about 100/N.
     """
     n = len(images)
-    if n < 2 or pairs < 1:
-        raise ReidRayError(f"mixup_probe: needs N >= 2 images and pairs >= 1, got N={n}, pairs={pairs}")
+    if n < 2 or pairs < 1 or not 0.5 < lam < 1:
+        raise ReidRayError(f"mixup_probe: needs N >= 2 images, pairs >= 1 and 0.5 < lam < 1 (a dominates), got N={n}, "
+                           f"pairs={pairs}, lam={lam}")
     gen = torch.Generator().manual_seed(seed)
     a = torch.randint(n, (pairs,), generator=gen)
     b = torch.randint(n - 1, (pairs,), generator=gen)
@@ -169,7 +170,7 @@ def mixup_probe(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
         for lo, hi in _blocks(pairs, batch):
             ia, ib = a[lo:hi].to(images.device), b[lo:hi].to(images.device)
             probe = embed(lam * images[ia] + (1 - lam) * images[ib]).float()
-            s = probe @ pool.to(probe.device).T
+            s = probe @ pool.T
             ia = ia.to(s.device)
             own = s.gather(1, ia[:, None])[:, 0]
             s.scatter_(1, ia[:, None], -torch.inf)
@@ -223,7 +224,8 @@ def soft_neighborhood_density(features: torch.Tensor, temperature: float = 0.05,
 
     A diagnostic only, never a selection score: on re-ID embeddings it ranks collapsed features above tight
     identities (all similarities equal give the maximum, log(N - 1)). A synthetic check of 150 identities
-    gave SND 2.94 for tight clusters and 8.01 for collapsed features.
+    gave SND 2.94 for tight clusters and 8.01 for collapsed features (20 images each: about log 19 and
+    log 2999).
     """
     feats = _check(features, "soft_neighborhood_density")
     n = len(feats)
@@ -249,8 +251,9 @@ def feature_collapse(features: torch.Tensor, block: int = 1024) -> dict[str, flo
     (Roy and Vetterli, "The effective rank: a measure of effective dimensionality", EUSIPCO 2007; RankMe,
     Garrido et al., ICML 2023). σ_k² are the eigenvalues of the D×D Gram matrix Σ_i f_i f_iᵀ (float64,
     accumulated over row blocks; eigenvalues below max·D·eps count as 0). Not centered, as RankMe: identical
-    rows give 1 and N ≥ D orthonormal rows give D, whereas centering would leave a fully collapsed matrix with
-    no singular value at all (0/0) and would score small isotropic noise around one point as full rank.
+    rows give 1 and the D rows of an orthonormal basis give D, whereas centering would leave identical rows
+    no singular value at all (0/0), give the basis D - 1, and score small isotropic noise around one point as
+    full rank (it is blind to the common direction that collapse grows).
     """
     feats = _check(features, "feature_collapse")
     n, dim = feats.shape

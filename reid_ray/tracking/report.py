@@ -34,6 +34,7 @@ class TrialRow:
     source_mAP: float
     run_id: str | None = None     # its MLflow run (found by the trial_id tag)
     score: float = math.nan       # the sweep's metric at the trial's last report (= target_mAP when it ranks on that)
+    agreement: float = math.nan   # its ensemble agreement with the other trials at its last epoch (label-free)
 
 
 @dataclass
@@ -65,11 +66,14 @@ def markdown_table(rows: list[TrialRow], params: list[str], run_ids: bool = Fals
                    labelled: bool = True) -> str:
     """The trials' table: the metric the sweep ranks on, and the target mAP beside it where the target has labels."""
     label_free = metric_name(metric) != "target_mAP"
+    agreement = any(not math.isnan(r.agreement) for r in rows)
     head = ["trial", *params, *([f"{metric_name(metric)} (ranked on)"] if label_free else []),
+            *(["ensemble agreement"] if agreement else []),
             *(["target mAP", "target R1"] if labelled else []), "epochs", "status", *(["MLflow run"] if run_ids else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.trial, *[_fmt(r.config.get(p, "")) for p in params], *([_fmt(r.score)] if label_free else []),
+                 *([_fmt(r.agreement)] if agreement else []),
                  *([_fmt(r.target_mAP), _fmt(r.target_R1)] if labelled else []), str(r.epoch), r.status,
                  *([r.run_id or ""] if run_ids else [])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -16,15 +16,20 @@ scored on the same images. Their cost is bounded by the subset sizes, whatever t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
+from reid_ray import atomic_path
 from reid_ray.config import TrainConfig
 from reid_ray.data.loader import build_test_loader
 from reid_ray.data.readers import ReIDDataset
+
+PROBE_FEATURES = "probe_features.npy"  # a run's probe-pool features of an evaluation, under its epoch<N>/ folder
 
 
 def identity_subset(dataset: ReIDDataset, ids: int, seed: int) -> tuple[pa.Table, pa.Table]:
@@ -62,10 +67,12 @@ def _probe_images(key: str, table: pa.Table, cfg: TrainConfig) -> torch.Tensor:
 
 
 def label_free_scores(model: torch.nn.Module, source: ReIDDataset | None, target: ReIDDataset, cfg: TrainConfig,
-                      device: torch.device, source_mAP: float | None = None) -> dict[str, float]:
+                      device: torch.device, source_mAP: float | None = None,
+                      features_out: str | Path | None = None) -> dict[str, float]:
     """The evaluation's label-free scores of `model` (the method's evaluated network), in %, plus diagnostics.
     `source_mAP`: the same network's mAP on the whole source test split where this evaluation computed it: the
-    source-validation mAP is that figure when the subset is the whole split (no second pass)."""
+    source-validation mAP is that figure when the subset is the whole split (no second pass). `features_out`: where
+    to keep the probe pool's features (float16 .npy), the input of a sweep's ensemble agreement."""
     from reid_ray.evaluation.label_free import feature_collapse, mixup_probe, soft_neighborhood_density
     from reid_ray.training.loop import rank_metrics
 
@@ -91,12 +98,41 @@ def label_free_scores(model: torch.nn.Module, source: ReIDDataset | None, target
             with torch.inference_mode():
                 return F.normalize(model(x.to(device)).float(), dim=1).cpu()
 
-        out["target_probe"] = float(mixup_probe(embed, images, pairs=lf.probe_pairs, lam=lf.probe_lam, seed=lf.seed))
         feats = torch.cat([embed(images[i:i + cfg.loader.test_batch_size])
                            for i in range(0, len(images), cfg.loader.test_batch_size)])
+        if not torch.isfinite(feats).all():  # a network gone NaN (the loop stops it): no score to give
+            return {**out, "target_probe": float("nan")}
+        out["target_probe"] = float(mixup_probe(embed, images, pairs=lf.probe_pairs, lam=lf.probe_lam, seed=lf.seed))
     finally:
         model.train(was_training)
+    if features_out is not None:
+        Path(features_out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(features_out)) as tmp, open(tmp, "wb") as f:
+            np.save(f, feats.numpy().astype(np.float16))
     collapse = feature_collapse(feats)
     out.update(target_snd=float(soft_neighborhood_density(feats)), target_mean_cosine=float(collapse["mean_cosine"]),
                target_effective_rank=float(collapse["effective_rank"]))
+    return out
+
+
+def sweep_agreement(run_dirs: dict[str, Path], k: int = 20) -> dict[int, dict[str, float]]:
+    """The ensemble agreement of a sweep's trials (`evaluation.label_free.ensemble_agreement`), at every evaluated
+    epoch that at least two trials reached (ASHA's rungs and the last epoch among them): {epoch: {trial: score}}.
+    `run_dirs`: each trial's run folder, where each evaluation kept its probe pool's features (PROBE_FEATURES)."""
+    from reid_ray.evaluation.label_free import ensemble_agreement
+
+    found: dict[int, dict[str, Path]] = {}
+    for trial, folder in run_dirs.items():
+        for f in Path(folder).glob(f"epoch*/{PROBE_FEATURES}"):
+            found.setdefault(int(f.parent.name.removeprefix("epoch")), {})[trial] = f
+    out = {}
+    for epoch, files in sorted(found.items()):
+        if len(files) < 2:
+            continue
+        trials = sorted(files)
+        feats = [torch.from_numpy(np.load(files[t]).astype(np.float32)) for t in trials]
+        if len({tuple(f.shape) for f in feats}) != 1:
+            continue  # trials that differ in their probe pool or feature size cannot be compared
+        scores = ensemble_agreement(feats, k=min(k, len(feats[0]) - 1))
+        out[epoch] = dict(zip(trials, scores, strict=True))
     return out
