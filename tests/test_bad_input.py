@@ -37,6 +37,12 @@ def _folder(path: Path) -> str:
     return str(path)
 
 
+def _crops(folder: Path, n: int, broken: int = 0) -> Path:
+    from tests.test_folder_target import crops
+
+    return crops(folder, n, broken)
+
+
 def _space(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -70,6 +76,23 @@ CASES = [
     ("--source none with a source model", "train",
      lambda t, d: ["--method", "spcl", "--source", "none", "--set", "params.source_init=true"],
      "--source none has no source to train one on"),
+    ("--target folder that does not exist", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{t / 'nope'}"],
+     "is not a folder; pass folder:PATH"),
+    ("--target folder with no images", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{_folder(t / 'empty')}"],
+     "holds no .jpg/.jpeg/.png images (searched recursively)"),
+    ("--target folder with an unreadable image", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{_crops(t / 'cams', 8, broken=1)}"],
+     "cam0/broken0.jpg in " + "{t}/cams is not a readable image"),
+    ("--target folder with too few images for the clustering", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{_crops(t / 'few', 20)}",
+                   "--set", "num_identities=4"], "k-means needs 2 ≤ k < the 20 target training images"),
+    ("an image folder as the source", "train",
+     lambda t, d: ["--source", f"folder:{_crops(t / 'src', 4)}"], "an image folder has no identity labels"),
+    ("--metric target_mAP on an image folder", "train",
+     lambda t, d: ["--method", "mmt", "--target", f"folder:{_crops(t / 'm', 4)}", "--metric", "target_mAP"],
+     "--metric target_mAP needs target labels, and folder:m has none"),
     ("missing real dataset (nothing written)", "train",
      lambda t, d: ["--source", "market1501", "--data-root", _folder(t / "data")], "Market-1501"),
     ("P larger than the identities", "train",

@@ -196,6 +196,28 @@ def test_evaluate_prints_what_engine_evaluate_model_gives(baseline, tiny_synth, 
         round(res["rerank"][k], 1) for k in ("mAP", "R1", "R5", "R10")]
 
 
+def test_evaluate_visualize_draws_ranked_lists_labelled_or_not(baseline, tiny_synth, tmp_path, capsys):
+    """`reid-ray evaluate --visualize N`: on a dataset with identities, the ranked lists beside its mAP; on a
+    folder of unlabelled images (`folder:PATH`), the ranked lists alone and no mAP."""
+    from PIL import Image
+
+    from tests.test_folder_target import unlabelled_copy
+
+    folder, _method, _cfg = baseline
+    out = tmp_path / "ranked.png"
+    assert main_evaluate(["--checkpoint", str(folder), "--dataset", "synth-b", "--data-root", str(tiny_synth),
+                          "--device", "cpu", "--visualize", "4", "--visualize-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mAP" in text and f"wrote {out} (4 queries' ranked lists)" in text and Image.open(out).format == "PNG"
+    crops = unlabelled_copy(tiny_synth, tmp_path / "crops")
+    plain = tmp_path / "plain.png"
+    assert main_evaluate(["--checkpoint", str(folder), "--dataset", f"folder:{crops}", "--data-root", ".",
+                          "--device", "cpu", "--visualize", "3", "--visualize-out", str(plain)]) == 0
+    text = capsys.readouterr().out
+    assert "unlabelled images" in text and "no mAP" in text and "R1" not in text
+    assert Image.open(plain).format == "PNG"
+
+
 def test_a_multi_network_checkpoint_exports_the_network_evaluation_reports(tiny_synth, domains, tmp_path, capsys):
     cfg = resolve_config("mmt", sets=["num_identities=4", "num_clusters=8"], flags=dict(data_root=str(tiny_synth)))
     method = METHODS["mmt"](cfg, domains, torch.device("cpu"))

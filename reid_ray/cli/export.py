@@ -99,7 +99,8 @@ def main_evaluate(argv: list[str] | None = None) -> int:
                     "adds the k-reciprocal re-ranked figures.")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--dataset", required=True, help="market1501, dukemtmc, msmt17 (msmt17-all), cuhk03np "
-                                                    "(cuhk03np-detected), synth-a, synth-b")
+                                                    "(cuhk03np-detected), synth-a, synth-b, or folder:PATH (your own "
+                                                    "unlabelled images: ranked lists with --visualize, no mAP)")
     p.add_argument("--data-root", required=True, help="folder that holds the dataset's own top folder")
     p.add_argument("--rerank", action="store_true", help="also k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     p.add_argument("--net", default=None, help=f"{NET_HELP})")
@@ -129,7 +130,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
         console.print(results_table(emb, res))
         console.print(f"checkpoint {emb.path} (sha256 {emb.digest[:12]}...)")
         if "visualization" in res:
-            console.print(f"wrote {res['visualization']} ({a.visualize} queries' ranked lists)")
+            console.print(f"wrote {res['visualization']} ({a.visualize} queries' ranked lists)", soft_wrap=True)
         return 0
 
     return run_cli(_run, args)

@@ -31,6 +31,14 @@ def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, r
 
     ds = read_dataset(dataset, data_root)
     cfg = dataclasses.replace(emb.cfg, loader=dataclasses.replace(emb.cfg.loader, in_memory=False))
+    if not ds.labelled:  # a user's image folder: no identities, no mAP; what the model retrieves among its images
+        from reid_ray.training.pictures import ranked_list_picture
+
+        out = {"dataset": ds.name, "images": ds.train.num_rows, "labelled": False}
+        if visualize > 0:
+            out["visualization"] = ranked_list_picture(emb.net, ds, cfg, torch.device(device), visualize_out,
+                                                       queries=visualize)
+        return out
     out = {"dataset": ds.name, "query": ds.split("query").num_rows, "gallery": ds.split("gallery").num_rows}
     (qf, qp, qc), (gf, gp, gc) = query_gallery_features(emb.net, ds, cfg, torch.device(device))
     qg = pairwise_distance(qf, gf)
@@ -50,6 +58,11 @@ def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, r
 def results_table(emb: Embedder, res: dict, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> Table:
     from rich.table import Table
 
+    if res.get("labelled") is False:
+        table = Table(title=f"{emb.method} ({emb.network}) on {res['dataset']}: {res['images']} unlabelled images")
+        table.add_column("")
+        table.add_row("no identity labels: no mAP or CMC (--visualize N draws what the model retrieves)")
+        return table
     table = Table(title=f"{emb.method} ({emb.network}) on {res['dataset']}: {res['query']} queries, "
                         f"{res['gallery']} gallery images")
     for col in ("ranking", "mAP", "R1", "R5", "R10"):
