@@ -197,3 +197,22 @@ def test_bench_has_one_timer_and_small_files():
     assert timers == [f"harness.py:{harness.timed.__code__.co_firstlineno}"]
     big = {f.name: n for f in files if f.name != "gpu.py" and (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert not big, f"over {MAX_LINES} lines: {big}"
+
+
+def test_the_selection_bench_scores_regret_against_its_baselines_by_hand():
+    """bench/bench_selection.py's analysis on four made-up trials: target mAP 50, 60, 40, 70 at the last epoch
+    (oracle 70). A score that ranks them exactly (τ = ρ = 1) has regret 0; one that picks trial 2 (mAP 40) has 30.
+    Random pick: 70 − mean 55 = 15; the default (trial 0): 20; the epoch number: the best of every (trial, epoch),
+    72 at an earlier epoch, − 55 = 17."""
+    from bench.bench_selection import analyse
+
+    maps, probe = [50, 60, 40, 70], [1.0, 2.0, 9.0, 3.0]
+    recs = [{"trial": i, "epochs": {"2": {"target_mAP": 72.0 if i == 3 else 10.0},
+                                    "4": {"target_mAP": m, "source_val_mAP": m / 10, "target_probe": p}}}
+            for i, (m, p) in enumerate(zip(maps, probe, strict=True))]
+    rows, info = analyse(recs)
+    assert info == {"epoch": 4, "oracle": 70.0, "trials": 4, "mean": 55.0, "sd": info["sd"]}
+    assert rows[0] == "| `source_val_mAP` | +1.00 | +1.00 | 0.0 |"
+    assert rows[1].startswith("| `target_probe` |") and rows[1].endswith("| 30.0 |")
+    assert rows[-3:] == ["| random pick (expected) | | | 15.0 |", "| default config (trial 0) | | | 20.0 |",
+                         "| epoch number (last epoch, trials tied) | | | 17.0 |"]
