@@ -26,21 +26,10 @@ from reid_ray.training.checkpoint import CHECKPOINT_FILE
 
 def adabn_target_map(init: str, cfg) -> dict:
     """Target mAP/R1 of the source model after AdaBN (BN statistics re-estimated on the target train set)."""
-    import torch
+    from reid_ray.distributed.driver import adabn_metrics
 
-    from reid_ray.data.domains import ensure_data
-    from reid_ray.data.loader import build_test_loader
-    from reid_ray.models.adabn import adapt_bn
-    from reid_ray.models.reid_net import build_reid_net
-    from reid_ray.training.loop import evaluate_model
-
-    state = METHODS["baseline"].source_weights(init)
-    net = build_reid_net(cfg.model, state["classifier.weight"].shape[0], torch.device("cpu"))
-    net.load_state_dict(state)
-    domains = ensure_data(cfg)
-    adapt_bn(net, build_test_loader(domains.target.train, cfg.transform, cfg.loader))
-    res = evaluate_model(net, domains.target, cfg, torch.device("cpu"))
-    return {"target_mAP": res["mAP"], "target_R1": res["R1"]}
+    m = adabn_metrics(init, cfg)
+    return {"target_mAP": m["target_mAP"], "target_R1": m["target_R1"]}
 
 
 def baseline(seed: int, common: dict) -> dict:

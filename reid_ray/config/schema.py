@@ -166,6 +166,13 @@ class TrainConfig:
         return "source_val_mAP" if self.has_source else "target_probe"
 
     @property
+    def label_free_metric(self) -> str | None:
+        """The label-free score shown beside target mAP (the one `metric: auto` ranks on without labels)."""
+        if not self.label_free.enabled:
+            return None
+        return "source_val_mAP" if self.has_source else "target_probe"
+
+    @property
     def scores(self) -> tuple[str, ...]:
         """The rankable metrics (METRICS) this run computes at each evaluation: target mAP where the target has
         labels; the label-free scores unless `label_free.enabled` is false (source_val_mAP needs a source)."""

@@ -38,6 +38,7 @@ class Sweep:
     optuna_storage: str | None = None  # an Optuna storage URL (sqlite:///optuna.db): the study, for optuna-dashboard
     parent_run_id: str = ""            # the sweep's MLflow parent run (the sweep driver writes it)
     direct_transfer: dict = field(default_factory=dict)  # the source model's metrics
+    adabn: dict = field(default_factory=dict)            # ... after AdaBN (driver.adabn_metrics): the bar to beat
     resumed: bool = False
     metric: str = METRIC               # the reported metric Optuna, ASHA and the best trial go by (higher is better)
 

@@ -34,6 +34,7 @@ from reid_ray.config.search_space import SearchSpace, load_search_space
 from reid_ray.config.sweep import METRIC, Sweep, sweep_dir
 from reid_ray.data.domains import ensure_data
 from reid_ray.distributed.driver import (
+    adabn_metrics,
     pretraining_metrics,
     run_training,
     source_inits,
@@ -131,6 +132,8 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
              "sweep_parent": "true"}, dataclasses.asdict(base))
         tracking.log_text(uri, sweep.parent_run_id, sweep.space_text, "search_space.yaml")
     sweep.direct_transfer = pretraining_metrics(base.init[0]) if base.init else {}
+    if base.init and not sweep.adabn:  # the bar every trial should clear: the source model with target BN statistics
+        sweep.adabn = adabn_metrics(base.init[0], base)
     sweep.save(folder)
 
     trainable = tune.with_resources(
@@ -160,7 +163,7 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
             status = "KILLED"
             stop_interrupted_runs(e, uri, experiment, "sweep", sweep.name)
             raise
-        rows = [_row(res, base.epochs, uri, experiment, sweep.metric) for res in grid]
+        rows = [_row(res, base.epochs, uri, experiment, sweep.metric, base.label_free_metric) for res in grid]
         _agreement(rows, base, sweep, uri)
         out = finalize_sweep(SweepOutcome(sweep=sweep, rows=rows, folder=folder, uri=uri, errors=grid.num_errors,
                                           trials=len(grid), best_trial=_best_trial(grid, sweep.metric)), space)
@@ -209,7 +212,7 @@ def sweep_lock(folder, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _row(res, epochs: int, uri: str, experiment: str, metric: str = METRIC) -> TrialRow:
+def _row(res, epochs: int, uri: str, experiment: str, metric: str = METRIC, label_free: str | None = None) -> TrialRow:
     m = dict(res.metrics or {})
     done = int(m.get("epoch", 0))
     trial_id = m.get("trial_id", "?")
@@ -219,7 +222,7 @@ def _row(res, epochs: int, uri: str, experiment: str, metric: str = METRIC) -> T
                         "completed" if done >= epochs else "stopped by ASHA"),
                     epoch=done, target_mAP=m.get(METRIC, math.nan), target_R1=m.get("target_R1", math.nan),
                     source_mAP=m.get("source_mAP", math.nan), run_id=runs[0].info.run_id if runs else None,
-                    score=m.get(metric, math.nan))
+                    score=m.get(metric, math.nan), label_free=m.get(f"{label_free}_last", math.nan))
 
 
 def _agreement(rows: list[TrialRow], base: TrainConfig, sweep: Sweep, uri: str) -> None:

@@ -35,6 +35,7 @@ class TrialRow:
     run_id: str | None = None     # its MLflow run (found by the trial_id tag)
     score: float = math.nan       # the sweep's metric at the trial's last report (= target_mAP when it ranks on that)
     agreement: float = math.nan   # its ensemble agreement with the other trials at its last epoch (label-free)
+    label_free: float = math.nan  # the label-free score shown beside target mAP (TrainConfig.label_free_metric)
 
 
 @dataclass
@@ -55,6 +56,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else (f"{v:.4g}" if abs(v) < 1 else f"{v:.1f}")
     return str(v)
+
+
+SHORT = {"source_val_mAP": "src-val", "target_probe": "probe"}  # the label-free scores' column names on a console
 
 
 def metric_name(metric: str) -> str:
@@ -152,6 +156,10 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
     if dt and labelled:
         text.append(f"Direct transfer (the source model every trial starts from): target mAP "
                     f"{dt.get('target_mAP', float('nan')):.1f}, R1 {dt.get('target_R1', float('nan')):.1f}.\n")
+    if sweep.adabn and labelled:
+        text.append(f"AdaBN (that model with the target's BatchNorm statistics, no training): target mAP "
+                    f"{sweep.adabn.get('target_mAP', float('nan')):.1f}, R1 "
+                    f"{sweep.adabn.get('target_R1', float('nan')):.1f}.\n")
     text.append(markdown_table(rows, params, run_ids=True, metric=sweep.metric, labelled=labelled))
     if best is not None:
         cfg = apply_overrides(copy.deepcopy(base), dict(best.config))
@@ -174,6 +182,9 @@ def finalize_sweep(out: SweepOutcome, space=None) -> SweepOutcome:
     if dt and labelled:
         tracking.log_metrics(uri, sweep.parent_run_id, {"direct_transfer_target_mAP": dt.get("target_mAP", 0.0)},
                              step=0)
+    if sweep.adabn:
+        tracking.log_metrics(uri, sweep.parent_run_id, {f"adabn_{k}": v for k, v in sweep.adabn.items()
+                                                         if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
     fig = parallel_coordinates(rows, params, space, sweep.metric)
     if fig is not None:
         import matplotlib.pyplot as plt
@@ -232,21 +243,25 @@ def print_results(out: SweepOutcome) -> None:
     names = short_names(out.params)
     metric, labelled = metric_name(sweep.metric), base.target_labelled
     label_free = metric != "target_mAP"
+    beside = base.label_free_metric if labelled and not label_free else None  # a label-free score beside the mAP
     nan = float("nan")
     key_rows, extra_rows = [], []
-    if dt:
-        key_rows.append(["direct transfer", *([_fmt(dt.get(metric, nan))] if label_free else []),
-                         *([_fmt(dt.get("target_mAP", nan)), _fmt(dt.get("target_R1", nan))] if labelled else []),
-                         "", "source model"])
-        extra_rows.append([""] * len(out.params))
+    for name, m, what in (("direct transfer", dt, "source model"), ("AdaBN", sweep.adabn, "target BN")):
+        if m:
+            key_rows.append([name, *([_fmt(m.get(metric, nan))] if label_free else []),
+                             *([_fmt(m.get("target_mAP", nan)), _fmt(m.get("target_R1", nan))] if labelled else []),
+                             *([_fmt(m.get(beside, nan))] if beside else []), "", what])
+            extra_rows.append([""] * len(out.params))
     for r in out.rows:
         key_rows.append([r.trial, *([_fmt(r.score)] if label_free else []),
-                         *([_fmt(r.target_mAP), _fmt(r.target_R1)] if labelled else []), str(r.epoch), r.status])
+                         *([_fmt(r.target_mAP), _fmt(r.target_R1)] if labelled else []),
+                         *([_fmt(r.label_free)] if beside else []), str(r.epoch), r.status])
         extra_rows.append([_fmt(r.config.get(p, "")) for p in out.params])
     console.print(fitted_table(f"sweep {sweep.name}: {base.method}, {base.source} -> {base.target_label}"
                                + (f", ranked on {metric}" if label_free else ""),
                                ["trial", *([f"{metric} ▼"] if label_free else []),
-                                *(["target mAP", "R1"] if labelled else []), "epochs", "status"], key_rows,
+                                *(["target mAP", "R1"] if labelled else []),
+                                *([SHORT.get(beside, beside)] if beside else []), "epochs", "status"], key_rows,
                                [names[p] for p in out.params], extra_rows, console.width,
                                note=str(out.folder / "summary.md")))
     if out.best_config:
