@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import signal
 from pathlib import Path
+
+# matplotlib says "findfont: Font family [...] not found. Falling back to DejaVu Sans." at WARNING for each font
+# its mathtext knows and the machine lacks (a font cache built by a distribution's matplotlib without the bundled
+# fonts): a fallback that changes no picture we draw, printed by every process that draws one (workers, the
+# actor, the driver). A successful run prints no warnings.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ import torch
 from reid_ray import ReidRayError
 
 # what a successful run must never print (Ray's error-level C++ lines look like "[... E 123 456] file.cc:...")
-NOISE = re.compile(r"warning|traceback|\berror\b| E \d+ \d+\]|\(RayTrainWorker|\(TrainController|tensorboard|"
+NOISE = re.compile(r"warning|findfont|traceback|\berror\b| E \d+ \d+\]|\(RayTrainWorker|\(TrainController|tensorboard|"
                    r"Trial status|Started a local Ray", re.IGNORECASE)
 
 

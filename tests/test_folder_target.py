@@ -120,7 +120,8 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
     run = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])[0]
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert {"source_val_mAP", "target_probe", "target_snd", "target_mean_cosine", "target_effective_rank"} <= set(metrics)
+    assert {"source_val_mAP", "target_probe", "target_snd", "target_mean_cosine", "target_effective_rank",
+            "pseudo_silhouette"} <= set(metrics)  # the diagnostics: logged, never ranked on
     assert not [k for k in metrics if k.startswith("target_mAP") or k in ("target_R1", "nmi", "cluster_purity")]
     assert len(client.get_metric_history(run.info.run_id, "source_val_mAP")) == 2  # every evaluation
     assert 0 <= metrics["target_probe"] <= 100 and 0 <= metrics["source_val_mAP"] <= 100

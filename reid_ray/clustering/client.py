@@ -80,9 +80,23 @@ def run_clustering(features: np.ndarray, spec: ClusterSpec, epoch: int, truth: n
                      cluster_on_gpu=float(device.type == "cuda"))
     if truth is not None:
         res.stats.update(cluster_quality(res.labels, truth, cameras))
-    if spec.picture:
+    if spec.picture:  # with the picture, the clusters' silhouette: a label-free diagnostic, never selected on
+        res.stats["silhouette"] = _silhouette(features, res.labels)
         res.picture = cluster_picture(features, res.labels, truth, epoch)
     return res
+
+
+def _silhouette(features: np.ndarray, labels: np.ndarray) -> float:
+    """The clusters' cosine silhouette (`evaluation.label_free.silhouette`), NaN with fewer than two clusters."""
+    import torch
+
+    from reid_ray.evaluation.label_free import silhouette
+
+    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features, np.float32)), dim=1)
+    try:
+        return float(silhouette(x, torch.as_tensor(labels)))
+    except Exception:  # non-finite features: the refresh's own checks report those
+        return float("nan")
 
 
 def cluster_picture(features: np.ndarray, labels: np.ndarray, truth: np.ndarray | None, epoch: int) -> bytes:
