@@ -12,8 +12,9 @@ from PIL import Image
 
 from reid_ray import ReidRayError
 from reid_ray.config import resolve_config
-from reid_ray.data.folder import folder_cameras, read_folder
+from reid_ray.data.folder import folder_cameras
 from reid_ray.data.layouts import parse_market_name
+from reid_ray.data.readers import read_folder
 
 
 def unlabelled_copy(dataset_root: Path, out: Path, *, by_camera: bool = True) -> Path:

@@ -68,37 +68,7 @@ def folder_cameras(rel_paths: list[str]) -> tuple[list[int], str]:
     return [0] * len(rel_paths), "none"
 
 
-def read_folder(name: str, cache_dir: str | os.PathLike | None = None):
-    """The unlabelled dataset of `folder:PATH`: every image in its `train` split (pid -1: no identity), camera ids
-    as the module docstring says, empty query and gallery, `labelled=False`. Raises `DatasetError` (one line)
-    for a missing folder, a folder with no images, or images that do not decode."""
-    from reid_ray.data.readers import DatasetError, ReIDDataset, _table, default_cache_dir
-
-    spec = folder_spec(name)
-    root = Path(spec[len(FOLDER_PREFIX):])
-    if not root.is_dir():
-        raise DatasetError(f"--target {name}: {root} is not a folder; pass folder:PATH with the folder of your "
-                           "person crops (.jpg/.png, searched recursively)")
-    files = sorted(_images(root))
-    if not files:
-        raise DatasetError(f"{root} holds no .jpg/.jpeg/.png images (searched recursively); point folder:PATH at the "
-                           "folder of your person crops")
-    rel = [str(p.relative_to(root)).replace(os.sep, "/") for p in files]
-    fingerprint = hashlib.sha1("|".join(
-        [str(_CACHE_VERSION), *(f"{r}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for r, p in zip(rel, files))]
-    ).encode()).hexdigest()
-    cache = Path(cache_dir or default_cache_dir()) / "manifests" / f"folder-{hashlib.sha1(str(root).encode()).hexdigest()[:16]}.parquet"
-    cameras, how = _cached(cache, fingerprint)
-    if cameras is None:
-        _check_decodes(files, root)
-        cameras, how = folder_cameras(rel)
-        _save(cache, fingerprint, cameras, how)
-    empty = _table([], [], [], "query", spec)
-    return ReIDDataset(spec, root, _table([str(p) for p in files], [-1] * len(files), cameras, "train", spec),
-                       empty, _table([], [], [], "gallery", spec), labelled=False, cameras_from=how)
-
-
-def _images(root: Path):
+def images_under(root: Path):
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .ipynb_checkpoints, .thumbnails
         for f in filenames:
@@ -106,11 +76,9 @@ def _images(root: Path):
                 yield Path(dirpath) / f
 
 
-def _check_decodes(files: list[Path], root: Path) -> None:
-    """Decode every image once (threads: the decoders release the GIL); the first that fails is named."""
+def undecodable(files: list[Path]) -> list[tuple[Path, str]]:
+    """(path, why) of each image that does not decode, each decoded once (threads: the decoders release the GIL)."""
     from PIL import Image, UnidentifiedImageError
-
-    from reid_ray.data.readers import DatasetError
 
     def bad(path: Path) -> str | None:
         try:
@@ -121,15 +89,23 @@ def _check_decodes(files: list[Path], root: Path) -> None:
             return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        errors = [(p, err) for p, err in zip(files, pool.map(bad, files)) if err]
-    if errors:
-        p, err = errors[0]
-        more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
-        raise DatasetError(f"{p.relative_to(root)} in {root} is not a readable image ({err}){more}; remove or replace "
-                           "the broken file(s)")
+        return [(p, err) for p, err in zip(files, pool.map(bad, files), strict=True) if err]
 
 
-def _cached(path: Path, fingerprint: str) -> tuple[list[int] | None, str]:
+def scan_fingerprint(root: Path, files: list[Path]) -> tuple[list[str], str]:
+    """(the files' paths inside `root`, with '/'; a digest of each one's path, size and mtime)."""
+    rel = [str(p.relative_to(root)).replace(os.sep, "/") for p in files]
+    digest = hashlib.sha1("|".join(
+        [str(_CACHE_VERSION), *(f"{r}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for r, p in zip(rel, files, strict=True))]
+    ).encode()).hexdigest()
+    return rel, digest
+
+
+def cache_file(cache_dir: Path, root: Path) -> Path:
+    return cache_dir / "manifests" / f"folder-{hashlib.sha1(str(root).encode()).hexdigest()[:16]}.parquet"
+
+
+def cached_cameras(path: Path, fingerprint: str) -> tuple[list[int] | None, str]:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid):
@@ -140,7 +116,7 @@ def _cached(path: Path, fingerprint: str) -> tuple[list[int] | None, str]:
     return table["camid"].to_pylist(), meta.get("cameras_from", "none")
 
 
-def _save(path: Path, fingerprint: str, cameras: list[int], how: str) -> None:
+def save_cameras(path: Path, fingerprint: str, cameras: list[int], how: str) -> None:
     table = pa.table({"camid": pa.array(cameras, pa.int64())}).replace_schema_metadata(
         {"reid_ray": json.dumps({"fingerprint": fingerprint, "cameras_from": how})})
     try:

@@ -29,7 +29,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reid_ray import ReidRayError
-from reid_ray.data.folder import is_folder, read_folder
+from reid_ray.data.folder import (
+    FOLDER_PREFIX,
+    cache_file,
+    cached_cameras,
+    folder_cameras,
+    folder_spec,
+    images_under,
+    is_folder,
+    save_cameras,
+    scan_fingerprint,
+    undecodable,
+)
 from reid_ray.data.layouts import (
     IMAGE_SUFFIXES,
     LAYOUTS,
@@ -154,6 +165,37 @@ def read_dataset(name: str, root: str | os.PathLike, *, variant: str | None = No
     if use_cache:
         _save_cache(cache_file, fingerprint, tables)
     return ReIDDataset(key, root, *tables)
+
+
+def read_folder(name: str, cache_dir: str | os.PathLike | None = None) -> ReIDDataset:
+    """The unlabelled dataset of `folder:PATH` (data/folder.py): every image in its `train` split (pid -1: no
+    identity), camera ids from sub-folders, `c<N>` names or one camera, empty query and gallery, `labelled=False`.
+    Raises `DatasetError` (one line) for a missing folder, a folder with no images, or an image that does not
+    decode; the scan (each image decoded once) is cached by every file's path, size and mtime."""
+    spec = folder_spec(name)
+    root = Path(spec[len(FOLDER_PREFIX):])
+    if not root.is_dir():
+        raise DatasetError(f"--target {name}: {root} is not a folder; pass folder:PATH with the folder of your "
+                           "person crops (.jpg/.png, searched recursively)")
+    files = sorted(images_under(root))
+    if not files:
+        raise DatasetError(f"{root} holds no .jpg/.jpeg/.png images (searched recursively); point folder:PATH at the "
+                           "folder of your person crops")
+    rel, fingerprint = scan_fingerprint(root, files)
+    cache = cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), root)
+    cameras, how = cached_cameras(cache, fingerprint)
+    if cameras is None:
+        errors = undecodable(files)
+        if errors:
+            p, err = errors[0]
+            more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
+            raise DatasetError(f"{p.relative_to(root)} in {root} is not a readable image ({err}){more}; remove or "
+                               "replace the broken file(s)")
+        cameras, how = folder_cameras(rel)
+        save_cameras(cache, fingerprint, cameras, how)
+    return ReIDDataset(spec, root, _table([str(p) for p in files], [-1] * len(files), cameras, "train", spec),
+                       _table([], [], [], "query", spec), _table([], [], [], "gallery", spec), labelled=False,
+                       cameras_from=how)
 
 
 def _expected_tops(key: str) -> str:

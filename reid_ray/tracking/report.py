@@ -37,6 +37,10 @@ class TrialRow:
     agreement: float = math.nan   # its ensemble agreement with the other trials at its last epoch (label-free)
     label_free: float = math.nan  # the label-free score shown beside target mAP (TrainConfig.label_free_metric)
 
+    def __post_init__(self):
+        if math.isnan(self.score):  # a row built without its sweep's score: a sweep ranked on target mAP
+            self.score = self.target_mAP
+
 
 @dataclass
 class SweepOutcome:
