@@ -66,9 +66,10 @@ def test_a_folder_target_resolves_with_its_path_absolute_and_a_label_free_metric
     cfg = resolve_config("mmt", target="folder:Crops")
     assert cfg.target == f"folder:{tmp_path / 'Crops'}"  # absolute, its case kept, for every Ray worker
     assert cfg.experiment_name == "synth-a->folder:Crops" and cfg.model.arch == "small"  # the embedded source's scale
-    assert not cfg.target_labelled and cfg.selection_metric == "source_val_mAP"
+    assert not cfg.target_labelled and cfg.selection_metric == "target_probe"
     assert cfg.scores == ("source_val_mAP", "target_probe")
-    assert resolve_config("spcl", "none", "folder:Crops").selection_metric == "target_probe"
+    assert resolve_config("spcl", "none", "folder:Crops").scores == ("target_probe",)
+    assert resolve_config("mmt", target="folder:Crops", sets=["metric=source_val_mAP"]).selection_metric == "source_val_mAP"
     assert resolve_config("mmt").selection_metric == "target_mAP"  # a published target keeps its mAP
     assert resolve_config("mmt", sets=["metric=target_probe"]).selection_metric == "target_probe"
     with pytest.raises(ReidRayError, match="needs target labels"):
@@ -97,7 +98,7 @@ def test_one_camera_warns_once_naming_what_each_part_loses(tmp_path, capsys):
 @pytest.mark.ray
 def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_score(tiny_synth, tmp_path):
     """`python -m reid_ray.train --method mmt --target folder:...` on the embedded target's images without their
-    labels: it trains, ranks best.pt on the source-validation mAP and says so, logs the label-free scores every
+    labels: it trains, ranks best.pt on the target-only mixup probe and says so, logs the label-free scores every
     evaluation, and has no target mAP anywhere (console, MLflow)."""
     from mlflow.tracking import MlflowClient
 
@@ -114,8 +115,8 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert "source model: training" not in text, text  # the seeded source model
-    assert "source-validation mAP (label-free) (ranked on)" in proc.stdout, proc.stdout
-    assert "folder:crops has no labels: best.pt is the epoch with the best source_val_mAP" in proc.stdout
+    assert "target mixup probe (label-free, %) (ranked on)" in proc.stdout, proc.stdout
+    assert "folder:crops has no labels: best.pt is the epoch with the best target_probe" in proc.stdout
     assert "target mAP" not in text and "warning" not in text.lower()
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])[0]
@@ -138,7 +139,7 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
 @pytest.mark.budget(150)
 def test_a_sweep_on_an_unlabelled_folder_ranks_on_a_label_free_score_and_says_so(tiny_synth, tmp_path):
     """`python -m reid_ray.tune --method mmt --target folder:...`: ASHA, Optuna and the final pick rank on the
-    source-validation mAP; the table, summary.md and MLflow name it, show no target mAP, and the trials' ensemble
+    target-only mixup probe; the table, summary.md and MLflow name it, show no target mAP, and the trials' ensemble
     agreement stands beside it."""
     from mlflow.tracking import MlflowClient
 
@@ -157,16 +158,16 @@ def test_a_sweep_on_an_unlabelled_folder_ranks_on_a_label_free_score_and_says_so
     proc = run_cli(argv, tmp_path)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
-    assert "ranked on source_val_mAP" in proc.stdout and "target mAP" not in text
+    assert "ranked on target_probe" in proc.stdout and "target mAP" not in text
     # one camera (no sub-folders, no c<N> names): MMT's cross-camera sampler falls back, said once
     assert text.count("reid-ray: warning: folder:crops has one camera") == 1
     summary = (tmp_path / "out" / "tune" / "crops" / "summary.md").read_text()
-    assert "ranked by `source_val_mAP`" in summary and "the target has no labels, so there is no target mAP" in summary
-    assert "| source_val_mAP (ranked on) | ensemble agreement |" in summary and "target mAP |" not in summary
+    assert "ranked by `target_probe`" in summary and "the target has no labels, so there is no target mAP" in summary
+    assert "| target_probe (ranked on) | ensemble agreement |" in summary and "target mAP |" not in summary
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("sweep_parent") == "true")
-    assert "best_source_val_mAP" in parent.data.metrics and "best_target_mAP" not in parent.data.metrics
+    assert "best_target_probe" in parent.data.metrics and "best_target_mAP" not in parent.data.metrics
     trials = [r for r in runs if r.data.tags.get("trial_id")]
     assert len(trials) == 2 and all("ensemble_agreement" in r.data.metrics for r in trials)
     assert all(0 <= r.data.metrics["ensemble_agreement"] <= 100 for r in trials)

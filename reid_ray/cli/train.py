@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "own unlabelled images (searched recursively)")
     p.add_argument("--metric", default=None, choices=("auto", *METRICS),
                    help="what best.pt ranks epochs on: target_mAP (needs target labels; the default where the target "
-                        "has them), source_val_mAP (the default for a target with no labels) or target_probe")
+                        "has them), target_probe (the default for a target with no labels) or source_val_mAP")
     p.add_argument("--config", default=None, help="a config YAML, e.g. a sweep's best_config.yaml (flags override it)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None, help="folder holding the datasets' own top folders (default: data)")
