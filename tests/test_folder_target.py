@@ -171,3 +171,25 @@ def test_a_sweep_on_an_unlabelled_folder_ranks_on_a_label_free_score_and_says_so
     trials = [r for r in runs if r.data.tags.get("trial_id")]
     assert len(trials) == 2 and all("ensemble_agreement" in r.data.metrics for r in trials)
     assert all(0 <= r.data.metrics["ensemble_agreement"] <= 100 for r in trials)
+
+
+def test_the_label_free_scores_leave_torch_rng_as_they_found_it(tiny_synth):
+    """Their loaders draw seeds from torch's generator, and a resumed run decodes the probe pool again: restoring the
+    generator keeps a run's batches the same with the scores on or off, and a resumed run equal to a calm one."""
+    import torch
+
+    from reid_ray.data.domains import load_domains
+    from reid_ray.methods import METHODS
+    from reid_ray.training.label_free import _POOLS, label_free_scores
+
+    cfg = resolve_config("baseline", flags=dict(data_root=str(tiny_synth)), sets=["num_identities=4"])
+    domains = load_domains(cfg.source, cfg.target, cfg.data_root)
+    method = METHODS["baseline"](cfg, domains, torch.device("cpu"))
+    method.setup()
+    scores = []
+    for _ in range(2):
+        _POOLS.clear()  # as in a new process
+        before = torch.get_rng_state()
+        scores.append(label_free_scores(method.eval_model(), domains.source, domains.target, cfg, torch.device("cpu")))
+        assert torch.equal(before, torch.get_rng_state())
+    assert scores[0] == scores[1] and {"source_val_mAP", "target_probe"} <= set(scores[0])

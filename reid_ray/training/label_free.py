@@ -70,9 +70,18 @@ def label_free_scores(model: torch.nn.Module, source: ReIDDataset | None, target
                       device: torch.device, source_mAP: float | None = None,
                       features_out: str | Path | None = None) -> dict[str, float]:
     """The evaluation's label-free scores of `model` (the method's evaluated network), in %, plus diagnostics.
+    RNG-neutral: torch's generators are restored afterwards (its loaders draw a seed from them), so a run trains the
+    same batches with the scores on or off, and a resumed run (whose probe pool is decoded again) exactly as one
+    that was never stopped.
     `source_mAP`: the same network's mAP on the whole source test split where this evaluation computed it: the
     source-validation mAP is that figure when the subset is the whole split (no second pass). `features_out`: where
     to keep the probe pool's features (float16 .npy), the input of a sweep's ensemble agreement."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _scores(model, source, target, cfg, device, source_mAP, features_out)
+
+
+def _scores(model, source, target, cfg: TrainConfig, device: torch.device, source_mAP, features_out) -> dict[str, float]:
     from reid_ray.evaluation.label_free import feature_collapse, mixup_probe, soft_neighborhood_density
     from reid_ray.training.loop import rank_metrics
 

@@ -25,6 +25,13 @@ from reid_ray.data.readers import ReIDDataset
 def ranked_list_picture(model: torch.nn.Module, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device,
                         out_path: str | Path, *, queries: int = 8, top: int = 10, pool: int = 2000,
                         seed: int = 0) -> Path:
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # RNG-neutral, as the label-free scores (training/label_free.py)
+        return _draw(model, dataset, cfg, device, out_path, queries, top, pool, seed)
+
+
+def _draw(model, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device, out_path, queries: int, top: int,
+          pool: int, seed: int) -> Path:
     from reid_ray.evaluation import extract_features, pairwise_distance
     from reid_ray.evaluation.visualize import ranked_lists
 
