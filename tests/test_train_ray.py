@@ -123,3 +123,22 @@ def test_the_workers_get_the_users_openmp_wait_settings_or_passive(monkeypatch, 
     for key, value in user.items():
         monkeypatch.setenv(key, value)
     assert omp_env() == workers
+
+
+@pytest.mark.ray
+def test_ray_processes_get_the_wait_policy_and_api_server_and_the_driver_keeps_its_environment(ray_local):
+    """init_ray hands its variables to Ray's processes through the raylet's environment (no job runtime_env):
+    a worker sees them, the calling process's own environment is as it was."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def seen() -> dict:
+        return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "RAY_API_SERVER_ADDRESS")}
+
+    env = ray.get(seen.remote())
+    assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert (env["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:")
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    assert not ray.get_runtime_context().runtime_env.env_vars()

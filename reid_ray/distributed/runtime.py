@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -36,8 +37,27 @@ def init_ray() -> None:
     env = {**omp_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     # address="local": a new instance, even where a `ray start` cluster runs on this machine (plain ray.init()
     # would join that one); RAY_ADDRESS=auto joins it
-    ray.init(address="local", dashboard_port=port, runtime_env={"env_vars": env}, **quiet)
+    # The variables reach every Ray process through the environment of the raylet that ray.init spawns here, not
+    # through a job runtime_env: a worker process started for a runtime_env cannot be one that Ray prestarted,
+    # and that cost 3-4 s of a 60 s CLI run on 2 cores (bench/RESULTS.md, "The suite's time"). This process's own
+    # environment is given back as it was.
+    with _environ(env):
+        ray.init(address="local", dashboard_port=port, **quiet)
     catch_stop_signals(again=True)  # ray.init's own SIGTERM handler exits without a word: the CLI's again
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def omp_env() -> dict[str, str]:
