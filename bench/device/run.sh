@@ -64,12 +64,14 @@ if [ $tiny = 1 ]; then
     size=(--set model.arch=small --set transform.height=64 --set transform.width=32
           --set loader.num_identities=4 --set loader.num_workers=0)
     k_full=10; k_sweep=10; iters=4
+    sweep_epochs=1  # the CPU test checks that each trial runs, refreshes and reports, not its learning curve
     scale=3  # each part's budget x 3 on 2 CPU cores: Ray's fixed costs alone are ~35 s a TorchTrainer.fit()
 else
     data=$work/market; sweep_data=$work/market-100
     gpu_flag=true; gpus_per_worker=0.25; concurrent=2
     size=()  # the defaults: ResNet-50 at 256x128, P x K = 16 x 4, loader processes from the worker's CPUs
     k_full=100; k_sweep=50; iters=20
+    sweep_epochs=2
     scale=1
 fi
 budget=${RUN_BUDGET_S:-$(( 510 * scale ))}
@@ -195,7 +197,7 @@ sweep_init=(--set pretrain_epochs=1)
 [ -n "$ckpt" ] && [ "$sweep_data" = "$data" ] && sweep_init=(--set "init=$ckpt")
 part tune 110 "$py" -m reid_ray.tune --method mmt --num-samples 2 "${common[@]}" --data-root "$sweep_data" \
     --search-space "$here/mmt-space.yaml" --workers-per-trial 1 --gpus-per-worker $gpus_per_worker \
-    --max-concurrent $concurrent --epochs 2 --name device-sweep --set eval_every=1 "${sweep_init[@]}" \
+    --max-concurrent $concurrent --epochs $sweep_epochs --name device-sweep --set eval_every=1 "${sweep_init[@]}" \
     --set params.two_sources=false --set params.iters=$iters --set params.num_clusters=$k_sweep \
     --set clustering.backend=torch "${size[@]}"
 

@@ -34,7 +34,7 @@ def init_ray() -> None:
     # the cluster through the state API: with a second local Ray on the machine, "auto" is ambiguous
     # and the cleaner fails, so the next trial waits forever. Name this instance's API server for it.
     port = _free_port()
-    env = {**omp_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    env = {**omp_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **local_train_env()}
     # address="local": a new instance, even where a `ray start` cluster runs on this machine (plain ray.init()
     # would join that one); RAY_ADDRESS=auto joins it
     # The variables reach every Ray process through the environment of the raylet that ray.init spawns here, not
@@ -43,6 +43,7 @@ def init_ray() -> None:
     # environment is given back as it was.
     with _environ(env):
         ray.init(address="local", dashboard_port=port, **quiet)
+    _LOCAL["started"] = True
     catch_stop_signals(again=True)  # ray.init's own SIGTERM handler exits without a word: the CLI's again
 
 
@@ -76,10 +77,25 @@ def omp_env() -> dict[str, str]:
 TRAIN_POLL_S = "0.5"
 
 
+_LOCAL = {"started": False}  # this process started the Ray it uses (init_ray, no RAY_ADDRESS)
+
+
+def local_train_env() -> dict[str, str]:
+    """Ray Train's settings for a Ray that init_ray starts on this machine, where the user has not set them: no
+    preemption watcher (an actor, so one more Python process per fit, that polls for nodes a cloud is about to
+    take back: a local Ray has none)."""
+    return {} if os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") else {
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def train_env_defaults() -> None:
     """Ray Train's settings, for the controller that the next `TorchTrainer.fit()` starts in this process
-    (Ray Train passes these variables of the caller's environment on to it)."""
+    (Ray Train passes these variables of the caller's environment on to it). A Tune trial's process has the
+    local ones already, from the raylet's environment (init_ray)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    if _LOCAL["started"]:
+        for key, value in local_train_env().items():
+            os.environ.setdefault(key, value)
 
 
 def _free_port() -> int:
