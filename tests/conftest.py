@@ -161,6 +161,7 @@ def cli_sweep(tmp_path_factory) -> CliRun:
 SUITE_BUDGET_S = 15 * 60  # `make test` on 2 cores (CONTRIBUTING.md); printed against, never failed on: a noisy machine is slow
 TEST_BUDGET_S = {"ray": 60.0, "other": 10.0}  # a test's own time (setup + call + teardown, shared fixtures apart)
 _budgets: dict[str, float] = {}
+_faults: set[str] = set()  # the tests `make test-quick` (-m "not faults") leaves out
 _own: dict[str, float] = defaultdict(float)
 _shared: dict[str, float] = defaultdict(float)  # "scope fixture name" -> its setup, charged to no test
 _current = {"test": ""}
@@ -173,6 +174,8 @@ class _Clock:
 
     def pytest_collection_modifyitems(self, items):
         for item in items:
+            if item.get_closest_marker("faults"):
+                _faults.add(item.nodeid)
             mark = item.get_closest_marker("budget")
             _budgets[item.nodeid] = float(mark.args[0]) if mark else TEST_BUDGET_S[
                 "ray" if item.get_closest_marker("ray") else "other"]
@@ -209,6 +212,11 @@ def _time_report(terminalreporter) -> None:
     tr.section("the suite's time")
     tr.write_line(f"{len(tests)} tests: {wall:.0f} s of pytest (tests and fixtures {total:.0f} s); budget "
                   f"{SUITE_BUDGET_S} s on 2 cores: {'within it' if wall <= SUITE_BUDGET_S else f'{wall - SUITE_BUDGET_S:.0f} s over'}")
+    faults = [nodeid for nodeid in tests if nodeid in _faults]
+    if faults and len(faults) < len(tests):
+        quick = sum(_own[n] for n in tests if n not in _faults)
+        tr.write_line(f"  of which {len(faults)} `faults` tests {sum(_own[n] for n in faults):.0f} s, the other "
+                      f"{len(tests) - len(faults)} (what `make test-quick` runs, shared fixtures apart) {quick:.0f} s")
     files: dict[str, float] = defaultdict(float)
     for nodeid in tests:
         files[nodeid.split("::")[0]] += _own[nodeid]

@@ -163,6 +163,23 @@ def test_mixup_probe_is_seeded():
         mixup_probe(embed_flat, images, lam=0.5)  # no dominant image
 
 
+def test_mixup_probe_takes_the_pools_features_from_its_caller():
+    images = torch.randn(30, 1, 1, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def counted(x):
+        calls.append(len(x))
+        return embed_flat(x)
+
+    alone = mixup_probe(counted, images, pairs=64, lam=0.6, batch=10)
+    assert sum(calls) == 30 + 64  # the pool, then the probes
+    calls.clear()
+    given = mixup_probe(counted, images, pairs=64, lam=0.6, batch=10, pool=embed_flat(images))
+    assert given == alone and sum(calls) == 64  # the probes only
+    with pytest.raises(ReidRayError, match="30 images but a pool of 29"):
+        mixup_probe(embed_flat, images, pool=embed_flat(images[:29]))
+
+
 def test_silhouette_matches_sklearn():
     metrics = pytest.importorskip("sklearn.metrics")
     f, labels = clustered(ids=6, per=5, dim=8, noise=1.0)

@@ -90,12 +90,13 @@ def _silhouette(features: np.ndarray, labels: np.ndarray) -> float:
     """The clusters' cosine silhouette (`evaluation.label_free.silhouette`), NaN with fewer than two clusters."""
     import torch
 
+    from reid_ray import ReidRayError
     from reid_ray.evaluation.label_free import silhouette
 
     x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features, np.float32)), dim=1)
     try:
         return float(silhouette(x, torch.as_tensor(labels)))
-    except Exception:  # non-finite features: the refresh's own checks report those
+    except ReidRayError:  # non-finite features: the refresh's own checks report those
         return float("nan")
 
 

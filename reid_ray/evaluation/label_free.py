@@ -142,7 +142,7 @@ def ensemble_agreement(features: list[torch.Tensor], k: int = 20, block: int = 1
 
 
 def mixup_probe(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, pairs: int = 256,
-                lam: float = 0.7, seed: int = 0, batch: int = 128) -> float:
+                lam: float = 0.7, seed: int = 0, batch: int = 128, pool: torch.Tensor | None = None) -> float:
     """% (0-100) of mixed probes whose top-1 retrieval among the N target images is their dominant image.
 
     MixVal (Hu et al., "Mixed Samples as Probes for Unsupervised Model Selection in Domain Adaptation",
@@ -155,6 +155,7 @@ def mixup_probe(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     the same pairs); probe m = lam·x_a + (1 - lam)·x_b. A probe is a hit when a's similarity to f(m) is
     strictly above every other pool image's: ties count as misses, so a collapsed model (all similarities
     equal) scores 0, and a nearly collapsed one about 100/N.
+    pool: `embed(images)` where the caller has it already (N, D): the images are then not embedded again.
     """
     n = len(images)
     if n < 2 or pairs < 1 or not 0.5 < lam < 1:
@@ -166,7 +167,11 @@ def mixup_probe(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     b += b >= a  # uniform over the other N - 1 images
     hits = 0
     with torch.inference_mode():
-        pool = torch.cat([embed(images[lo:hi]).float() for lo, hi in _blocks(n, batch)])
+        if pool is None:
+            pool = torch.cat([embed(images[lo:hi]).float() for lo, hi in _blocks(n, batch)])
+        elif pool.shape[0] != n:
+            raise ReidRayError(f"mixup_probe: {n} images but a pool of {pool.shape[0]} features")
+        pool = pool.float()
         for lo, hi in _blocks(pairs, batch):
             ia, ib = a[lo:hi].to(images.device), b[lo:hi].to(images.device)
             probe = embed(lam * images[ia] + (1 - lam) * images[ib]).float()

@@ -111,7 +111,8 @@ def _scores(model, source, target, cfg: TrainConfig, device: torch.device, sourc
                            for i in range(0, len(images), cfg.loader.test_batch_size)])
         if not torch.isfinite(feats).all():  # a network gone NaN (the loop stops it): no score to give
             return {**out, "target_probe": float("nan")}
-        out["target_probe"] = float(mixup_probe(embed, images, pairs=lf.probe_pairs, lam=lf.probe_lam, seed=lf.seed))
+        out["target_probe"] = float(mixup_probe(embed, images, pairs=lf.probe_pairs, lam=lf.probe_lam, seed=lf.seed,
+                                                pool=feats))
     finally:
         model.train(was_training)
     if features_out is not None:

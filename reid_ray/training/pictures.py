@@ -45,9 +45,9 @@ def _draw(model, dataset: ReIDDataset, cfg: TrainConfig, device: torch.device, o
         (qf, qp, qc), (gf, gp, gc) = features(q), features(g)
         return ranked_lists(q["path"].to_pylist(), g["path"].to_pylist(), pairwise_distance(qf, gf), out_path,
                             num_queries=queries, top=top, q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc, seed=seed)
-    t = dataset.train
-    if t.num_rows > pool:
-        t = t.take(pa.array(np.sort(rng.choice(t.num_rows, pool, replace=False))))
+    from reid_ray.training.label_free import probe_subset
+
+    t = probe_subset(dataset.train, pool, seed)  # the label-free probe's draw: the same images for the same seed
     f, _, _ = features(t)
     paths = t["path"].to_pylist()
     return ranked_lists(paths, paths, pairwise_distance(f, f), out_path, num_queries=queries, top=top, seed=seed,
