@@ -24,7 +24,7 @@ test: $(STAMP)
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q
 
 # the suite without the fault-injection tests (marker `faults`: they kill workers, actors, drivers, nodes and
-# servers, and run the uninterrupted twins they are compared with): an estimated 15 of its 25 minutes on 2 cores
+# servers, and run the uninterrupted twins they are compared with): about 22 of its 47 minutes on 2 cores (2026-12-06)
 test-quick: $(STAMP)
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q -m "not faults"
 
