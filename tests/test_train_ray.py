@@ -135,10 +135,12 @@ def test_ray_processes_get_the_wait_policy_and_api_server_and_the_driver_keeps_i
 
     @ray.remote(num_cpus=0.1)
     def seen() -> dict:
-        return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "RAY_API_SERVER_ADDRESS")}
+        return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "RAY_API_SERVER_ADDRESS",
+                                               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
 
     env = ray.get(seen.remote())
     assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert (env["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:")
+    assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
     assert not ray.get_runtime_context().runtime_env.env_vars()

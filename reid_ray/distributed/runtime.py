@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import socket
 import time
+from unittest import mock
 
 import ray
 
@@ -41,24 +41,9 @@ def init_ray() -> None:
     # through a job runtime_env: a worker process started for a runtime_env cannot be one that Ray prestarted,
     # and that cost 3-4 s of a 60 s CLI run on 2 cores (bench/RESULTS.md, "The suite's time"). This process's own
     # environment is given back as it was.
-    with _environ(env):
+    with mock.patch.dict(os.environ, env):
         ray.init(address="local", dashboard_port=port, **quiet)
-    _LOCAL["started"] = True
     catch_stop_signals(again=True)  # ray.init's own SIGTERM handler exits without a word: the CLI's again
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def omp_env() -> dict[str, str]:
@@ -77,9 +62,6 @@ def omp_env() -> dict[str, str]:
 TRAIN_POLL_S = "0.5"
 
 
-_LOCAL = {"started": False}  # this process started the Ray it uses (init_ray, no RAY_ADDRESS)
-
-
 def local_train_env() -> dict[str, str]:
     """Ray Train's settings for a Ray that init_ray starts on this machine, where the user has not set them: no
     preemption watcher (an actor, so one more Python process per fit, that polls for nodes a cloud is about to
@@ -90,12 +72,9 @@ def local_train_env() -> dict[str, str]:
 
 def train_env_defaults() -> None:
     """Ray Train's settings, for the controller that the next `TorchTrainer.fit()` starts in this process
-    (Ray Train passes these variables of the caller's environment on to it). A Tune trial's process has the
-    local ones already, from the raylet's environment (init_ray)."""
+    (Ray Train passes these variables of the caller's environment on to it). A local Ray's processes have
+    local_train_env's from the raylet's environment (init_ray)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
-    if _LOCAL["started"]:
-        for key, value in local_train_env().items():
-            os.environ.setdefault(key, value)
 
 
 def _free_port() -> int:
