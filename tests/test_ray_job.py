@@ -27,6 +27,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def submission_id(printed: str) -> str:
+    """The job's id in what `ray job submit --no-wait` printed."""
+    return next(w.strip("'") for line in printed.splitlines() for w in line.split() if w.startswith("'raysubmit_"))
+
+
 @pytest.fixture
 def head(tmp_path):
     """A Ray head started by the CLI, as on a cluster (auth off: a local test cluster has no token). It runs
@@ -88,7 +93,7 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
             break
         time.sleep(2)
     assert first.returncode == 0, first.stdout + first.stderr
-    job_id = next(w.strip("'") for line in first.stdout.splitlines() for w in line.split() if w.startswith("'raysubmit_"))
+    job_id = submission_id(first.stdout)
 
     def job(*what: str) -> str:
         done = subprocess.run([str(ray_bin), "job", *what, "--address", address, job_id], env=env,
@@ -122,7 +127,7 @@ def test_ray_job_submit_stop_and_resubmit_with_resume(head, tiny_synth, tmp_path
     second = subprocess.run([*submit, "--no-wait", "--", *tune, "--resume"], env=env, capture_output=True, text=True,
                             timeout=300, cwd=ROOT)
     assert second.returncode == 0, second.stdout + second.stderr
-    job_id = next(w.strip("'") for line in second.stdout.splitlines() for w in line.split() if w.startswith("'raysubmit_"))
+    job_id = submission_id(second.stdout)
     # polled (`ray job status`), bounded, and what the cluster held if it did not end: one CI run saw a blocking
     # `ray job submit` of this job print its first line and then wait past 900 s
     deadline = time.monotonic() + 480
