@@ -38,6 +38,8 @@ def ray_local():
     import ray
 
     from reid_ray.distributed.runtime import init_ray
+    if ray.is_initialized():  # left connected by a module that failed: this module's Ray is its own
+        ray.shutdown()
     init_ray()
     yield
     ray.shutdown()
