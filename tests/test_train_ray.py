@@ -128,7 +128,9 @@ def test_the_workers_get_the_users_openmp_wait_settings_or_passive(monkeypatch, 
 @pytest.mark.ray
 def test_ray_processes_get_the_wait_policy_and_api_server_and_the_driver_keeps_its_environment(ray_local):
     """init_ray hands its variables to Ray's processes through the raylet's environment (no job runtime_env):
-    a worker sees them, the calling process's own environment is as it was."""
+    a worker sees them, the calling process's own environment is as it was, except for what ray.init itself
+    writes there: Ray's authentication mode (RAY_AUTH_MODE=token for a new local Ray since Ray 2.60), which a
+    driver started from this process with RAY_ADDRESS needs to be let in."""
     import os
 
     import ray
@@ -136,11 +138,12 @@ def test_ray_processes_get_the_wait_policy_and_api_server_and_the_driver_keeps_i
     @ray.remote(num_cpus=0.1)
     def seen() -> dict:
         return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "RAY_API_SERVER_ADDRESS",
-                                               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+                                               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_AUTH_MODE")}
 
     env = ray.get(seen.remote())
     assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert (env["RAY_API_SERVER_ADDRESS"] or "").startswith("http://127.0.0.1:")
     assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    assert os.environ.get("RAY_AUTH_MODE") == env["RAY_AUTH_MODE"]
     assert not ray.get_runtime_context().runtime_env.env_vars()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import time
-from unittest import mock
 
 import ray
 
@@ -40,10 +40,29 @@ def init_ray() -> None:
     # The variables reach every Ray process through the environment of the raylet that ray.init spawns here, not
     # through a job runtime_env: a worker process started for a runtime_env cannot be one that Ray prestarted,
     # and that cost 3-4 s of a 60 s CLI run on 2 cores (bench/RESULTS.md, "The suite's time"). This process's own
-    # environment is given back as it was.
-    with mock.patch.dict(os.environ, env):
+    # values of these variables are given back as they were.
+    with _environ(env):
         ray.init(address="local", dashboard_port=port, **quiet)
     catch_stop_signals(again=True)  # ray.init's own SIGTERM handler exits without a word: the CLI's again
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """`values` in os.environ for the block, then each of those keys as it was. Only those keys:
+    `unittest.mock.patch.dict` would give back the whole environment, and with it undo what `ray.init` itself
+    writes there for this process and the processes it starts (Ray 2.60 turns on token authentication for a new
+    local Ray with RAY_AUTH_MODE=token: without it, a `python -m reid_ray.tune` started from here with RAY_ADDRESS
+    is refused by the cluster, InvalidAuthToken)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def omp_env() -> dict[str, str]:
