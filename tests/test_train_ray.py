@@ -1,5 +1,6 @@
 """End-to-end under Ray Train on a tiny synthetic benchmark (one shared local Ray)."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,36 @@ def test_ray_processes_get_the_wait_policy_and_api_server_and_the_driver_keeps_i
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
     assert os.environ.get("RAY_AUTH_MODE") == env["RAY_AUTH_MODE"]
     assert not ray.get_runtime_context().runtime_env.env_vars()
+
+
+@pytest.mark.ray
+def test_placement_groups_that_ended_jobs_left_are_released_and_no_other(ray_local, monkeypatch, capsys):
+    """A placement group whose job has ended (Ray registered it after the job's teardown: a stopped sweep's
+    controller asking for its next worker group) is removed when a driver joins the cluster; a running job's and
+    a detached one are kept. Here this test's own job is reported ended to the real state API's answer."""
+    from types import SimpleNamespace
+
+    import ray
+    import ray.util.state
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from reid_ray.distributed import runtime
+
+    pg = placement_group([{"CPU": 0.25}])
+    ray.get(pg.ready())
+    assert runtime.release_orphaned_placement_groups() == 0  # its job runs
+    assert placement_group_table(pg)["state"] == "CREATED"
+    me = ray.get_runtime_context().get_job_id()
+    monkeypatch.setattr(ray.util.state, "list_jobs", lambda **_: [SimpleNamespace(job_id=me, status="SUCCEEDED")])
+    assert runtime.release_orphaned_placement_groups() == 1
+    assert "released 1 placement group(s) that ended jobs left on the cluster (0.25 CPU)" in capsys.readouterr().out
+    deadline = time.monotonic() + 10
+    while placement_group_table(pg)["state"] != "REMOVED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert placement_group_table(pg)["state"] == "REMOVED"
+
+    def group(job: str, state: str = "CREATED", detached: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(creator_job_id=job, state=state, is_detached=detached, placement_group_id=job)
+
+    groups = [group("01"), group("02"), group("02", detached=True), group("02", state="REMOVED"), group("03")]
+    assert [g.creator_job_id for g in runtime.orphaned_placement_groups(groups, {"02", "03"})] == ["02", "03"]
