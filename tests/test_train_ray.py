@@ -159,22 +159,31 @@ def test_placement_groups_that_ended_jobs_left_are_released_and_no_other(ray_loc
 
     import ray
     import ray.util.state
-    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     from reid_ray.distributed import runtime
 
     pg = placement_group([{"CPU": 0.25}])
     ray.get(pg.ready())
-    assert runtime.release_orphaned_placement_groups() == 0  # its job runs
+    assert runtime.release_orphaned_placement_groups() == []  # the cluster answered; its job runs
     assert placement_group_table(pg)["state"] == "CREATED"
     me = ray.get_runtime_context().get_job_id()
     monkeypatch.setattr(ray.util.state, "list_jobs", lambda **_: [SimpleNamespace(job_id=me, status="SUCCEEDED")])
-    assert runtime.release_orphaned_placement_groups() == 1
-    assert "released 1 placement group(s) that ended jobs left on the cluster (0.25 CPU)" in capsys.readouterr().out
+    assert pg.id.hex() in runtime.release_orphaned_placement_groups()
+    assert "placement group(s) that ended jobs left on the cluster (" in capsys.readouterr().out
     deadline = time.monotonic() + 10
     while placement_group_table(pg)["state"] != "REMOVED" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert placement_group_table(pg)["state"] == "REMOVED"
+    # a job with a live detached actor keeps its groups (an actor of that job may have made them)
+    keeper = ray.remote(num_cpus=0)(type("Keeper", (), {"ping": lambda self: 1})).options(lifetime="detached").remote()
+    ray.get(keeper.ping.remote())
+    kept = placement_group([{"CPU": 0.25}])
+    ray.get(kept.ready())
+    assert runtime.release_orphaned_placement_groups() == []
+    assert placement_group_table(kept)["state"] == "CREATED"
+    ray.kill(keeper)
+    remove_placement_group(kept)
 
     def group(job: str, state: str = "CREATED", detached: bool = False) -> SimpleNamespace:
         return SimpleNamespace(creator_job_id=job, state=state, is_detached=detached, placement_group_id=job)

@@ -47,41 +47,50 @@ def init_ray() -> None:
     catch_stop_signals(again=True)  # ray.init's own SIGTERM handler exits without a word: the CLI's again
 
 
-def release_orphaned_placement_groups() -> int:
-    """Remove the placement groups that jobs which have ended left on the cluster (not detached ones), and say so
-    in one line; the number removed.
+def release_orphaned_placement_groups() -> list[str] | None:
+    """Remove the placement groups that jobs which have ended left on the cluster, and say so in one line; the
+    ids removed, or None where the cluster could not be asked.
 
     Ray removes a job's placement groups when the job ends, but one whose creation reaches the GCS just after
     that stays for good: a stopped sweep's Ray Train controller, seeing its workers die first, asks for its next
     worker group's placement group in the moment its job is torn down (seen after `ray job stop`: the GCS logged
     "Marking job as finished", then registered the job's new group 0.15 s later). Its CPUs stay reserved, so the
     `--resume` of that sweep waited for them forever. Ray Train's own cleaner only knows the groups of worker
-    groups that started. The state API (Ray's dashboard) answers for the cluster; where it cannot, nothing is
+    groups that started.
+
+    Kept: detached groups, and every group of a job that still has a live detached actor (a group that actor made
+    lives as long as it does, and the state API does not say which actor made a group). Ray's state API (the
+    dashboard of the cluster in RAY_ADDRESS) answers, each call bounded to 5 s; where it cannot, nothing is
     removed."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import list_jobs, list_placement_groups
+    from ray.util.state import list_actors, list_jobs, list_placement_groups
 
-    gcs = ray.get_runtime_context().gcs_address  # this cluster's, whatever else runs on the machine
+    ask = dict(timeout=5, limit=10_000, raise_on_missing_output=False)
     try:
-        ended = {j.job_id for j in list_jobs(address=gcs, raise_on_missing_output=False)
+        ended = {j.job_id for j in list_jobs(**ask)
                  if j.job_id and str(getattr(j.status, "value", j.status)) in ("SUCCEEDED", "FAILED", "STOPPED")}
-        groups = list_placement_groups(address=gcs, detail=True, raise_on_missing_output=False)
-    except Exception as e:  # the dashboard is down or unreachable: the cluster works without it
+        groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, **ask) if ended else []
+        ended -= {a.job_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True, **ask)
+                  if a.is_detached} if groups else set()
+    except Exception as e:  # the dashboard is down or unreachable (or a Ray Client): the cluster works without it
         logging.getLogger(__name__).debug("placement groups not checked: %s", e)
-        return 0
-    orphans = orphaned_placement_groups(groups, ended)
-    for pg in orphans:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
-    if orphans:
-        held = {}
-        for pg in orphans:
-            for bundle in pg.bundles or []:
-                for key, value in (bundle.get("unit_resources") or {}).items():
-                    held[key] = held.get(key, 0) + value
-        what = ", ".join(f"{v:g} {k}" for k, v in sorted(held.items()) if k in ("CPU", "GPU"))
-        print(f"reid-ray: released {len(orphans)} placement group(s) that ended jobs left on the cluster ({what})",
+        return None
+    removed, held = [], {}
+    for pg in orphaned_placement_groups(groups, ended):
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+        except Exception as e:
+            logging.getLogger(__name__).debug("placement group %s not removed: %s", pg.placement_group_id, e)
+            continue
+        removed.append(pg.placement_group_id)
+        for bundle in pg.bundles or []:
+            for key, value in (bundle.get("unit_resources") or {}).items():
+                held[key] = held.get(key, 0) + value
+    if removed:
+        what = ", ".join(f"{v:g} {k}" for k, v in sorted(held.items()) if k in ("CPU", "GPU")) or "no CPU or GPU"
+        print(f"reid-ray: released {len(removed)} placement group(s) that ended jobs left on the cluster ({what})",
               flush=True)
-    return len(orphans)
+    return removed
 
 
 def orphaned_placement_groups(groups: list, ended_jobs: set[str]) -> list:
