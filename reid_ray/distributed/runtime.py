@@ -65,7 +65,9 @@ def release_orphaned_placement_groups() -> list[str] | None:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_actors, list_jobs, list_placement_groups
 
-    ask = dict(timeout=5, limit=10_000, raise_on_missing_output=False)
+    # this Ray's GCS address: without one the state API reads RAY_ADDRESS, else "auto", which can name another
+    # Ray on the machine (RAY_ADDRESS and RAY_API_SERVER_ADDRESS, where set, still come first)
+    ask = dict(address=ray.get_runtime_context().gcs_address, timeout=5, limit=10_000, raise_on_missing_output=False)
     try:
         ended = {j.job_id for j in list_jobs(**ask)
                  if j.job_id and str(getattr(j.status, "value", j.status)) in ("SUCCEEDED", "FAILED", "STOPPED")}
