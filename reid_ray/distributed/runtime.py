@@ -72,8 +72,10 @@ def release_orphaned_placement_groups() -> list[str] | None:
         ended = {j.job_id for j in list_jobs(**ask)
                  if j.job_id and str(getattr(j.status, "value", j.status)) in ("SUCCEEDED", "FAILED", "STOPPED")}
         groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, **ask) if ended else []
+        # Ray's own detached actors (namespaces that begin with "_": Ray Train's state actor, which the first
+        # job to train on a cluster starts for the cluster's life) make no placement groups
         ended -= {a.job_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True, **ask)
-                  if a.is_detached} if groups else set()
+                  if a.is_detached and not (a.ray_namespace or "").startswith("_")} if groups else set()
     except Exception as e:  # the dashboard is down or unreachable (or a Ray Client): the cluster works without it
         logging.getLogger(__name__).debug("placement groups not checked: %s", e)
         return None
