@@ -163,10 +163,12 @@ def cli_sweep(tmp_path_factory) -> CliRun:
 SUITE_BUDGET_S = 15 * 60  # `make test` on 2 cores (CONTRIBUTING.md); printed against, never failed on: a noisy machine is slow
 TEST_BUDGET_S = {"ray": 60.0, "other": 10.0}  # a test's own time (setup + call + teardown, shared fixtures apart)
 _budgets: dict[str, float] = {}
-_faults: set[str] = set()  # the tests `make test-quick` (-m "not faults") leaves out
+_slow: set[str] = set()  # the tests `make test-quick` (-m "not ray and not faults") leaves out
+_RAY_FIXTURES = {"ray_local", "cli_training", "cli_sweep"}  # a test that uses one runs Ray: marked `ray` for it
+_unmarked_ray: list[str] = []  # tests not marked `ray` that left Ray running in this process
 _own: dict[str, float] = defaultdict(float)
 _shared: dict[str, float] = defaultdict(float)  # "scope fixture name" -> its setup, charged to no test
-_current = {"test": ""}
+_current: dict = {"test": "", "ray_up": False}
 _started = time.monotonic()
 
 
@@ -174,10 +176,13 @@ class _Clock:
     """The suite's time per test, registered as a plugin of its own (pytest_configure): a conftest's hooks see
     only the nodes under its folder, and a session fixture is set up for the session's node."""
 
+    @pytest.hookimpl(tryfirst=True)  # before `-m` selects: the marker added here counts
     def pytest_collection_modifyitems(self, items):
         for item in items:
-            if item.get_closest_marker("faults"):
-                _faults.add(item.nodeid)
+            if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("ray"):
+                item.add_marker(pytest.mark.ray)
+            if item.get_closest_marker("faults") or item.get_closest_marker("ray"):
+                _slow.add(item.nodeid)
             mark = item.get_closest_marker("budget")
             _budgets[item.nodeid] = float(mark.args[0]) if mark else TEST_BUDGET_S[
                 "ray" if item.get_closest_marker("ray") else "other"]
@@ -185,6 +190,7 @@ class _Clock:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
         _current["test"] = item.nodeid
+        _current["ray_up"] = _ray_up()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
@@ -197,6 +203,17 @@ class _Clock:
 
     def pytest_runtest_logreport(self, report):
         _own[report.nodeid] += report.duration
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item):
+        """The quick tier's promise, checked: a test that starts Ray in this process carries the `ray` marker."""
+        if item.nodeid not in _slow and not _current.get("ray_up") and _ray_up():
+            _unmarked_ray.append(item.nodeid)
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def pytest_configure(config):
@@ -214,11 +231,13 @@ def _time_report(terminalreporter) -> None:
     tr.section("the suite's time")
     tr.write_line(f"{len(tests)} tests: {wall:.0f} s of pytest (tests and fixtures {total:.0f} s); budget "
                   f"{SUITE_BUDGET_S} s on 2 cores: {'within it' if wall <= SUITE_BUDGET_S else f'{wall - SUITE_BUDGET_S:.0f} s over'}")
-    faults = [nodeid for nodeid in tests if nodeid in _faults]
-    if faults and len(faults) < len(tests):
-        quick = sum(_own[n] for n in tests if n not in _faults)
-        tr.write_line(f"  of which {len(faults)} `faults` tests {sum(_own[n] for n in faults):.0f} s, the other "
-                      f"{len(tests) - len(faults)} (what `make test-quick` runs, shared fixtures apart) {quick:.0f} s")
+    slow = [nodeid for nodeid in tests if nodeid in _slow]
+    if slow and len(slow) < len(tests):
+        quick = sum(_own[n] for n in tests if n not in _slow)
+        tr.write_line(f"  of which {len(slow)} `ray` or `faults` tests {sum(_own[n] for n in slow):.0f} s, the other "
+                      f"{len(tests) - len(slow)} (what `make test-quick` runs, shared fixtures apart) {quick:.0f} s")
+    for nodeid in _unmarked_ray:
+        tr.write_line(f"  not marked `ray` but left Ray running (make test-quick would run it): {nodeid}")
     files: dict[str, float] = defaultdict(float)
     for nodeid in tests:
         files[nodeid.split("::")[0]] += _own[nodeid]
