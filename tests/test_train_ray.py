@@ -152,41 +152,53 @@ def test_ray_processes_get_the_wait_policy_and_api_server_and_the_driver_keeps_i
 
 @pytest.mark.ray
 def test_placement_groups_that_ended_jobs_left_are_released_and_no_other(ray_local, monkeypatch, capsys):
-    """A placement group whose job has ended (Ray registered it after the job's teardown: a stopped sweep's
-    controller asking for its next worker group) is removed when a driver joins the cluster; a running job's and
-    a detached one are kept. Here this test's own job is reported ended to the real state API's answer."""
+    """A placement group whose job has ended and whose creator is gone (Ray registered it after the job's
+    teardown: a stopped sweep's controller asking for its next worker group) is removed when a driver joins the
+    cluster; a running job's, a live actor's and a detached one are kept. Real groups on the real GCS, made by
+    this test's driver and by an actor; only the job's end is the state API's answer made up."""
     from types import SimpleNamespace
 
     import ray
     import ray.util.state
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
     from reid_ray.distributed import runtime
 
-    pg = placement_group([{"CPU": 0.25}])
-    ray.get(pg.ready())
+    @ray.remote(num_cpus=0)
+    class Maker:
+        def make(self) -> str:
+            pg = placement_group([{"CPU": 0.25}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    def state(hex_id: str) -> str:
+        return placement_group_table(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id))))["state"]
+
+    mine = placement_group([{"CPU": 0.25}])
+    ray.get(mine.ready())
+    maker = Maker.remote()
+    theirs = ray.get(maker.make.remote())
     assert runtime.release_orphaned_placement_groups() == []  # the cluster answered; its job runs
-    assert placement_group_table(pg)["state"] == "CREATED"
     me = ray.get_runtime_context().get_job_id()
-    monkeypatch.setattr(ray.util.state, "list_jobs", lambda **_: [SimpleNamespace(job_id=me, status="SUCCEEDED")])
-    monkeypatch.setattr(ray.util.state, "list_actors", lambda **_: [])  # the module's runs left detached actors
-    assert pg.id.hex() in runtime.release_orphaned_placement_groups()
+    monkeypatch.setattr(ray.util.state, "list_jobs", lambda **_: [SimpleNamespace(job_id=me, status="STOPPED")])
+    # the job ended: the driver's group goes, the live actor's stays
+    released = runtime.release_orphaned_placement_groups()
+    assert mine.id.hex() in released and theirs not in released
     assert "placement group(s) that ended jobs left on the cluster (" in capsys.readouterr().out
+    assert state(theirs) == "CREATED"
+    ray.kill(maker)  # its creator dead, its job (really) running: the GCS keeps it; for an ended job it is an orphan
     deadline = time.monotonic() + 10
-    while placement_group_table(pg)["state"] != "REMOVED" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert placement_group_table(pg)["state"] == "REMOVED"
-    # a job with a live detached actor keeps its groups (an actor of that job may have made them)
-    monkeypatch.setattr(ray.util.state, "list_actors",
-                        lambda **_: [SimpleNamespace(job_id=me, is_detached=True, ray_namespace="users")])
-    kept = placement_group([{"CPU": 0.25}])
-    ray.get(kept.ready())
-    assert runtime.release_orphaned_placement_groups() == []
-    assert placement_group_table(kept)["state"] == "CREATED"
-    remove_placement_group(kept)
+    while theirs not in runtime.release_orphaned_placement_groups() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for hex_id in (mine.id.hex(), theirs):
+        while state(hex_id) != "REMOVED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state(hex_id) == "REMOVED"
 
-    def group(job: str, state: str = "CREATED", detached: bool = False) -> SimpleNamespace:
-        return SimpleNamespace(creator_job_id=job, state=state, is_detached=detached, placement_group_id=job)
+    def group(job: str, state: str = "CREATED", detached: bool = False, actor: str | None = None):
+        return SimpleNamespace(creator_job_id=job, state=state, is_detached=detached, creator_actor_id=actor)
 
-    groups = [group("01"), group("02"), group("02", detached=True), group("02", state="REMOVED"), group("03")]
-    assert [g.creator_job_id for g in runtime.orphaned_placement_groups(groups, {"02", "03"})] == ["02", "03"]
+    groups = [group("01"), group("02"), group("02", detached=True), group("02", state="REMOVED"), group("03"),
+              group("03", actor="a1"), group("03", actor="a2")]
+    assert [(g.creator_job_id, g.creator_actor_id) for g in runtime.orphaned_placement_groups(
+        groups, {"02", "03"}, {"a1"})] == [("02", None), ("03", None), ("03", "a2")]

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import time
+from types import SimpleNamespace
 
 import ray
 
@@ -58,12 +59,12 @@ def release_orphaned_placement_groups() -> list[str] | None:
     `--resume` of that sweep waited for them forever. Ray Train's own cleaner only knows the groups of worker
     groups that started.
 
-    Kept: detached groups, and every group of a job that still has a live detached actor (a group that actor made
-    lives as long as it does, and the state API does not say which actor made a group). Ray's state API (the
-    dashboard of the cluster in RAY_ADDRESS) answers, each call bounded to 5 s; where it cannot, nothing is
-    removed."""
+    Removed: a group of an ended job that is not detached and whose creator (the job's driver, or an actor) is no
+    longer alive. A group that a live actor made (a detached actor outlives its job) is that actor's to keep.
+    Jobs and actors come from Ray's state API (the dashboard of the cluster in RAY_ADDRESS), each call bounded
+    to 5 s; where it cannot answer, nothing is removed."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import list_actors, list_jobs, list_placement_groups
+    from ray.util.state import list_actors, list_jobs
 
     # this Ray's GCS address: without one the state API reads RAY_ADDRESS, else "auto", which can name another
     # Ray on the machine (RAY_ADDRESS and RAY_API_SERVER_ADDRESS, where set, still come first)
@@ -71,24 +72,22 @@ def release_orphaned_placement_groups() -> list[str] | None:
     try:
         ended = {j.job_id for j in list_jobs(**ask)
                  if j.job_id and str(getattr(j.status, "value", j.status)) in ("SUCCEEDED", "FAILED", "STOPPED")}
-        groups = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, **ask) if ended else []
-        # Ray's own detached actors (namespaces that begin with "_": Ray Train's state actor, which the first
-        # job to train on a cluster starts for the cluster's life) make no placement groups
-        ended -= {a.job_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True, **ask)
-                  if a.is_detached and not (a.ray_namespace or "").startswith("_")} if groups else set()
+        groups = [g for g in _placement_groups() if g.creator_job_id in ended] if ended else []
+        alive = {a.actor_id for a in list_actors(filters=[("state", "!=", "DEAD")], **ask)} if any(
+            g.creator_actor_id for g in groups) else set()
     except Exception as e:  # the dashboard is down or unreachable (or a Ray Client): the cluster works without it
         logging.getLogger(__name__).debug("placement groups not checked: %s", e)
         return None
     removed, held = [], {}
-    for pg in orphaned_placement_groups(groups, ended):
+    for pg in orphaned_placement_groups(groups, ended, alive):
         try:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
         except Exception as e:
             logging.getLogger(__name__).debug("placement group %s not removed: %s", pg.placement_group_id, e)
             continue
         removed.append(pg.placement_group_id)
-        for bundle in pg.bundles or []:
-            for key, value in (bundle.get("unit_resources") or {}).items():
+        for bundle in pg.bundles:
+            for key, value in bundle.items():
                 held[key] = held.get(key, 0) + value
     if removed:
         what = ", ".join(f"{v:g} {k}" for k, v in sorted(held.items()) if k in ("CPU", "GPU")) or "no CPU or GPU"
@@ -97,11 +96,34 @@ def release_orphaned_placement_groups() -> list[str] | None:
     return removed
 
 
-def orphaned_placement_groups(groups: list, ended_jobs: set[str]) -> list:
-    """Of the state API's placement groups, those whose job has ended and that Ray has not removed, detached
-    ones (made to outlive their job) excepted."""
+def orphaned_placement_groups(groups: list, ended_jobs: set[str], live_actors: set[str]) -> list:
+    """Of the placement groups (`_placement_groups`), those whose job has ended, that Ray has not removed, not
+    detached (made to outlive their job), and whose creator actor, where an actor made them, is not alive."""
     return [pg for pg in groups if pg.creator_job_id in ended_jobs and not pg.is_detached
-            and str(getattr(pg.state, "value", pg.state)) != "REMOVED"]
+            and pg.state != "REMOVED" and pg.creator_actor_id not in live_actors]
+
+
+def _placement_groups() -> list[SimpleNamespace]:
+    """The GCS's placement-group table, each group with the actor that made it (None: a driver or a task).
+
+    Ray's state API (`list_placement_groups`) does not name a group's creator, which decides whether a group of
+    an ended job is still someone's; the GCS table does. It is read here through Ray's GlobalState, the same
+    accessor `ray.util.placement_group_table` reads, with the table's own protobuf (Ray is pinned to 2.60.*;
+    tests/test_train_ray.py reads it on a real cluster, so a Ray that changes it fails there)."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+    nil = ray.ActorID.nil().hex()
+    groups = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        row = PlacementGroupTableData.FromString(raw)
+        actor = row.creator_actor_id.hex()
+        groups.append(SimpleNamespace(
+            placement_group_id=row.placement_group_id.hex(), creator_job_id=row.creator_job_id.hex(),
+            creator_actor_id=None if actor in ("", nil) else actor, is_detached=row.is_detached,
+            state=PlacementGroupTableData.PlacementGroupState.Name(row.state),
+            bundles=[dict(b.unit_resources) for b in row.bundles]))
+    return groups
 
 
 @contextlib.contextmanager
