@@ -37,10 +37,10 @@ def _folder(path: Path) -> str:
     return str(path)
 
 
-def _crops(folder: Path, n: int, broken: int = 0) -> Path:
+def _crops(folder: Path, n: int, broken: int = 0, dangling: int = 0) -> Path:
     from tests.test_folder_target import crops
 
-    return crops(folder, n, broken)
+    return crops(folder, n, broken, dangling)
 
 
 def _space(path: Path, text: str) -> str:
@@ -85,6 +85,9 @@ CASES = [
     ("--target folder with an unreadable image", "train",
      lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{_crops(t / 'cams', 8, broken=1)}"],
      "cam0/broken0.jpg in " + "{t}/cams is not a readable image"),
+    ("--target folder with a link to nothing", "train",
+     lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{_crops(t / 'links', 8, dangling=2)}"],
+     "cam1/gone0.png in " + "{t}/links is a link to a file that does not exist and 1 more; remove the link"),
     ("--target folder with too few images for the clustering", "train",
      lambda t, d: ["--method", "mmt", "--data-root", str(d), "--target", f"folder:{_crops(t / 'few', 20)}",
                    "--set", "num_identities=4"], "k-means needs 2 ≤ k < the 20 target training images"),

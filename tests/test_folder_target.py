@@ -29,14 +29,17 @@ def unlabelled_copy(dataset_root: Path, out: Path, *, by_camera: bool = True) ->
     return out
 
 
-def crops(folder: Path, n: int, broken: int = 0) -> Path:
-    """`n` small person-sized PNGs in `folder` (two camera sub-folders), and `broken` files that are not images."""
+def crops(folder: Path, n: int, broken: int = 0, dangling: int = 0) -> Path:
+    """`n` small person-sized PNGs in `folder` (two camera sub-folders), `broken` files that are not images and
+    `dangling` links to files that do not exist."""
     for i in range(n):
         d = folder / f"cam{i % 2}"
         d.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 32), (i * 37 % 255, i * 91 % 255, 90)).save(d / f"p{i:03d}.png")
     for i in range(broken):
         (folder / "cam0" / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    for i in range(dangling):
+        (folder / "cam1" / f"gone{i}.png").symlink_to(folder / "elsewhere" / f"gone{i}.png")
     return folder
 
 
@@ -80,19 +83,24 @@ def test_a_folder_target_resolves_with_its_path_absolute_and_a_label_free_metric
 
 def test_one_camera_warns_once_naming_what_each_part_loses(tmp_path, capsys):
     from reid_ray.data.domains import Domains
-    from reid_ray.distributed.driver import warn_one_camera
+    from reid_ray.distributed.driver import warn_lost_parts
 
     flat = tmp_path / "flat"
     flat.mkdir()
     for i in range(4):
         Image.new("RGB", (16, 32)).save(flat / f"{i}.png")
     domains = Domains(None, read_folder(f"folder:{flat}"))
-    warn_one_camera(resolve_config("mar", target=f"folder:{flat}"), domains)
+    warn_lost_parts(resolve_config("mar", target=f"folder:{flat}"), domains)
     line = capsys.readouterr().out.strip()
     assert line.startswith("reid-ray: warning: folder:flat has one camera (no camera sub-folders, no c<N>")
     assert "the cross-view term (CML" in line and "\n" not in line
-    warn_one_camera(resolve_config("baseline", target=f"folder:{flat}"), domains)  # nothing camera-aware: silent
+    warn_lost_parts(resolve_config("baseline", target=f"folder:{flat}"), domains)  # nothing camera-aware: silent
     assert capsys.readouterr().out == ""
+    # ECN samples no cameras, but a folder has no CamStyle images: its camera-invariance term is lost
+    warn_lost_parts(resolve_config("ecn", target=f"folder:{flat}"), domains)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("reid-ray: warning: folder:flat has no CamStyle images (camstyle/")
+    assert "without its camera-invariance term" in line and "\n" not in line
 
 
 @pytest.mark.ray
@@ -120,7 +128,7 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
     assert "target mAP" not in text and "warning" not in text.lower()
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])[0]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["selection_metric"] == "target_probe"
     metrics = run.data.metrics
     assert {"source_val_mAP", "target_probe", "target_snd", "target_mean_cosine", "target_effective_rank",
             "pseudo_silhouette"} <= set(metrics)  # the diagnostics: logged, never ranked on
@@ -193,3 +201,26 @@ def test_the_label_free_scores_leave_torch_rng_as_they_found_it(tiny_synth):
         scores.append(label_free_scores(method.eval_model(), domains.source, domains.target, cfg, torch.device("cpu")))
         assert torch.equal(before, torch.get_rng_state())
     assert scores[0] == scores[1] and {"source_val_mAP", "target_probe"} <= set(scores[0])
+
+
+def test_the_adabn_bar_is_cached_per_target_in_the_source_models_sidecar(tiny_synth, tmp_path, monkeypatch):
+    """A source model adapted to a labelled target and to an image folder has two AdaBN figures, each kept in its
+    sidecar under its own target (the folder's has no mAP); asked again, each comes from the sidecar."""
+    import json
+
+    from reid_ray.distributed import driver
+    from tests.conftest import seed_source_models
+
+    folder = unlabelled_copy(tiny_synth, tmp_path / "crops")
+    sets = ["num_identities=4", "label_free.probe_images=16", "label_free.source_val_ids=4"]
+    flags = dict(data_root=str(tiny_synth), output=str(tmp_path / "out"))
+    labelled, unlabelled = (resolve_config("baseline", target=t, sets=sets, flags=flags)
+                            for t in ("synth-b", f"folder:{folder}"))
+    (init,) = seed_source_models(resolve_config("mmt", sets=sets, flags=flags), count=1)
+    on_b, on_folder = driver.adabn_metrics(str(init), labelled), driver.adabn_metrics(str(init), unlabelled)
+    assert "target_mAP" in on_b and "target_mAP" not in on_folder and "target_probe" in on_folder
+    by_target = json.loads(init.with_suffix(".json").read_text())["adabn"]
+    assert sorted(by_target) == sorted([f"synth-b in {tiny_synth.resolve()}", f"folder:{folder} in {folder.resolve()}"])
+    monkeypatch.setattr("reid_ray.models.adabn.adapt_bn", lambda *a: pytest.fail("not read from the sidecar"))
+    assert driver.adabn_metrics(str(init), labelled) == on_b
+    assert driver.adabn_metrics(str(init), unlabelled) == on_folder

@@ -37,6 +37,7 @@ def test_trains_reports_checkpoints_tracks_and_resumes(ray_local, cli_training, 
         assert key in m, key
     assert m["epoch"] == 4 and 0 <= m["target_mAP"] <= 100
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "baseline"
+    assert run.data.tags["selection_metric"] == "target_mAP"  # what best.pt ranked on, resolved
     assert run.data.params["optim.lr"] == "0.00035"
     assert len(client.get_metric_history(run.info.run_id, "target_mAP")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

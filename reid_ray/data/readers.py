@@ -170,8 +170,8 @@ def read_dataset(name: str, root: str | os.PathLike, *, variant: str | None = No
 def read_folder(name: str, cache_dir: str | os.PathLike | None = None) -> ReIDDataset:
     """The unlabelled dataset of `folder:PATH` (data/folder.py): every image in its `train` split (pid -1: no
     identity), camera ids from sub-folders, `c<N>` names or one camera, empty query and gallery, `labelled=False`.
-    Raises `DatasetError` (one line) for a missing folder, a folder with no images, or an image that does not
-    decode; the scan (each image decoded once) is cached by every file's path, size and mtime."""
+    Raises `DatasetError` (one line) for a missing folder, a folder with no images, a link to nothing, or an
+    image that does not decode; the scan (each image decoded once) is cached by every file's path, size and mtime."""
     spec = folder_spec(name)
     root = Path(spec[len(FOLDER_PREFIX):])
     if not root.is_dir():
@@ -181,6 +181,11 @@ def read_folder(name: str, cache_dir: str | os.PathLike | None = None) -> ReIDDa
     if not files:
         raise DatasetError(f"{root} holds no .jpg/.jpeg/.png images (searched recursively); point folder:PATH at the "
                            "folder of your person crops")
+    dangling = [f for f in files if not f.exists()]  # a link whose target is gone
+    if dangling:
+        more = f" and {len(dangling) - 1} more" if len(dangling) > 1 else ""
+        raise DatasetError(f"{dangling[0].relative_to(root)} in {root} is a link to a file that does not exist{more}; "
+                           "remove the link or point it at an image")
     rel, fingerprint = scan_fingerprint(root, files)
     cache = cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), root)
     cameras, how = cached_cameras(cache, fingerprint)

@@ -55,7 +55,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     if plan is None:
         check_run(cfg, domains)
         tracking.check_uri(tracking.resolve_uri(cfg.mlflow_uri))
-        warn_one_camera(cfg, domains)
+        warn_lost_parts(cfg, domains)
     resumed = resumed_state(cfg)
     if resumed:
         warn_changed_data(resumed, domains, cfg.resume)
@@ -74,14 +74,17 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
 
 
-def warn_one_camera(cfg: TrainConfig, domains) -> None:
+def warn_lost_parts(cfg: TrainConfig, domains) -> None:
     """One warning where the target has a single camera and the method uses parts that need several (an image
-    folder with no camera sub-folders or `c<N>` names, data/folder.py): what each part loses."""
-    target = domains.target
-    lost = method_class(cfg.method).camera_parts(cfg)
+    folder with no camera sub-folders or `c<N>` names, data/folder.py): what each part loses; and one for each
+    part the target's files cannot feed (`Method.missing_parts`: a method's CamStyle images, say)."""
+    target, method = domains.target, method_class(cfg.method)
+    lost = method.camera_parts(cfg)
     if lost and target.stats()["train"]["cameras"] == 1:
         where = (" (no camera sub-folders, no c<N> in the file names)" if not target.labelled else "")
         print(f"reid-ray: warning: {cfg.target_label} has one camera{where}: {'; '.join(lost)}", flush=True)
+    for part in method.missing_parts(cfg, domains):
+        print(f"reid-ray: warning: {cfg.target_label} {part}", flush=True)
 
 
 def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key, show_progress: bool = True) -> dict:
@@ -114,8 +117,9 @@ def _fit(cfg: TrainConfig, domains, plan: ResourcePlan, callbacks, tags, run_key
                            "mlflow": {"uri": uri, "experiment": experiment, "run_key": run_key,
                                       # MLflow's system tags as this process sees them; a sweep passes its driver's
                                       "tags": {**tracking.system_tags(), "method": cfg.method, "source": cfg.source,
-                                               "target": cfg.target,
-                                               "source_to_target": cfg.source_to_target, **(tags or {})}}},
+                                               "target": cfg.target, "source_to_target": cfg.source_to_target,
+                                               # what best.pt ranks on (the `metric` param may say "auto")
+                                               "selection_metric": cfg.selection_metric, **(tags or {})}}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=plan.use_gpu,
                                                resources_per_worker=plan.worker),
         run_config=ray.train.RunConfig(
@@ -323,7 +327,7 @@ def adabn_metrics(init: str, cfg: TrainConfig) -> dict:
     """The source model `init` after AdaBN (Li et al., 2017: its BatchNorm statistics re-estimated on the target's
     training images, no weight changed): `target_mAP`/`target_R1` where the target has labels, and the label-free
     scores, on the driver's device. The baseline every UDA method must beat; cached in the source model's sidecar
-    (`adabn`) when it is a local file."""
+    (`adabn`, by target: one source model adapted to two targets has two figures) when it is a local file."""
     import torch
 
     from reid_ray.data.domains import ensure_data
@@ -335,13 +339,16 @@ def adabn_metrics(init: str, cfg: TrainConfig) -> dict:
 
     sidecar = storage.with_suffix(init, ".json")
     cached = pretraining_metrics(init)
-    if isinstance(cached.get("adabn"), dict):
-        return cached["adabn"]
+    domains = ensure_data(cfg)
+    target = f"{domains.target.name} in {Path(domains.target.root).resolve()}"
+    # by target; an older sidecar's single figure, of a target it did not name, is not reused
+    by_target = {k: v for k, v in (cached.get("adabn") or {}).items() if isinstance(v, dict)}
+    if target in by_target:
+        return by_target[target]
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu.lower() != "false" else "cpu")
     state = method_class("baseline").source_weights(storage.fetch(init))
     net = build_reid_net(cfg.model, state["classifier.weight"].shape[0], device)
     net.load_state_dict(state)
-    domains = ensure_data(cfg)
     adapt_bn(net, build_test_loader(domains.target.train, cfg.transform, cfg.loader))
     out = {}
     if domains.target.labelled:
@@ -350,5 +357,5 @@ def adabn_metrics(init: str, cfg: TrainConfig) -> dict:
     if cfg.label_free.enabled:
         out.update(label_free_scores(net, domains.source, domains.target, cfg, device))
     if cached and not storage.is_uri(sidecar):
-        write_text_atomic(Path(sidecar), json.dumps({**cached, "adabn": out}, indent=1))
+        write_text_atomic(Path(sidecar), json.dumps({**cached, "adabn": {**by_target, target: out}}, indent=1))
     return out

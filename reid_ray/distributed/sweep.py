@@ -39,7 +39,7 @@ from reid_ray.distributed.driver import (
     run_training,
     source_inits,
     stop_interrupted_runs,
-    warn_one_camera,
+    warn_lost_parts,
 )
 from reid_ray.distributed.progress import SweepProgress
 from reid_ray.distributed.resources import ResourcePlan, cpus_per_gpu, gpus_needed, plan_resources
@@ -98,7 +98,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     domains = ensure_data(base)
     check_sweep(base, space, domains)
     tracking.check_uri(tracking.resolve_uri(base.mlflow_uri))
-    warn_one_camera(base, domains)
+    warn_lost_parts(base, domains)
     with sweep_lock(sweep_dir(base.output, sweep.name), sweep.name):
         return _locked_sweep(sweep, base, space, method_class(base.method))
 

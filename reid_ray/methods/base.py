@@ -163,6 +163,13 @@ class Method:
         check_pk(cfg, domains.source.train["pid"].to_numpy(), f"source {cfg.source}")
 
     @classmethod
+    def missing_parts(cls, cfg: TrainConfig, domains) -> list[str]:
+        """The parts of the method, as configured, that the target's files cannot feed (other than through its
+        cameras: `camera_parts`), each said as what the run loses; the driver warns once with them. None by
+        default."""
+        return []
+
+    @classmethod
     def camera_parts(cls, cfg: TrainConfig) -> list[str]:
         """The parts of the method, as configured, that need several target cameras, each said as what it
         loses on a target of one camera (the driver warns once with them; data/folder.py says where a folder's

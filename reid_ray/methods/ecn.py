@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from reid_ray import ReidRayError
-from reid_ray.data.camstyle import CamStyleDataset
+from reid_ray.data.camstyle import CAMSTYLE_DIRS, CamStyleDataset, camstyle_lookup
 from reid_ray.data.loader import build_test_loader, build_train_loader, relabel
 from reid_ray.data.paired import PairedLoader, build_shuffle_loader
 from reid_ray.data.transforms import train_transform
@@ -112,6 +112,13 @@ class ECN(Method):
                                f"lam={p.lam}, alpha={p.alpha}, features={p.features} (--set params.beta=0.05)")
         check_batch(n, p.target_batch, cfg.workers, f"target {cfg.target}", "--set params.target_batch=N")
 
+    @classmethod
+    def missing_parts(cls, cfg, domains) -> list[str]:
+        if camstyle_lookup(domains.target.train["path"].to_pylist()) is None:
+            return [f"has no CamStyle images ({' or '.join(d + '/' for d in CAMSTYLE_DIRS)} beside its training images): ECN trains "
+                    "without its camera-invariance term (each target image's loss alone, no CamStyle version)"]
+        return []
+
     def setup(self, wrap=lambda m: m) -> None:
         cfg, p = self.cfg, self.p
         labels, _ = relabel(self.domains.source.train["pid"].to_numpy())
@@ -123,7 +130,7 @@ class ECN(Method):
         self.models = {"net": wrap(model)}
         self.build_optimizer(model)
         target = CamStyleDataset(self.domains.target.train, train_transform(cfg.transform),
-                                 in_memory=cfg.loader.in_memory, warn=self.rank == 0)
+                                 in_memory=cfg.loader.in_memory, warn=False)  # the driver said so: missing_parts
         source = build_train_loader(self.domains.source.train, labels, cfg.transform, cfg.loader, rank=self.rank,
                                     world_size=self.world_size, seed=cfg.seed)
         self.train_loader = PairedLoader(source, build_shuffle_loader(

@@ -6,6 +6,10 @@ rank on when the target has no labels. The scores themselves, with their formula
 
 - `source_val_mAP`: mAP on `label_free.source_val_ids` of the source's held-out identities (its query/gallery
   split, whose identities its training split never holds), drawn with `label_free.seed`. It needs no target label.
+  Formula: the ordinary retrieval mAP (`evaluation.rank_metrics`), mean over the subset's queries of the average
+  precision of their gallery ranking, on source identities. Source: source-domain validation as a UDA model
+  selector, the simple baseline that Musgrave et al. (2022, arXiv 2208.07360, a benchmark of UDA validators)
+  found hard to beat, and what HyPASS (IEEE Access 2021) selects re-ID models with.
 - `target_probe`: the target-only mixup probe on `label_free.probe_images` target training images.
 - diagnostics, logged and never ranked on: the probe pool's soft neighbourhood density (`target_snd`), mean
   pairwise cosine (`target_mean_cosine`) and effective rank (`target_effective_rank`), a check for collapse.
