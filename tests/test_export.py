@@ -149,8 +149,8 @@ def test_embed_writes_features_that_match_torch(baseline, tiny_synth, tmp_path, 
     (images / "z.png").write_bytes(png_file.read_bytes())
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "feats.parquet"
-    assert main_embed(["--checkpoint", str(folder / "checkpoint.pt"), "--images", str(images), "--out", str(out),
-                       "--batch-size", "4", "--device", "cpu"]) == 0
+    assert main_embed(["--checkpoint", str(folder / "checkpoint.pt"), "--images", f"folder:{images}", "--out",
+                       str(out), "--batch-size", "4", "--device", "cpu"]) == 0  # --target's spelling, or a plain path
     assert "10 images x 256 features" in capsys.readouterr().out
 
     table = pq.read_table(out)
@@ -211,7 +211,7 @@ def test_evaluate_visualize_draws_ranked_lists_labelled_or_not(baseline, tiny_sy
     assert "mAP" in text and f"wrote {out} (4 queries' ranked lists)" in text and Image.open(out).format == "PNG"
     crops = unlabelled_copy(tiny_synth, tmp_path / "crops")
     plain = tmp_path / "plain.png"
-    assert main_evaluate(["--checkpoint", str(folder), "--dataset", f"folder:{crops}", "--data-root", ".",
+    assert main_evaluate(["--checkpoint", str(folder), "--dataset", f"folder:{crops}",  # no --data-root
                           "--device", "cpu", "--visualize", "3", "--visualize-out", str(plain)]) == 0
     text = capsys.readouterr().out
     assert "unlabelled images" in text and "no mAP" in text and "R1" not in text

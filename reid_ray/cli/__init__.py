@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_synth)
 
     p = sub.add_parser("datasets", help="read a dataset in its published layout and print its stats")
-    p.add_argument("name", help="market1501, dukemtmc, msmt17, cuhk03np, synth-a, synth-b")
-    p.add_argument("--data-root", required=True, help="folder that holds the dataset's own top folder")
+    p.add_argument("name", help="market1501, dukemtmc, msmt17, cuhk03np, synth-a, synth-b, or folder:PATH")
+    p.add_argument("--data-root", default=None, help="folder that holds the dataset's own top folder (not for "
+                                                     "folder:PATH)")
     p.add_argument("--variant", default=None, help="cuhk03np: labeled (default) or detected")
     p.set_defaults(fn=_datasets)
     for name, (_module, _fn, help_line) in FORWARDED.items():  # listed here, parsed by their own modules (main)

@@ -66,7 +66,8 @@ def main_embed(argv: list[str] | None = None) -> int:
                     "by) into a Parquet file: columns path (inside the folder), feature (D float32) and "
                     "model_digest (the checkpoint's sha256, also in the schema's metadata).")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively); folder:PATH, the "
+                                                  "spelling --target takes, works too")
     p.add_argument("--out", required=True, help="the .parquet file to write (replaced atomically)")
     p.add_argument("--net", default=None, help=f"{NET_HELP})")
     p.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's loader.test_batch_size")
@@ -75,6 +76,7 @@ def main_embed(argv: list[str] | None = None) -> int:
 
     def _run(a) -> int:
         device = pick_device(a.device)
+        a.images = a.images.removeprefix("folder:")
         list_images(a.images)  # a wrong folder or file fails before the checkpoint loads
         storage.check_file(a.out, "--out", writes=True)
         emb = load_embedder(a.checkpoint, a.net, device)
@@ -101,7 +103,8 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", required=True, help="market1501, dukemtmc, msmt17 (msmt17-all), cuhk03np "
                                                     "(cuhk03np-detected), synth-a, synth-b, or folder:PATH (your own "
                                                     "unlabelled images: ranked lists with --visualize, no mAP)")
-    p.add_argument("--data-root", required=True, help="folder that holds the dataset's own top folder")
+    p.add_argument("--data-root", default=None, help="folder that holds the dataset's own top folder (not for "
+                                                     "folder:PATH)")
     p.add_argument("--rerank", action="store_true", help="also k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     p.add_argument("--net", default=None, help=f"{NET_HELP})")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")

@@ -122,15 +122,17 @@ class ReIDDataset:
         return "\n".join(lines)
 
 
-def read_dataset(name: str, root: str | os.PathLike, *, variant: str | None = None,
+def read_dataset(name: str, root: str | os.PathLike | None, *, variant: str | None = None,
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> ReIDDataset:
-    """Read dataset `name` from `root`, the folder that holds its published top folder.
+    """Read dataset `name` from `root`, the folder that holds its published top folder (None for `folder:PATH`).
 
     `variant` selects CUHK03-NP's "labeled" (default) or "detected" boxes
     (equivalently, name "cuhk03np-detected").
     """
-    if is_folder(name):  # a user's unlabelled images, `folder:PATH` (data/folder.py)
+    if is_folder(name):  # a user's unlabelled images, `folder:PATH` (data/folder.py): no root needed
         return read_folder(name, cache_dir)
+    if root is None:
+        raise DatasetError(f"dataset {name!r} needs --data-root, the folder that holds its own top folder")
     key = name.lower()
     if key == "cuhk03np" and variant not in (None, "labeled"):
         if variant != "detected":

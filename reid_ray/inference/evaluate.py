@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
-def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path, *, rerank: bool = False,
+def evaluate_checkpoint(emb: Embedder, dataset: str, data_root: str | Path | None, *, rerank: bool = False,
                         device: torch.device | str = "cpu", k1: int = 20, k2: int = 6,
                         lambda_value: float = 0.3, visualize: int = 0,
                         visualize_out: str | Path = "ranked_lists.png") -> dict:
