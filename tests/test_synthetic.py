@@ -27,6 +27,16 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_synth):
     assert digest(tmp_path / "other" / "synth-b") != digest(tiny_synth / "synth-b")
 
 
+def test_one_process_writes_the_bytes_of_the_pool(tmp_path, tiny_synth, monkeypatch):
+    """The identities are rendered by one forked process per CPU; on one CPU, in-process: the same files."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    generate_synthetic(tmp_path / "one", TINY)
+    for domain in ("synth-a", "synth-b"):
+        assert digest(tmp_path / "one" / domain) == digest(tiny_synth / domain)
+
+
 def test_market_layout_read_back(tiny_synth):
     for name in ("synth-a", "synth-b"):
         ds = read_dataset(name, tiny_synth)

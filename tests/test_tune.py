@@ -216,6 +216,31 @@ def test_synthetic_sweep_is_short_and_ranks_on_the_target(method, tmp_path):
     assert getattr(base.params, "two_sources", "absent") == (False if method == "mmt" else "absent")
 
 
+def test_the_first_trial_is_the_default_config_where_the_space_holds_it(tmp_path):
+    """Optuna's first trial (Tune's points_to_evaluate) is the base config's value of each searched parameter: the
+    method's defaults after `fixed:` and --set; none where a default lies outside its range, or with
+    --no-default-trial."""
+    from reid_ray.cli.tune import build_parser, prepare_sweep
+    from reid_ray.distributed.sweep import _tune_config, default_point
+
+    a = build_parser().parse_args(["--method", "mmt", "--output", str(tmp_path), "--set", "optim.lr=2e-4"])
+    sweep = prepare_sweep(a)
+    space = load_search_space(sweep.space_path, sweep.base)
+    point = default_point(sweep.base, space)
+    assert point == {"params.num_clusters": 100, "params.alpha": 0.99, "params.soft_ce_weight": 0.5,
+                     "params.soft_tri_weight": 0.8, "optim.lr": 2e-4}
+    plan = plan_resources({"CPU": 2}, 1, 0, True)
+    assert _tune_config(sweep, sweep.base, plan, point).search_alg._points_to_evaluate == [point]
+    assert _tune_config(sweep, sweep.base, plan, None).search_alg._points_to_evaluate == []
+    sweep.base.params.alpha = 0.9  # below the space's 0.95
+    assert default_point(sweep.base, space) is None
+    choice = load_search_space(write(tmp_path, "params:\n  params.cluster_algorithm: {distribution: choice, values: "
+                                                "[kmeans, dbscan]}\n"), sweep.base)
+    assert default_point(sweep.base, choice) == {"params.cluster_algorithm": "kmeans"}
+    assert prepare_sweep(build_parser().parse_args(["--method", "mmt", "--output", str(tmp_path),
+                                                    "--no-default-trial"])).default_first is False
+
+
 @pytest.mark.parametrize("metric", ["target_mAP_last", "target_probe_last"])
 def test_the_final_table_shows_adabn_beside_direct_transfer_and_the_other_score_beside_the_ranked_one(
         metric, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@
     reid-ray evaluate --checkpoint C --dataset market1501 --data-root /datasets [--rerank]   # mAP/CMC
     reid-ray export --checkpoint C --onnx embedder.onnx       # the retrieval embedder as ONNX
     reid-ray embed --checkpoint C --images DIR --out feats.parquet   # features of a folder of images
-    reid-ray demo [tune flags]                # make demo: write the benchmark, pretrain, sweep MMT (3 trials)
+    reid-ray demo [tune flags]                # make demo: write the benchmark, pretrain, sweep MMT (2 trials)
     reid-ray --version
 
 A mistake a user can fix prints one line naming the problem and the fix, and

@@ -72,7 +72,8 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
                  space_path=str(space_path), space_text=space.text, num_samples=num_samples, seed=args.seed,
                  scheduler=args.scheduler, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                  gpus_per_worker=args.gpus_per_worker, max_concurrent=args.max_concurrent,
-                 optuna_storage=optuna_storage(args.optuna_storage), metric=f"{cfg.selection_metric}_last")
+                 optuna_storage=optuna_storage(args.optuna_storage), metric=f"{cfg.selection_metric}_last",
+                 default_first=args.default_first)
 
 
 def check_sweep_flags(args: argparse.Namespace, num_samples: int) -> None:
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "search_spaces/real/<method>.yaml with --preset or a real dataset)")
     p.add_argument("--num-samples", type=int, default=None, help="trials (default: 3 on the synthetic default, else 16)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
+    p.add_argument("--no-default-trial", dest="default_first", action="store_false",
+                   help="sample every trial; by default the first trial is the method's default config (where the "
+                        "search space's ranges hold it), the others sampled")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can stop "
                                                                   "(default: eval_every)")

@@ -41,6 +41,7 @@ class Sweep:
     adabn: dict = field(default_factory=dict)            # ... after AdaBN (driver.adabn_metrics): the bar to beat
     resumed: bool = False
     metric: str = METRIC               # the reported metric Optuna, ASHA and the best trial go by (higher is better)
+    default_first: bool = True         # the first trial is the base config itself (where the space holds its values)
 
     def save(self, folder: Path | str) -> None:
         d = {**dataclasses.asdict(self), "base": to_dict(self.base)}

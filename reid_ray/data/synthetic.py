@@ -90,39 +90,46 @@ def _view(rng) -> tuple[str, float, bool, tuple[float, float, float]]:
         float(rng.uniform(0.95, 1.05)), float(rng.uniform(-3, 3)), float(rng.uniform(-3, 3)))
 
 
-def _write_domain(top: Path, domain: str, cfg: SynthConfig, progress=None) -> None:
-    style = STYLES[domain]
-    cams = [sample_camera(_rng(cfg, domain, 0, c), style) for c in range(cfg.num_cameras)]
-    folders = ("bounding_box_train", "query", "bounding_box_test", "camstyle", "texture")
-    for f in folders:
-        (top / f).mkdir(parents=True)
+def _domain_plan(domain: str, cfg: SynthConfig) -> list[tuple[int, list[tuple[int, int, str, str]]]]:
+    """(pid, [(k, camera, name, folder), ...]) of every identity of one domain. Cheap (no pixels): the file
+    names number each camera's frames across identities, so the names are planned in order and the pixels
+    rendered in any order (`_render_identities`), as every draw is keyed by what it renders."""
     frame = [0] * cfg.num_cameras
+    plan = []
     for pid in range(1, cfg.train_ids + cfg.test_ids + 1):
-        person = sample_identity(_rng(cfg, domain, 1, pid))
-        plan = _plan_identity(_rng(cfg, domain, 2, pid), cfg)
-        is_train = pid <= cfg.train_ids
-        seen_query = set()
-        for k, c in enumerate(plan):
+        seen_query: set[int] = set()
+        images = []
+        for k, c in enumerate(_plan_identity(_rng(cfg, domain, 2, pid), cfg)):
             frame[c] += 25
-            name = f"{pid:04d}_c{c + 1}s1_{frame[c]:06d}_{k:02d}"
-            pose = _view(_rng(cfg, domain, 3, pid, k))
-            img = compose(person, cams[c], style, *pose, rng=_rng(cfg, domain, 4, pid, k))
-            if is_train:
+            if pid <= cfg.train_ids:
                 folder = "bounding_box_train"
             else:
                 folder = "bounding_box_test" if c in seen_query else "query"
                 seen_query.add(c)
+            images.append((k, c, f"{pid:04d}_c{c + 1}s1_{frame[c]:06d}_{k:02d}", folder))
+        plan.append((pid, images))
+    return plan
+
+
+def _render_identities(args) -> int:
+    """Render identities of one domain into `top` (a process-pool task); returns how many."""
+    top, domain, cfg, identities = args
+    top, style = Path(top), STYLES[domain]
+    cams = [sample_camera(_rng(cfg, domain, 0, c), style) for c in range(cfg.num_cameras)]
+    for pid, images in identities:
+        person = sample_identity(_rng(cfg, domain, 1, pid))
+        for k, c, name, folder in images:
+            pose = _view(_rng(cfg, domain, 3, pid, k))
+            img = compose(person, cams[c], style, *pose, rng=_rng(cfg, domain, 4, pid, k))
             img.save(top / folder / f"{name}.jpg", quality=cfg.jpeg_quality)
-            if is_train and cfg.camstyle:
+            if folder == "bounding_box_train" and cfg.camstyle:
                 for c2 in range(cfg.num_cameras):
                     if c2 != c:  # the same person and pose, through camera c2
                         fake = compose(person, cams[c2], style, *pose, rng=_rng(cfg, domain, 5, pid, k, c2))
                         fake.save(top / "camstyle" / f"{name}_fake_{c + 1}to{c2 + 1}.jpg", quality=cfg.jpeg_quality)
         if cfg.texture:
             render_texture(person).save(top / "texture" / f"{pid:04d}.png")
-        if progress is not None:
-            progress()
-    (top / "synth_meta.json").write_text(json.dumps(_meta(domain, cfg), indent=2, sort_keys=True))
+    return len(identities)
 
 
 def _meta(domain: str, cfg: SynthConfig) -> dict:
@@ -145,7 +152,9 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SynthConfig = SynthCo
 
     A domain that already exists with the same config and generator version is
     kept as is. Each domain is written to a temporary folder and renamed into
-    place, so an interrupted run never leaves a half-written dataset.
+    place, so an interrupted run never leaves a half-written dataset. The
+    identities are rendered by a process pool, one process per CPU: the same
+    bytes as one process writes (every draw is keyed by what it renders).
     """
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,19 +168,40 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SynthConfig = SynthCo
                 raise ReidRayError(f"{top} exists but was generated with another config or version; "
                                    f"delete it, pass --overwrite, or choose another folder")
         todo.append(domain)
+    if not todo:
+        return [out / d for d in config.domains]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from reid_ray.tracking.progress import bar
 
     total = len(todo) * (config.train_ids + config.test_ids)
-    with bar(total, "synthesising", "ids") if progress and todo else contextlib.nullcontext() as shown:
+    tmps = {d: Path(tempfile.mkdtemp(prefix=f".{d}.", dir=out)) for d in todo}
+    try:
+        parts = []
         for domain in todo:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{domain}.", dir=out))
-            try:
-                _write_domain(tmp / domain, domain, config, shown.update if shown is not None else None)
-                if (out / domain).exists():
-                    shutil.rmtree(out / domain)
-                os.replace(tmp / domain, out / domain)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            top = tmps[domain] / domain
+            for f in ("bounding_box_train", "query", "bounding_box_test", "camstyle", "texture"):
+                (top / f).mkdir(parents=True)
+            plan = _domain_plan(domain, config)
+            parts += [(str(top), domain, config, plan[i::16]) for i in range(min(16, len(plan)))]
+        workers = min(len(os.sched_getaffinity(0)), len(parts))
+        # forked workers (one per CPU): they render with numpy and PIL only (no torch), and start in milliseconds
+        with (bar(total, "synthesising", "ids") if progress else contextlib.nullcontext()) as shown, \
+                (ProcessPoolExecutor(workers, mp_context=get_context("fork")) if workers > 1
+                 else contextlib.nullcontext()) as pool:
+            for n in (pool.map if pool is not None else map)(_render_identities, parts):
+                if shown is not None:
+                    shown.update(n)
+        for domain in todo:
+            (tmps[domain] / domain / "synth_meta.json").write_text(json.dumps(_meta(domain, config), indent=2,
+                                                                               sort_keys=True))
+            if (out / domain).exists():
+                shutil.rmtree(out / domain)
+            os.replace(tmps[domain] / domain, out / domain)
+    finally:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
     return [out / d for d in config.domains]
 
 

@@ -140,12 +140,14 @@ def _tune(sweep: Sweep, base: TrainConfig, space: SearchSpace | None, plan: Reso
         tune.with_parameters(run_trial, base=base, plan=plan, sweep_name=sweep.name, parent_run_id=sweep.parent_run_id,
                              system_tags=tracking.system_tags()),
         tune.PlacementGroupFactory(plan.trial))
-    print(f"sweep {sweep.name}: {sweep.num_samples} trials, {plan.concurrent} at a time, "
+    first = default_point(base, space) if sweep.default_first and space is not None else None
+    print(f"sweep {sweep.name}: {sweep.num_samples} trials{' (the first: the default config)' if first else ''}, "
+          f"{plan.concurrent} at a time, "
           f"{base.workers} workers each ({plan.worker}), actor {plan.actor or 'none'}", flush=True)
     if tune.Tuner.can_restore(str(folder)) and sweep.resumed:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=tune_domains(space), tune_config=_tune_config(sweep, base, plan),
+        tuner = tune.Tuner(trainable, param_space=tune_domains(space), tune_config=_tune_config(sweep, base, plan, first),
                            # Tune's own tables only with --verbose: SweepProgress is the display
                            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage.split(folder)[0]),
                                                      verbose=1 if console.verbose() else 0,
@@ -254,10 +256,28 @@ def _best_trial(grid, metric: str) -> str | None:
         return None
 
 
-def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan) -> tune.TuneConfig:
+def default_point(base: TrainConfig, space: SearchSpace) -> dict | None:
+    """The base config's value of every searched parameter (the method's defaults, after the search space's
+    `fixed:` and `--set`), or None where one falls outside its range: the sweep's first trial
+    (Optuna's enqueued trial, Tune's `points_to_evaluate`), so that every sweep measures the config a user gets
+    without one, and the best trial is never worse than it."""
+    values = flatten(base)
+    point = {}
+    for name, p in space.params.items():
+        v = values.get(name)
+        inside = (v in p.values) if p.distribution == "choice" else (
+            isinstance(v, int | float) and not isinstance(v, bool) and p.low <= v <= p.high)
+        if not inside:
+            return None
+        point[name] = v
+    return point
+
+
+def _tune_config(sweep: Sweep, base: TrainConfig, plan: ResourcePlan, first: dict | None) -> tune.TuneConfig:
     storage = optuna.storages.RDBStorage(sweep.optuna_storage) if sweep.optuna_storage else None
     search = OptunaSearch(metric=sweep.metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sweep.seed),
-                          storage=storage, study_name=sweep.name if storage else None)
+                          storage=storage, study_name=sweep.name if storage else None,
+                          points_to_evaluate=[first] if first else None)
     if sweep.scheduler == "asha":
         # rungs must fall on evaluated epochs: the grace period is a multiple of eval_every. A trial Tune
         # stops is killed (at any rung, max_t's included), and its Ray Train worker group is freed only later

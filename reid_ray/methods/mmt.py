@@ -115,7 +115,7 @@ class MMT(Method):
                            "params.iters": 40, "params.k1": 10, "params.eps": 0.5, "params.source_recipe": "bot"}
     # a sweep on the embedded benchmark starts both nets from one source model: a second costs another
     # pretraining (~2.5 min on 2 cores) that the demo cannot afford (bench_uda measures MMT with two);
-    # 20 iterations an epoch keep the demo's three trials within its minutes
+    # 20 iterations an epoch keep the demo's trials within its minutes
     sweep_overrides = {"params.two_sources": False, "params.iters": 20}
     # the paper (and its code): Adam at a constant 3.5e-4, no warmup
     # ... and BatchNorm over 16 images, as the authors' 4-GPU DataParallel and OpenUnReID's samples_per_bn: 16
