@@ -11,6 +11,9 @@ the benchmark's seed-0 source models, evaluated every 2 epochs: target mAP, the 
 pool's features (the ensemble agreement is computed here, across the trials). One record per finished trial
 (bench/records/selection/<benchmark>/<method>-t<i>.json): an interrupted measurement continues where it stopped.
 
+The scores: the run's own label-free scores (`target_sharpness`, `source_val_mAP`, `target_probe`), the diagnostics
+(`target_snd`, `target_effective_rank`, the negated mean cosine) and the sweep-level `ensemble_agreement`. Records
+written before `target_sharpness` was logged get it from their SND and probe-pool size (the same formula).
 For each score: Kendall τ and Spearman ρ with target mAP across the trials at their last epoch, and its regret
 (the oracle's target mAP − that of the trial it picks), beside three baselines: a random pick (its expected regret),
 the default config (trial 0), and the epoch number as a score (over every evaluated (trial, epoch): the last epoch,
@@ -32,8 +35,8 @@ from reid_ray import write_text_atomic
 
 RECORDS = Path("bench/records/selection")
 OUT = Path("bench/out/selection")
-SCORES = ("source_val_mAP", "target_probe", "ensemble_agreement", "target_snd", "target_effective_rank",
-          "neg_mean_cosine")
+SCORES = ("target_sharpness", "source_val_mAP", "target_probe", "ensemble_agreement", "target_snd",
+          "target_effective_rank", "neg_mean_cosine")
 SECOND = {"data-g1": dict(seed=1, train_ids=120)}  # the second benchmark's generator settings
 
 
@@ -72,8 +75,8 @@ def run_trial(method: str, data_root: str, bench: str, i: int, sample: dict) -> 
     cfg.init = [baseline(s, sources)["init"] for s in range(METHODS[method].source_models(cfg.params))]
     out = run_training(cfg)
     client = MlflowClient(out["mlflow_uri"])
-    keys = ("target_mAP", "target_R1", "source_val_mAP", "target_probe", "target_snd", "target_mean_cosine",
-            "target_effective_rank")
+    keys = ("target_mAP", "target_R1", "source_val_mAP", "target_probe", "target_sharpness", "target_snd",
+            "target_mean_cosine", "target_effective_rank")
     epochs: dict[int, dict] = {}
     for key in keys:
         for m in client.get_metric_history(out["mlflow_run_id"], key):
@@ -106,6 +109,7 @@ def with_agreement(recs: list[dict]) -> None:
     """Each record's `ensemble_agreement` at each epoch every trial evaluated (the trials' probe features)."""
     import torch
 
+    from reid_ray.config.schema import LabelFreeConfig
     from reid_ray.evaluation.label_free import ensemble_agreement
 
     common = set.intersection(*(set(r["epochs"]) for r in recs))
@@ -117,9 +121,14 @@ def with_agreement(recs: list[dict]) -> None:
         for r, s in zip(recs, ensemble_agreement(feats, k=20), strict=True):
             r["epochs"][e]["ensemble_agreement"] = s
     for r in recs:
-        for v in r["epochs"].values():
+        for e, v in r["epochs"].items():
             if "target_mean_cosine" in v:
                 v["neg_mean_cosine"] = -v["target_mean_cosine"]
+            if "target_snd" in v and "target_sharpness" not in v:  # records from before the score was logged:
+                # neighbourhood_sharpness from their SND and the probe pool's size
+                f = Path(r["features"][e])
+                n = np.load(f, mmap_mode="r").shape[0] if f.is_file() else LabelFreeConfig().probe_images
+                v["target_sharpness"] = 100 * (1 - v["target_snd"] / math.log(n - 1))
 
 
 def analyse(recs: list[dict]) -> tuple[list[str], dict]:

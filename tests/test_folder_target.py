@@ -69,9 +69,9 @@ def test_a_folder_target_resolves_with_its_path_absolute_and_a_label_free_metric
     cfg = resolve_config("mmt", target="folder:Crops")
     assert cfg.target == f"folder:{tmp_path / 'Crops'}"  # absolute, its case kept, for every Ray worker
     assert cfg.experiment_name == "synth-a->folder:Crops" and cfg.model.arch == "small"  # the embedded source's scale
-    assert not cfg.target_labelled and cfg.selection_metric == "target_probe"
-    assert cfg.scores == ("source_val_mAP", "target_probe")
-    assert resolve_config("spcl", "none", "folder:Crops").scores == ("target_probe",)
+    assert not cfg.target_labelled and cfg.selection_metric == "target_sharpness"
+    assert cfg.scores == ("source_val_mAP", "target_probe", "target_sharpness")
+    assert resolve_config("spcl", "none", "folder:Crops").scores == ("target_probe", "target_sharpness")
     assert resolve_config("mmt", target="folder:Crops", sets=["metric=source_val_mAP"]).selection_metric == "source_val_mAP"
     assert resolve_config("mmt").selection_metric == "target_mAP"  # a published target keeps its mAP
     assert resolve_config("mmt", sets=["metric=target_probe"]).selection_metric == "target_probe"
@@ -123,18 +123,19 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert "source model: training" not in text, text  # the seeded source model
-    assert "target mixup probe (label-free, %) (ranked on)" in proc.stdout, proc.stdout
-    assert "folder:crops has no labels: best.pt is the epoch with the best target_probe" in proc.stdout
+    assert "target sharpness (label-free, %) (ranked on)" in proc.stdout, proc.stdout
+    assert "target mixup probe (label-free, %)" in proc.stdout
+    assert "folder:crops has no labels: best.pt is the epoch with the best target_sharpness" in proc.stdout
     assert "target mAP" not in text and "warning" not in text.lower()
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])[0]
-    assert run.info.status == "FINISHED" and run.data.tags["selection_metric"] == "target_probe"
+    assert run.info.status == "FINISHED" and run.data.tags["selection_metric"] == "target_sharpness"
     metrics = run.data.metrics
-    assert {"source_val_mAP", "target_probe", "target_snd", "target_mean_cosine", "target_effective_rank",
-            "pseudo_silhouette"} <= set(metrics)  # the diagnostics: logged, never ranked on
+    assert {"source_val_mAP", "target_probe", "target_sharpness", "target_snd", "target_mean_cosine",
+            "target_effective_rank", "pseudo_silhouette"} <= set(metrics)  # the diagnostics: logged, never ranked on
     assert not [k for k in metrics if k.startswith("target_mAP") or k in ("target_R1", "nmi", "cluster_purity")]
     assert len(client.get_metric_history(run.info.run_id, "source_val_mAP")) == 2  # every evaluation
-    assert 0 <= metrics["target_probe"] <= 100 and 0 <= metrics["source_val_mAP"] <= 100
+    assert all(0 <= metrics[k] <= 100 for k in ("target_probe", "target_sharpness", "source_val_mAP"))
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synth-a", f"folder:{folder}"]
     # the pictures: each refresh's clusters, and the final network's ranked lists (plain: no labels)
     artifacts = {f.path for d in ("epoch1", "epoch2") for f in client.list_artifacts(run.info.run_id, d)}
@@ -147,7 +148,7 @@ def test_mmt_trains_under_ray_on_an_unlabelled_folder_and_ranks_on_a_label_free_
 @pytest.mark.budget(150)
 def test_a_sweep_on_an_unlabelled_folder_ranks_on_a_label_free_score_and_says_so(tiny_synth, tmp_path):
     """`python -m reid_ray.tune --method mmt --target folder:...`: ASHA, Optuna and the final pick rank on the
-    target-only mixup probe; the table, summary.md and MLflow name it, show no target mAP, and the trials' ensemble
+    target-only neighbourhood sharpness; the table, summary.md and MLflow name it, show no target mAP, and the trials' ensemble
     agreement stands beside it."""
     from mlflow.tracking import MlflowClient
 
@@ -166,16 +167,16 @@ def test_a_sweep_on_an_unlabelled_folder_ranks_on_a_label_free_score_and_says_so
     proc = run_cli(argv, tmp_path)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
-    assert "ranked on target_probe" in proc.stdout and "target mAP" not in text
+    assert "ranked on target_sharpness" in proc.stdout and "target mAP" not in text
     # one camera (no sub-folders, no c<N> names): MMT's cross-camera sampler falls back, said once
     assert text.count("reid-ray: warning: folder:crops has one camera") == 1
     summary = (tmp_path / "out" / "tune" / "crops" / "summary.md").read_text()
-    assert "ranked by `target_probe`" in summary and "the target has no labels, so there is no target mAP" in summary
-    assert "| target_probe (ranked on) | ensemble agreement |" in summary and "target mAP |" not in summary
+    assert "ranked by `target_sharpness`" in summary and "the target has no labels, so there is no target mAP" in summary
+    assert "| target_sharpness (ranked on) | ensemble agreement |" in summary and "target mAP |" not in summary
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("synth-a->folder:crops").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("sweep_parent") == "true")
-    assert "best_target_probe" in parent.data.metrics and "best_target_mAP" not in parent.data.metrics
+    assert "best_target_sharpness" in parent.data.metrics and "best_target_mAP" not in parent.data.metrics
     trials = [r for r in runs if r.data.tags.get("trial_id")]
     assert len(trials) == 2 and all("ensemble_agreement" in r.data.metrics for r in trials)
     assert all(0 <= r.data.metrics["ensemble_agreement"] <= 100 for r in trials)

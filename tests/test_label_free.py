@@ -10,6 +10,7 @@ from reid_ray.evaluation.label_free import (
     ensemble_agreement,
     feature_collapse,
     mixup_probe,
+    neighbourhood_sharpness,
     silhouette,
     soft_neighborhood_density,
 )
@@ -212,6 +213,23 @@ def test_snd_prefers_collapse():
     f, _ = clustered()
     # float32 products differ in the last bit with the block's shape, and 1 / temperature multiplies that by 20
     assert soft_neighborhood_density(f, block=3) == pytest.approx(soft_neighborhood_density(f), rel=1e-6)
+
+
+def test_neighbourhood_sharpness_reads_snd_the_other_way_round():
+    # a, a, b with a ⊥ b at temperature 0.05: rows 0 and 1 see s = (1, 0), so p = (1, e^-20)/(1 + e^-20) and an
+    # entropy of ~4e-8; row 2 sees (0, 0): log 2. SND = (log 2 + ~1e-7) / 3, sharpness = 100 (1 - SND / log 2)
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    p = math.exp(-20) / (1 + math.exp(-20))
+    h = -((1 - p) * math.log(1 - p) + p * math.log(p))
+    assert neighbourhood_sharpness(f) == pytest.approx(100 * (1 - (2 * h + math.log(2)) / 3 / math.log(2)))
+    assert neighbourhood_sharpness(f) == pytest.approx(200 / 3, abs=1e-5)
+    # collapsed features, SND's maximum: 0; ten tight identities of 5 images: 100 (1 - log 4 / log 49)
+    assert neighbourhood_sharpness(F.normalize(torch.ones(50, 16), dim=1)) == pytest.approx(0.0, abs=1e-9)
+    tight = torch.eye(10, 16).repeat_interleave(5, 0)
+    assert neighbourhood_sharpness(tight) == pytest.approx(100 * (1 - math.log(4) / math.log(49)), abs=1e-4)
+    assert neighbourhood_sharpness(tight, block=7) == pytest.approx(neighbourhood_sharpness(tight), rel=1e-6)
+    with pytest.raises(ReidRayError, match="N >= 3"):
+        neighbourhood_sharpness(tight[:2])
 
 
 def test_feature_collapse():

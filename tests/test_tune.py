@@ -241,11 +241,11 @@ def test_the_first_trial_is_the_default_config_where_the_space_holds_it(tmp_path
                                                     "--no-default-trial"])).default_first is False
 
 
-@pytest.mark.parametrize("metric", ["target_mAP_last", "target_probe_last"])
+@pytest.mark.parametrize("metric", ["target_mAP_last", "target_sharpness_last"])
 def test_the_final_table_shows_adabn_beside_direct_transfer_and_the_other_score_beside_the_ranked_one(
         metric, tmp_path, monkeypatch, capsys):
     """The sweep's last table on a labelled target (the demo's): the direct-transfer and AdaBN rows above the
-    trials; ranked on target mAP, the label-free probe beside it; ranked on the probe, target mAP beside it and
+    trials; ranked on target mAP, the label-free sharpness beside it; ranked on the sharpness, target mAP beside it and
     the title says what it ranks on. summary.md's table says the same."""
     from reid_ray.config.sweep import Sweep
     from reid_ray.tracking.report import SweepOutcome, TrialRow, markdown_table, print_results
@@ -253,8 +253,8 @@ def test_the_final_table_shows_adabn_beside_direct_transfer_and_the_other_score_
     monkeypatch.setenv("COLUMNS", "160")
     base = resolve_config("mmt")
     sweep = Sweep(name="demo", method="mmt", base=base, space_path="", space_text="", num_samples=1, metric=metric,
-                  direct_transfer={"target_mAP": 19.2, "target_R1": 26.8, "target_probe": 61.0},
-                  adabn={"target_mAP": 41.7, "target_R1": 53.6, "target_probe": 70.5})
+                  direct_transfer={"target_mAP": 19.2, "target_R1": 26.8, "target_sharpness": 61.0},
+                  adabn={"target_mAP": 41.7, "target_R1": 53.6, "target_sharpness": 70.5})
     row = TrialRow("72681987", {"params.alpha": 0.999}, "completed", 3, 47.1, 57.3, 80.0, score=47.1 if
                    metric.startswith("target_mAP") else 88.2, label_free=88.2)
     print_results(SweepOutcome(sweep, [row], tmp_path, "sqlite:///m.db", params=["params.alpha"]))
@@ -263,13 +263,13 @@ def test_the_final_table_shows_adabn_beside_direct_transfer_and_the_other_score_
     table = {row[0]: row[1:] for row in cells}  # the header (┃) and the rows (│), by their first cell
     head = table["trial"]
     if metric == "target_mAP_last":
-        assert head[:3] == ["target mAP", "R1", "probe"]
+        assert head[:3] == ["target mAP", "R1", "sharp"]
         assert table["direct transfer"][:3] == ["19.2", "26.8", "61.0"] and table["AdaBN"][:3] == ["41.7", "53.6", "70.5"]
         assert table["72681987"][:3] == ["47.1", "57.3", "88.2"]
     else:
-        assert any("ranked on target_probe" in line for line in lines)
-        assert head[:3] == ["target_probe ▼", "target mAP", "R1"]
+        assert any("ranked on target_sharpness" in line for line in lines)
+        assert head[:3] == ["target_sharpness ▼", "target mAP", "R1"]
         assert table["AdaBN"][:3] == ["70.5", "41.7", "53.6"] and table["72681987"][:3] == ["88.2", "47.1", "57.3"]
         md = markdown_table([row], ["params.alpha"], metric=metric, labelled=True)
-        assert md.splitlines()[0] == ("| trial | params.alpha | target_probe (ranked on) | target mAP | target R1 | "
+        assert md.splitlines()[0] == ("| trial | params.alpha | target_sharpness (ranked on) | target mAP | target R1 | "
                                       "epochs | status |")

@@ -180,7 +180,8 @@ def print_summary(cfg: TrainConfig, out: dict) -> None:
         table.add_row(label, f"{m.get(f'{name}_mAP', float('nan')):.1f}", f"{m.get(f'{name}_R1', float('nan')):.1f}")
     ranked = cfg.selection_metric
     for key, label in (("source_val_mAP", "source-validation mAP (label-free)"),
-                       ("target_probe", "target mixup probe (label-free, %)")):
+                       ("target_probe", "target mixup probe (label-free, %)"),
+                       ("target_sharpness", "target sharpness (label-free, %)")):
         if key in m:
             table.add_row(label + (" (ranked on)" if key == ranked else ""), f"{m[key]:.1f}", "")
     console = Console(highlight=False)
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "own unlabelled images (searched recursively)")
     p.add_argument("--metric", default=None, choices=("auto", *METRICS),
                    help="what best.pt ranks epochs on: target_mAP (needs target labels; the default where the target "
-                        "has them), target_probe (the default for a target with no labels) or source_val_mAP")
+                        "has them), target_sharpness (the default for a target with no labels), target_probe or "
+                        "source_val_mAP")
     p.add_argument("--config", default=None, help="a config YAML, e.g. a sweep's best_config.yaml (flags override it)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None, help="folder holding the datasets' own top folders (default: data)")

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "own unlabelled images")
     p.add_argument("--metric", default=None, choices=("auto", *METRICS),
                    help="what ASHA, Optuna and the final pick rank trials on: target_mAP (needs target labels; the "
-                        "default where the target has them), target_probe (a target-only mixup probe; the default "
-                        "for a target with no labels) or source_val_mAP (mAP on the source's held-out identities)")
+                        "default where the target has them), target_sharpness (how peaked the target images' "
+                        "neighbourhoods are; the default for a target with no labels), target_probe (a target-only "
+                        "mixup probe) or source_val_mAP (mAP on the source's held-out identities)")
     p.add_argument("--preset", default=None, help="a real-benchmark preset, e.g. duke2market (reid_ray/config/presets.py)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial")

@@ -93,7 +93,10 @@ class LabelFreeConfig:
 
 
 # what `metric` may name: the scores a run can rank its epochs (best.pt) and a sweep its trials on
-METRICS = ("target_mAP", "source_val_mAP", "target_probe")
+METRICS = ("target_mAP", "source_val_mAP", "target_probe", "target_sharpness")
+# what `metric: auto` ranks on where the target has no labels, and the label-free score shown beside target mAP
+# where it has them: chosen on the default benchmark's seed 0 (bench/RESULTS.md, "Choosing without target labels")
+LABEL_FREE_DEFAULT = "target_sharpness"
 
 
 @dataclass
@@ -106,8 +109,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_source: bool = True           # source test set at every evaluation; False: at the last epoch only (sweeps)
     metric: str = "auto"               # what best.pt and a sweep rank on (METRICS): auto = target_mAP when the target
-                                       # has labels, else target_probe (RESULTS: the source-validation mAP falls
-                                       # as the target is learnt, so it would keep the least adapted epoch)
+                                       # has labels, else LABEL_FREE_DEFAULT (target_sharpness)
     label_free: LabelFreeConfig = field(default_factory=LabelFreeConfig)
     seed: int = 0
     workers: int = 2
@@ -158,17 +160,18 @@ class TrainConfig:
 
     @property
     def selection_metric(self) -> str:
-        """The metric `metric` names, `auto` resolved: target mAP where the target has labels, else the target-only
-        mixup probe, which rose with target mAP over the epochs of the runs measured where the source-validation
-        mAP fell (bench/RESULTS.md, "Which label-free score follows adaptation")."""
+        """The metric `metric` names, `auto` resolved: target mAP where the target has labels, else
+        LABEL_FREE_DEFAULT, the target-only neighbourhood sharpness: of the label-free scores, the one that followed
+        target mAP across a sweep's trials and over a run's epochs on the default benchmark's seed 0 (the source-
+        validation mAP falls as a run adapts; bench/RESULTS.md, "Choosing without target labels")."""
         if self.metric != "auto":
             return self.metric
-        return "target_mAP" if self.target_labelled else "target_probe"
+        return "target_mAP" if self.target_labelled else LABEL_FREE_DEFAULT
 
     @property
     def label_free_metric(self) -> str | None:
         """The label-free score shown beside target mAP (the one `metric: auto` ranks on without labels)."""
-        return "target_probe" if self.label_free.enabled else None
+        return LABEL_FREE_DEFAULT if self.label_free.enabled else None
 
     @property
     def scores(self) -> tuple[str, ...]:
@@ -176,7 +179,7 @@ class TrainConfig:
         labels; the label-free scores unless `label_free.enabled` is false (source_val_mAP needs a source)."""
         lf = self.label_free.enabled
         return tuple(m for m, ok in (("target_mAP", self.target_labelled), ("source_val_mAP", lf and self.has_source),
-                                     ("target_probe", lf)) if ok)
+                                     ("target_probe", lf), ("target_sharpness", lf)) if ok)
 
     @property
     def has_source(self) -> bool:
@@ -296,10 +299,10 @@ def check_metric(cfg: TrainConfig) -> None:
     m = cfg.selection_metric
     if m == "target_mAP" and not cfg.target_labelled:
         raise ReidRayError(f"--metric target_mAP needs target labels, and {cfg.target_label} has none; rank on "
-                           "target_probe or source_val_mAP (or leave --metric out)")
+                           "target_sharpness, target_probe or source_val_mAP (or leave --metric out)")
     if m == "source_val_mAP" and not cfg.has_source:
         raise ReidRayError("--metric source_val_mAP needs a labelled source, and --source none has none; rank on "
-                           "target_probe")
+                           "target_sharpness or target_probe")
     if m != "target_mAP" and not cfg.label_free.enabled:
         raise ReidRayError(f"--metric {m} is a label-free score, and label_free.enabled=false turns them off; "
                            "drop that --set")

@@ -341,9 +341,11 @@ def adabn_metrics(init: str, cfg: TrainConfig) -> dict:
     cached = pretraining_metrics(init)
     domains = ensure_data(cfg)
     target = f"{domains.target.name} in {Path(domains.target.root).resolve()}"
-    # by target; an older sidecar's single figure, of a target it did not name, is not reused
+    # by target; an older sidecar's single figure, of a target it did not name, or one that lacks the label-free
+    # score shown beside it (computed before that score existed), is not reused
     by_target = {k: v for k, v in (cached.get("adabn") or {}).items() if isinstance(v, dict)}
-    if target in by_target:
+    shown = cfg.label_free_metric
+    if target in by_target and (shown is None or shown in by_target[target]):
         return by_target[target]
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.use_gpu.lower() != "false" else "cpu")
     state = method_class("baseline").source_weights(storage.fetch(init))

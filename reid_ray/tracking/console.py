@@ -77,7 +77,8 @@ def number(metrics: dict, key: str) -> float | None:
 
 
 # the scores of an evaluation a person watches, carried on the display between evaluations
-CARRIED = {"target_mAP": "target mAP", "source_val_mAP": "source-val mAP", "target_probe": "probe"}
+CARRIED = {"target_mAP": "target mAP", "source_val_mAP": "source-val mAP", "target_probe": "probe",
+           "target_sharpness": "sharpness"}
 
 
 def status_text(metrics: dict) -> str:

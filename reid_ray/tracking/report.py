@@ -62,7 +62,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-SHORT = {"source_val_mAP": "src-val", "target_probe": "probe"}  # the label-free scores' column names on a console
+# the label-free scores' column names on a console
+SHORT = {"source_val_mAP": "src-val", "target_probe": "probe", "target_sharpness": "sharp"}
 
 
 def metric_name(metric: str) -> str:

@@ -2,7 +2,7 @@
 rank on when the target has no labels. The scores themselves, with their formulas and sources, are
 `evaluation.label_free`'s; this module picks the fixed images they are computed on and runs the network.
 
-    scores = label_free_scores(method, cfg)   # {"source_val_mAP": ..., "target_probe": ..., diagnostics}
+    scores = label_free_scores(method, cfg)   # {"source_val_mAP": ..., "target_probe": ..., "target_sharpness": ..., ...}
 
 - `source_val_mAP`: mAP on `label_free.source_val_ids` of the source's held-out identities (its query/gallery
   split, whose identities its training split never holds), drawn with `label_free.seed`. It needs no target label.
@@ -11,8 +11,11 @@ rank on when the target has no labels. The scores themselves, with their formula
   selector, the simple baseline that Musgrave et al. (2022, arXiv 2208.07360, a benchmark of UDA validators)
   found hard to beat, and what HyPASS (IEEE Access 2021) selects re-ID models with.
 - `target_probe`: the target-only mixup probe on `label_free.probe_images` target training images.
-- diagnostics, logged and never ranked on: the probe pool's soft neighbourhood density (`target_snd`), mean
-  pairwise cosine (`target_mean_cosine`) and effective rank (`target_effective_rank`), a check for collapse.
+- `target_sharpness`: the neighbourhood sharpness of the same probe pool, 100 · (1 − SND / log(N − 1)), the
+  default label-free score (`config.LABEL_FREE_DEFAULT`).
+- diagnostics, logged and never ranked on: the probe pool's soft neighbourhood density in its published direction
+  (`target_snd`), mean pairwise cosine (`target_mean_cosine`) and effective rank (`target_effective_rank`), a check
+  for collapse.
 
 The subsets depend on `label_free.seed` only (not on the run's seed), so every trial of a sweep, and every seed, is
 scored on the same images. Their cost is bounded by the subset sizes, whatever the dataset's size.
@@ -86,7 +89,12 @@ def label_free_scores(model: torch.nn.Module, source: ReIDDataset | None, target
 
 
 def _scores(model, source, target, cfg: TrainConfig, device: torch.device, source_mAP, features_out) -> dict[str, float]:
-    from reid_ray.evaluation.label_free import feature_collapse, mixup_probe, soft_neighborhood_density
+    from reid_ray.evaluation.label_free import (
+        feature_collapse,
+        mixup_probe,
+        neighbourhood_sharpness,
+        soft_neighborhood_density,
+    )
     from reid_ray.training.loop import rank_metrics
 
     lf = cfg.label_free
@@ -114,7 +122,7 @@ def _scores(model, source, target, cfg: TrainConfig, device: torch.device, sourc
         feats = torch.cat([embed(images[i:i + cfg.loader.test_batch_size])
                            for i in range(0, len(images), cfg.loader.test_batch_size)])
         if not torch.isfinite(feats).all():  # a network gone NaN (the loop stops it): no score to give
-            return {**out, "target_probe": float("nan")}
+            return {**out, "target_probe": float("nan"), "target_sharpness": float("nan")}
         out["target_probe"] = float(mixup_probe(embed, images, pairs=lf.probe_pairs, lam=lf.probe_lam, seed=lf.seed,
                                                 pool=feats))
     finally:
@@ -124,8 +132,9 @@ def _scores(model, source, target, cfg: TrainConfig, device: torch.device, sourc
         with atomic_path(Path(features_out)) as tmp, open(tmp, "wb") as f:
             np.save(f, feats.numpy().astype(np.float16))
     collapse = feature_collapse(feats)
-    out.update(target_snd=float(soft_neighborhood_density(feats)), target_mean_cosine=float(collapse["mean_cosine"]),
-               target_effective_rank=float(collapse["effective_rank"]))
+    snd = soft_neighborhood_density(feats)
+    out.update(target_sharpness=float(neighbourhood_sharpness(feats, snd=snd)), target_snd=float(snd),
+               target_mean_cosine=float(collapse["mean_cosine"]), target_effective_rank=float(collapse["effective_rank"]))
     return out
 
 
