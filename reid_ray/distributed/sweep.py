@@ -260,7 +260,7 @@ def default_point(base: TrainConfig, space: SearchSpace) -> dict | None:
     """The base config's value of every searched parameter (the method's defaults, after the search space's
     `fixed:` and `--set`), or None where one falls outside its range: the sweep's first trial
     (Optuna's enqueued trial, Tune's `points_to_evaluate`), so that every sweep measures the config a user gets
-    without one, and the best trial is never worse than it."""
+    without one, and its pick is compared with it."""
     values = flatten(base)
     point = {}
     for name, p in space.params.items():
