@@ -138,13 +138,13 @@ def analyse(recs: list[dict]) -> tuple[list[str], dict]:
     last = str(max(set.intersection(*(set(map(int, r["epochs"])) for r in recs))))
     mAP = np.array([r["epochs"][last]["target_mAP"] for r in recs])
     oracle = float(mAP.max())
-    rows, regrets = [], {}
+    rows, regrets, taus = [], {}, {}
     for score in SCORES:
         s = np.array([r["epochs"][last].get(score, math.nan) for r in recs])
         if np.isnan(s).any():
             continue
         tau, rho = kendalltau(s, mAP).statistic, spearmanr(s, mAP).statistic
-        regrets[score] = oracle - float(mAP[int(np.argmax(s))])
+        regrets[score], taus[score] = oracle - float(mAP[int(np.argmax(s))]), float(tau)
         rows.append(f"| `{score}` | {tau:+.2f} | {rho:+.2f} | {regrets[score]:.1f} |")
     regrets["random pick (expected)"] = oracle - float(mAP.mean())
     regrets["default config (trial 0)"] = oracle - float(mAP[0])
@@ -153,11 +153,29 @@ def analyse(recs: list[dict]) -> tuple[list[str], dict]:
     for name in ("random pick (expected)", "default config (trial 0)", "epoch number (last epoch, trials tied)"):
         rows.append(f"| {name} | | | {regrets[name]:.1f} |")
     return rows, {"epoch": int(last), "oracle": oracle, "trials": len(recs), "mean": float(mAP.mean()),
-                  "sd": statistics.stdev(mAP.tolist()) if len(mAP) > 1 else 0.0}
+                  "sd": statistics.stdev(mAP.tolist()) if len(mAP) > 1 else 0.0, "regret": regrets, "tau": taus}
+
+
+# the default label-free metric's candidates (the scores a run can rank its epochs on) and the benchmark it is chosen
+# on: the lowest mean regret over the methods measured there, ties to the higher mean τ (bench/RESULTS.md)
+CANDIDATES = ("target_sharpness", "target_probe", "source_val_mAP")
+DEFAULT_BENCHMARK = "data"
+
+
+def rule(infos: dict[str, dict]) -> list[str]:
+    """The rule's lines: each candidate's mean regret and τ over the methods of the default benchmark, best first."""
+    found = [c for c in CANDIDATES if all(c in i["regret"] for i in infos.values())]
+    mean = {c: (statistics.mean(i["regret"][c] for i in infos.values()), statistics.mean(i["tau"][c] for i in
+                                                                                         infos.values())) for c in found}
+    order = sorted(found, key=lambda c: (mean[c][0], -mean[c][1]))
+    what = ", ".join(f"{m} ({i['trials']} trials)" for m, i in sorted(infos.items()))
+    return [f"**The rule on {DEFAULT_BENCHMARK}** (over {what}): " + "; ".join(
+        f"`{c}` mean regret {mean[c][0]:.1f}, mean τ {mean[c][1]:+.2f}" for c in order) + (
+        f". Chosen: `{order[0]}`." if order else "."), ""]
 
 
 def table() -> str:
-    text = []
+    text, infos = [], {}
     for folder in sorted(p for p in RECORDS.iterdir() if p.is_dir()) if RECORDS.is_dir() else []:
         for method in sorted({p.name.rsplit("-t", 1)[0] for p in folder.glob("*-t*.json")}):
             recs = sorted((json.loads(p.read_text()) for p in folder.glob(f"{method}-t*.json")), key=lambda r: r["trial"])
@@ -165,9 +183,13 @@ def table() -> str:
                 continue
             with_agreement(recs)
             rows, info = analyse(recs)
+            if folder.name == DEFAULT_BENCHMARK:
+                infos[method] = info
             text += [f"**{method} on {folder.name}**: {info['trials']} trials at epoch {info['epoch']}; target mAP "
                      f"{info['mean']:.1f} ± {info['sd']:.1f}, oracle {info['oracle']:.1f}.", "",
                      "| score | Kendall τ | Spearman ρ | regret (mAP) |", "|---|---|---|---|", *rows, ""]
+    if infos:
+        text += rule(infos)
     return "\n".join(text) or "no records yet"
 
 
