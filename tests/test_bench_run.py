@@ -211,7 +211,17 @@ def test_the_selection_bench_scores_regret_against_its_baselines_by_hand():
                                     "4": {"target_mAP": m, "source_val_mAP": m / 10, "target_probe": p}}}
             for i, (m, p) in enumerate(zip(maps, probe, strict=True))]
     rows, info = analyse(recs)
-    assert info == {"epoch": 4, "oracle": 70.0, "trials": 4, "mean": 55.0, "sd": info["sd"]}
+    assert {k: info[k] for k in ("epoch", "oracle", "trials", "mean")} == {"epoch": 4, "oracle": 70.0, "trials": 4,
+                                                                           "mean": 55.0}
+    assert info["regret"]["source_val_mAP"] == 0.0 and info["regret"]["target_probe"] == 30.0
+    assert abs(info["tau"]["source_val_mAP"] - 1.0) < 1e-9
+    # the rule for the default label-free metric: the lowest mean regret over the default benchmark's methods
+    from bench.bench_selection import rule
+
+    other = {**info, "regret": {"source_val_mAP": 10.0, "target_probe": 0.0}, "tau": {"source_val_mAP": 0.2,
+                                                                                      "target_probe": 0.1}}
+    line = rule({"mmt": info, "spcl": other})[0]
+    assert line.endswith("Chosen: `source_val_mAP`.") and "`target_probe` mean regret 15.0, mean τ" in line
     assert rows[0] == "| `source_val_mAP` | +1.00 | +1.00 | 0.0 |"
     assert rows[1].startswith("| `target_probe` |") and rows[1].endswith("| 30.0 |")
     assert rows[-3:] == ["| random pick (expected) | | | 15.0 |", "| default config (trial 0) | | | 20.0 |",
