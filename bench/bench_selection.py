@@ -66,6 +66,7 @@ def run_trial(method: str, data_root: str, bench: str, i: int, sample: dict) -> 
     from reid_ray.distributed.driver import run_training
     from reid_ray.methods import METHODS
 
+    OUT.mkdir(parents=True, exist_ok=True)
     common = dict(data_root=data_root, workers=2, mlflow_uri=f"sqlite:///{OUT / 'mlflow.db'}",
                   experiment=f"selection-{bench}")
     sources = {**common, "output": str(OUT / bench / "sources")}
