@@ -9,7 +9,8 @@ Trial 0 is the method's embedded default; trials 1.. are drawn from its search s
 by Optuna's RandomSampler (seeded). Each trains at the embedded schedule under Ray Train (2 workers + the actor) from
 the benchmark's seed-0 source models, evaluated every 2 epochs: target mAP, the label-free scores, and the probe
 pool's features (the ensemble agreement is computed here, across the trials). One record per finished trial
-(bench/records/selection/<benchmark>/<method>-t<i>.json): an interrupted measurement continues where it stopped.
+(bench/records/selection/<benchmark>/<method>-t<i>.json, with its last evaluation's probe features beside it as
+<method>-t<i>.npy): an interrupted measurement continues where it stopped.
 
 The scores: the run's own label-free scores (`target_sharpness`, `source_val_mAP`, `target_probe`), the diagnostics
 (`target_snd`, `target_effective_rank`, the negated mean cosine) and the sweep-level `ensemble_agreement`. Records
@@ -99,11 +100,24 @@ def measure(args) -> None:
             continue
         rec = run_trial(args.method, args.data_root, bench, i, sample)
         record.parent.mkdir(parents=True, exist_ok=True)
+        # the last evaluation's probe features (512 x 256 float16, 256 KiB) are kept beside the record, so the
+        # sweep-level ensemble agreement survives a lost bench/out/ (a new checkout); written before the record
+        last_epoch = max(rec["epochs"], key=int)
+        kept = record.with_suffix(".npy")
+        np.save(kept, np.load(rec["features"][last_epoch]))
+        rec["kept_features"] = {"epoch": last_epoch, "path": str(kept)}
         write_text_atomic(record, json.dumps(rec, indent=1))
         last = rec["epochs"][max(rec["epochs"], key=int)]
         print(f"{bench} {args.method} trial {i}: target mAP {last.get('target_mAP', math.nan):.1f}, source-val "
               f"{last.get('source_val_mAP', math.nan):.1f}, probe {last.get('target_probe', math.nan):.1f} "
               f"({rec['wall_time']:.0f} s)", flush=True)
+
+
+def features_path(rec: dict, epoch: str) -> Path:
+    """Where a record's probe features of `epoch` are: its run folder, else the copy kept beside the record."""
+    path = Path(rec["features"][epoch])
+    kept = rec.get("kept_features", {})
+    return Path(kept["path"]) if not path.is_file() and kept.get("epoch") == epoch else path
 
 
 def with_agreement(recs: list[dict]) -> None:
@@ -115,7 +129,7 @@ def with_agreement(recs: list[dict]) -> None:
 
     common = set.intersection(*(set(r["epochs"]) for r in recs))
     for e in common:
-        paths = [Path(r["features"][e]) for r in recs]
+        paths = [features_path(r, e) for r in recs]
         if not all(p.is_file() for p in paths):
             continue
         feats = [torch.from_numpy(np.load(p).astype(np.float32)) for p in paths]
@@ -127,7 +141,7 @@ def with_agreement(recs: list[dict]) -> None:
                 v["neg_mean_cosine"] = -v["target_mean_cosine"]
             if "target_snd" in v and "target_sharpness" not in v:  # records from before the score was logged:
                 # neighbourhood_sharpness from their SND and the probe pool's size
-                f = Path(r["features"][e])
+                f = features_path(r, e)
                 n = np.load(f, mmap_mode="r").shape[0] if f.is_file() else LabelFreeConfig().probe_images
                 v["target_sharpness"] = 100 * (1 - v["target_snd"] / math.log(n - 1))
 

@@ -226,3 +226,27 @@ def test_the_selection_bench_scores_regret_against_its_baselines_by_hand():
     assert rows[1].startswith("| `target_probe` |") and rows[1].endswith("| 30.0 |")
     assert rows[-3:] == ["| random pick (expected) | | | 15.0 |", "| default config (trial 0) | | | 20.0 |",
                          "| epoch number (last epoch, trials tied) | | | 17.0 |"]
+
+
+def test_the_selection_bench_scores_agreement_from_the_features_kept_beside_its_records(tmp_path):
+    """A new checkout has no bench/out/: the ensemble agreement is then computed from the last evaluation's probe
+    features kept beside each record, and only at that epoch (the earlier epochs' features are gone)."""
+    import numpy as np
+
+    from bench.bench_selection import features_path, with_agreement
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((64, 16)).astype(np.float16)
+    recs = []
+    for i in range(3):
+        kept = tmp_path / f"mmt-t{i}.npy"
+        np.save(kept, base + 0.1 * i * rng.standard_normal((64, 16)).astype(np.float16))
+        recs.append({"trial": i, "features": {e: str(tmp_path / "gone" / f"epoch{e}.npy") for e in ("2", "4")},
+                     "kept_features": {"epoch": "4", "path": str(kept)},
+                     "epochs": {"2": {"target_mAP": 1.0}, "4": {"target_mAP": 2.0}}})
+    assert features_path(recs[0], "4") == tmp_path / "mmt-t0.npy"
+    assert features_path(recs[0], "2") == tmp_path / "gone" / "epoch2.npy"
+    with_agreement(recs)
+    assert all("ensemble_agreement" not in r["epochs"]["2"] for r in recs)
+    scores = [r["epochs"]["4"]["ensemble_agreement"] for r in recs]
+    assert all(np.isfinite(scores)) and scores[0] >= scores[2]  # the trial nearest the consensus agrees most
