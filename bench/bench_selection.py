@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -104,10 +105,10 @@ def measure(args) -> None:
         # sweep-level ensemble agreement survives a lost bench/out/ (a new checkout); written before the record
         last_epoch = max(rec["epochs"], key=int)
         kept = record.with_suffix(".npy")
-        np.save(kept, np.load(rec["features"][last_epoch]))
+        shutil.copyfile(rec["features"][last_epoch], kept)
         rec["kept_features"] = {"epoch": last_epoch, "path": str(kept)}
         write_text_atomic(record, json.dumps(rec, indent=1))
-        last = rec["epochs"][max(rec["epochs"], key=int)]
+        last = rec["epochs"][last_epoch]
         print(f"{bench} {args.method} trial {i}: target mAP {last.get('target_mAP', math.nan):.1f}, source-val "
               f"{last.get('source_val_mAP', math.nan):.1f}, probe {last.get('target_probe', math.nan):.1f} "
               f"({rec['wall_time']:.0f} s)", flush=True)
@@ -125,7 +126,7 @@ def with_agreement(recs: list[dict]) -> None:
     import torch
 
     from reid_ray.config.schema import LabelFreeConfig
-    from reid_ray.evaluation.label_free import ensemble_agreement
+    from reid_ray.evaluation.label_free import ensemble_agreement, sharpness_from_snd
 
     common = set.intersection(*(set(r["epochs"]) for r in recs))
     for e in common:
@@ -143,7 +144,7 @@ def with_agreement(recs: list[dict]) -> None:
                 # neighbourhood_sharpness from their SND and the probe pool's size
                 f = features_path(r, e)
                 n = np.load(f, mmap_mode="r").shape[0] if f.is_file() else LabelFreeConfig().probe_images
-                v["target_sharpness"] = 100 * (1 - v["target_snd"] / math.log(n - 1))
+                v["target_sharpness"] = sharpness_from_snd(v["target_snd"], n)
 
 
 def analyse(recs: list[dict]) -> tuple[list[str], dict]:

@@ -11,6 +11,7 @@ from reid_ray.evaluation.label_free import (
     feature_collapse,
     mixup_probe,
     neighbourhood_sharpness,
+    sharpness_from_snd,
     silhouette,
     soft_neighborhood_density,
 )
@@ -228,6 +229,8 @@ def test_neighbourhood_sharpness_reads_snd_the_other_way_round():
     tight = torch.eye(10, 16).repeat_interleave(5, 0)
     assert neighbourhood_sharpness(tight) == pytest.approx(100 * (1 - math.log(4) / math.log(49)), abs=1e-4)
     assert neighbourhood_sharpness(tight, block=7) == pytest.approx(neighbourhood_sharpness(tight), rel=1e-6)
+    # from an SND already computed (the selection bench's older records): the same formula
+    assert sharpness_from_snd(math.log(4), 50) == pytest.approx(neighbourhood_sharpness(tight), abs=1e-4)
     with pytest.raises(ReidRayError, match="N >= 3"):
         neighbourhood_sharpness(tight[:2])
 

@@ -268,6 +268,11 @@ def neighbourhood_sharpness(features: torch.Tensor, temperature: float = 0.05, b
         raise ReidRayError(f"neighbourhood_sharpness: needs N >= 3 images, got {n}")
     if snd is None:
         snd = soft_neighborhood_density(features, temperature, block)
+    return sharpness_from_snd(snd, n)
+
+
+def sharpness_from_snd(snd: float, n: int) -> float:
+    """`neighbourhood_sharpness` of N images whose SND is `snd`: 100 · (1 − SND / log(N − 1))."""
     return 100.0 * (1.0 - snd / math.log(n - 1))
 
 
