@@ -119,7 +119,8 @@ def test_a_train_run_checks_each_thing_once_and_a_trial_checks_nothing(counted_c
         main(["--method", "mmt", "--data-root", str(tiny_synth), "--output", str(tmp_path / "out"),
               "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", "--set", "num_identities=4", "--set", "num_clusters=8"])
     runs = counted_checks.RUNS
-    assert {name for name, _ in runs} == {"check_ranges", "check_paths", "check_source_models", "check_method"}
+    assert {name for name, _ in runs} == {"check_ranges", "check_paths", "check_source_models", "check_cuda_graph",
+                                          "check_method"}
     assert set(runs.values()) == {1}, runs
     # a Tune trial receives its sweep's validated plan: nothing is checked again in its process
     runs.clear()

@@ -62,8 +62,8 @@ def prepare_sweep(args: argparse.Namespace) -> Sweep:
                  metric=args.metric)
     cfg = resolve_config(args.method, args.source, args.target, preset=args.preset, file=space.fixed, flags=flags,
                          sets=args.overrides, sweep=True)
-    if args.gpus_per_worker is None and cfg.use_gpu.lower() in ("true", "1", "yes"):
-        args.gpus_per_worker = 1.0  # --set use_gpu=true: one GPU per worker, as train asks for
+    if args.gpus_per_worker is None and (cfg.use_gpu.lower() in ("true", "1", "yes") or cfg.model.cuda_graph):
+        args.gpus_per_worker = 1.0  # --set use_gpu=true (or a captured step): one GPU per worker, as train asks for
     if args.gpus_per_worker is not None:
         cfg.use_gpu = "true" if args.gpus_per_worker > 0 else "false"
     num_samples = args.num_samples if args.num_samples is not None else (3 if is_synthetic(cfg.source, cfg.target) else 16)

@@ -69,10 +69,36 @@ def once_per_config(check):
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Everything that needs no dataset read: the shared ranges, the paths, the source models."""
+    """Everything that needs no dataset read: the shared ranges, the paths, the source models, a captured step."""
     check_ranges(cfg)
     check_paths(cfg)
     check_source_models(cfg)
+    check_cuda_graph(cfg)
+
+
+@once_per_config
+def check_cuda_graph(cfg: TrainConfig) -> None:
+    """`model.cuda_graph=true` (training/graphs.py) where the config shows it cannot capture: a method whose step
+    is not capturable, more than one worker, torch.compile beside it, the unfused optimiser, or no GPU. A GPU
+    without bf16 shows only on the worker (training.loop.step_graph)."""
+    if not cfg.model.cuda_graph:
+        return
+    from reid_ray.methods import METHODS, method_class
+
+    method = method_class(cfg.method)
+    able = sorted(name for name, m in METHODS.items() if m.graphable)
+    if not method.graphable:
+        raise ReidRayError(f"model.cuda_graph=true: {cfg.method}'s step cannot be captured in a CUDA graph (it "
+                           f"changes state outside its optimiser); it can for {', '.join(able)}. Drop the flag")
+    if cfg.workers != 1:
+        raise ReidRayError(f"model.cuda_graph=true captures the step of one worker; got --workers {cfg.workers} "
+                           "(DDP's all-reduce inside a graph is not supported here yet): pass --workers 1")
+    if cfg.model.compile:
+        raise ReidRayError("model.cuda_graph=true and model.compile=true: pick one (--set model.compile=false)")
+    if str(cfg.optim.fused).lower() == "false":
+        raise ReidRayError("model.cuda_graph=true needs the fused optimiser kernel; drop --set optim.fused=false")
+    if str(cfg.use_gpu).lower() in ("false", "0", "no"):
+        raise ReidRayError("model.cuda_graph=true captures the step on a CUDA GPU, and use_gpu=false: drop one")
 
 
 @once_per_config
@@ -97,6 +123,7 @@ def check_run(cfg: TrainConfig, domains) -> None:
     """Every check that the config and the read datasets allow, before Ray starts."""
     check_ranges(cfg)
     check_source_models(cfg)
+    check_cuda_graph(cfg)
     check_method(cfg, domains)
 
 

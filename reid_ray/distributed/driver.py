@@ -51,6 +51,8 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
     if plan is None:  # a trial receives its sweep's validated plan (config.checks.check_sweep): nothing to check again
         check_config(cfg)  # once per process: the CLI's own call already passed it
         check_gpus_reachable(cfg.use_gpu.lower() in ("true", "1", "yes"))
+        if cfg.model.cuda_graph:
+            check_gpus_reachable(True, "drop --set model.cuda_graph=true", what="model.cuda_graph=true")
     domains = ensure_data(cfg)
     if plan is None:
         check_run(cfg, domains)
@@ -65,7 +67,7 @@ def run_training(cfg: TrainConfig, *, callbacks: list | None = None, plan: Resou
         return _fit(cfg, domains, plan, callbacks, tags, run_key, show_progress)
     method_cls = method_class(cfg.method)
     uses_actor = method_cls.uses_clustering and cfg.clustering.where == "actor"
-    forced = cfg.use_gpu.lower() in ("true", "1", "yes")
+    forced = cfg.use_gpu.lower() in ("true", "1", "yes") or cfg.model.cuda_graph  # a captured step needs one
     want_gpu = forced or (cfg.use_gpu.lower() == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cluster = wait_for_gpus(gpus_needed(1, cfg.workers, 1.0 if forced else 0.0, uses_actor), cfg.gpu_wait_s)
     plan = plan_resources(cluster, cfg.workers, 1.0 if want_gpu else 0.0, uses_actor, max_concurrent=1,
@@ -211,7 +213,7 @@ def stop_interrupted_runs(e: KeyboardInterrupt, uri: str, experiment: str, tag: 
         ray.shutdown()
 
 
-def check_gpus_reachable(forced: bool, fix: str = "pass --set use_gpu=false") -> None:
+def check_gpus_reachable(forced: bool, fix: str = "pass --set use_gpu=false", what: str = "use_gpu=true") -> None:
     """A GPU request that no machine can ever meet: a local Ray (no RAY_ADDRESS, so no autoscaler) on a
     machine whose torch sees no GPU. A cluster keeps its wait for the autoscaler (gpu_wait_s)."""
     if not forced or os.environ.get("RAY_ADDRESS") or (ray.is_initialized() and ray.cluster_resources().get("GPU")):
@@ -219,7 +221,7 @@ def check_gpus_reachable(forced: bool, fix: str = "pass --set use_gpu=false") ->
     import torch
 
     if not torch.cuda.is_available():
-        raise ReidRayError("use_gpu=true, but this machine has no GPU torch can use and no Ray cluster to add one "
+        raise ReidRayError(f"{what}, but this machine has no GPU torch can use and no Ray cluster to add one "
                            f"(RAY_ADDRESS is unset); {fix}, or set RAY_ADDRESS to a cluster with GPUs or an "
                            "autoscaler")
 

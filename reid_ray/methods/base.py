@@ -40,6 +40,7 @@ from torch import nn
 from reid_ray import ReidRayError
 from reid_ray.data.domains import Domains
 from reid_ray.training.checkpoint import load_checkpoint
+from reid_ray.training.graphs import plain_lr
 from reid_ray.training.optim import build_optimizer, param_groups, warmup_step_scheduler
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class EpochContext:
     nonfinite_in_a_row: int = 0      # steps skipped in a row for a NaN/inf loss (training.loop.train_epoch)
     step_ok: Any = None              # during `after_step` of a device-side skip: 1.0 (finite step) or 0.0 (skipped),
     #                                  a device tensor that scales the method's own updates (mean nets)
+    iteration_t: Any = None          # under model.cuda_graph: `iteration` as a device tensor (a captured step reads
+    #                                  it there; the Python int is the capture's), else None
 
 
 class Method:
@@ -125,6 +128,10 @@ class Method:
     # `ctx.step_ok`): a NaN step can then be skipped on the device without a host sync (training.loop.train_epoch).
     # False for methods that write a memory in the backward (ECN, SpCL) or elsewhere during the step
     device_skip: ClassVar[bool] = False
+    # True when the whole step can be captured in a CUDA graph (`model.cuda_graph`, training/graphs.py): a
+    # `device_skip` method whose step has one shape and reads nothing from the host that changes between steps
+    # but `ctx.iteration_t`; `graph_key()` names what would need a new capture when it changes
+    graphable: ClassVar[bool] = False
 
     def __init__(self, cfg: TrainConfig, domains: Domains, device: torch.device, rank: int = 0,
                  world_size: int = 1):
@@ -241,6 +248,11 @@ class Method:
         """Iterations per epoch (None: one pass of the train loader)."""
         return None
 
+    def graph_key(self) -> Any:
+        """What the captured step (`model.cuda_graph`) depends on besides the batch's shapes: a new capture when
+        it changes (MMT with DBSCAN: the number of clusters its logits are cut to). None: nothing."""
+        return None
+
     def epoch_metrics(self) -> dict[str, float]:
         """Extra per-epoch metrics (e.g. clustering timings and quality)."""
         return {}
@@ -257,6 +269,7 @@ class Method:
         for group in self.optimizer.param_groups:  # the kernel is this run's choice, not the checkpoint's machine's
             for k in ("fused", "foreach"):
                 group[k] = self.optimizer.defaults.get(k)
+        plain_lr(self.optimizer)  # a model.cuda_graph run's device lr; its own run makes it one again
         self.scheduler.load_state_dict(state["scheduler"])
 
 

@@ -74,6 +74,7 @@ class Baseline(Method):
     # its state moves only through the optimiser and `after_step` (the centres' step honours ctx.step_ok); the
     # BatchNorm statistics move in the forward passes, as every method's (a skipped step's forward included)
     device_skip = True
+    graphable = True  # model.cuda_graph: one shape, nothing read from the host between steps
     choices = {"params.triplet": ("hinge", "softmax")}
     # BoT's full recipe on the real benchmarks: + center loss (β = 0.0005, the authors' configs)
     presets = {name: {"params.center_loss_weight": 0.0005} for name in _PRESETS}

@@ -59,6 +59,7 @@ from reid_ray.methods.base import EpochContext, Method, check_batch, gather_batc
 from reid_ray.models.adabn import adapt_bn
 from reid_ray.models.mean_net import ema_update, sync_buffers
 from reid_ray.models.reid_net import build_reid_net
+from reid_ray.training.optim import reset_optimizer_state
 
 _PAPER = "Ge et al., Mutual Mean-Teaching, ICLR 2020 (ResNet-50)"
 # the paper: Adam 3.5e-4, 40 epochs × 400 iterations, α = 0.999, λ_id = 0.5, λ_tri = 0.8
@@ -100,6 +101,9 @@ class MMT(Method):
     needs_source_init = True
     uses_clustering = True
     device_skip = True  # its state moves only through the optimiser and the mean nets' update (after_step)
+    # model.cuda_graph: the mean nets' weight from ctx.iteration_t, the optimiser reset in place; a new capture
+    # when a refresh changes the number of clusters the logits are cut to (`graph_key`: DBSCAN)
+    graphable = True
     choices = {"params.cluster_algorithm": ("kmeans", "dbscan"), "params.target_sampler": ("cross_camera", "pk"),
                "params.source_recipe": ("authors", "bot")}
 
@@ -218,7 +222,7 @@ class MMT(Method):
             self.last_stats = {f"pseudo_{k}": v for k, v in res.stats.items()}
             self.last_stats.update(pseudo_clusters=float(self.k), pseudo_outliers=float((res.labels < 0).sum()))
             if self.p.reset_optimizer:
-                self.optimizer.state.clear()
+                reset_optimizer_state(self.optimizer)  # in place: as a new optimiser's, at the same addresses
         self.train_loader.sampler.set_epoch(ctx.epoch)
 
     def iterations(self) -> int | None:
@@ -251,9 +255,13 @@ class MMT(Method):
         """The logits of this refresh's k clusters (DBSCAN leaves the classifier's later rows unused)."""
         return {**out, "logits": out["logits"][:, :self.k]}
 
+    def graph_key(self) -> int:
+        return self.k
+
     def after_step(self, ctx: EpochContext) -> None:
+        step = ctx.iteration if ctx.iteration_t is None else ctx.iteration_t  # a captured step reads the device's
         for i in range(2):
-            ema_update(self.emas[i], unwrap(self.models[f"net{i + 1}"]), self.p.alpha, ctx.iteration, ctx.step_ok)
+            ema_update(self.emas[i], unwrap(self.models[f"net{i + 1}"]), self.p.alpha, step, ctx.step_ok)
 
     def epoch_metrics(self) -> dict[str, float]:
         return self.last_stats

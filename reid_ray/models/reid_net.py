@@ -29,6 +29,9 @@ class ModelConfig:
     sync_bn: bool = True           # BN over the global batch of all workers (SyncBatchNorm on GPU,
                                    # GlobalBatchNorm on CPU): results do not depend on the worker count
     compile: bool = False          # torch.compile the trained networks (GPU; the first steps pay for compiling)
+    cuda_graph: bool = False       # the whole training step (forward, backward, fused optimiser, mean nets) captured
+                                   # in one CUDA graph and replayed per batch (training/graphs.py): baseline and MMT,
+                                   # one worker on a GPU; an error elsewhere
     samples_per_bn: int = 0        # > 0: BN statistics over each run of this many consecutive images of the
                                    # global batch (the authors' 16 per GPU); 0: over the whole global batch
     pooling: str = "avg"           # avg (BoT's global average pooling) | gem (generalized mean, learnable p)

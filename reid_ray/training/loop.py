@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reid_ray import Diverged
+from reid_ray import Diverged, ReidRayError
 from reid_ray.config import TrainConfig
 from reid_ray.data.loader import build_test_loader, epoch_batches
 from reid_ray.data.readers import ReIDDataset
@@ -70,27 +70,29 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     on_device = (type(method).device_skip and not scaler.is_enabled()
                  and all(g.get("fused") for g in method.optimizer.param_groups))
+    graph = step_graph(method, on_device, scaler.is_enabled())
+    # a captured step runs autocast without its cache of cast weights (the cache lives outside the graph)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype, cache_enabled=graph is None)) if use_amp else nullcontext
     sums: dict[str, torch.Tensor] = {}
-    tally = _StepTally(device, ctx, method.cfg.max_nonfinite_steps) if on_device else None
+    tally = None
+    if graph is not None:
+        tally = graph.begin_epoch(ctx, autocast)
+    elif on_device:
+        tally = _StepTally(device, ctx, method.cfg.max_nonfinite_steps)
     n_img, steps, skipped, t0 = 0, 0, 0, time.perf_counter()
     for batch in epoch_batches(method.train_loader, method.iterations()):
         if device.type == "cuda":
             to_device(batch, device)
-        with torch.autocast("cuda", dtype=dtype) if use_amp else nullcontext():
-            losses = method.train_step(batch, ctx)
-        if on_device:
-            ok = finite_flag(losses["loss"], ctx.world_size)
-            method.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            method.optimizer.found_inf = 1 - ok  # the fused kernel leaves every parameter and moment as it was
-            method.optimizer.step()
-            ctx.step_ok = ok
-            method.after_step(ctx)
-            for k, v in losses.items():  # a skipped step's NaN never reaches the sums
-                sums[k] = sums.get(k, 0.0) + torch.where(ok > 0, v.detach().float(), 0.0)
-            tally.add(ok, len(batch["img"]))
+        if graph is not None:
+            graph.step(batch)
             ctx.iteration += 1
             continue
+        if on_device:
+            device_step(method, ctx, batch, autocast, tally)
+            ctx.iteration += 1
+            continue
+        with autocast():
+            losses = method.train_step(batch, ctx)
         if not finite_on_every_rank(losses["loss"], ctx.world_size):
             skipped += 1  # no backward, no step, no mean-net update: every rank skips this batch together
             ctx.nonfinite_in_a_row += 1
@@ -111,18 +113,90 @@ def train_epoch(method: Method, ctx: EpochContext, amp: bool = False) -> dict[st
         n_img += len(batch["img"])
         steps += 1
         ctx.iteration += 1
-    if on_device:
+    if tally is not None:
         method.optimizer.found_inf = None
-        ctx.step_ok = None
-        steps, skipped, n_img = tally.read()  # the epoch's one synchronisation
+        ctx.step_ok = ctx.iteration_t = None
+        steps, skipped, n_img, sums = tally.read()  # the epoch's one synchronisation
     seconds = time.perf_counter() - t0
-    lr = method.optimizer.param_groups[0]["lr"]
+    lr = float(method.optimizer.param_groups[0]["lr"])  # a device tensor under model.cuda_graph: read once an epoch
     method.scheduler.step()
     out = {k: float(v) / max(steps, 1) for k, v in sums.items()}
     # images/s over all workers (each rank sees its share of every batch)
     out.update({"lr": lr, "epoch_time": seconds, "images_per_s": n_img * ctx.world_size / max(seconds, 1e-9),
                 "iters": steps, "skipped_steps": skipped, "refresh_time": refresh_time, **method.epoch_metrics()})
+    if graph is not None:
+        out["graph_captures"] = graph.captured.captures
     return out
+
+
+def device_step(method: Method, ctx: EpochContext, batch: dict, autocast, tally: _StepTally) -> None:
+    """One step of `train_epoch`'s device-side skip, with no host synchronisation: the losses, the finite flag
+    (all-reduced), backward, the fused optimiser told to skip through `found_inf`, the method's own updates
+    scaled by `ctx.step_ok`, and the epoch's sums and counters, all on the device. What a captured step
+    (`model.cuda_graph`, `StepGraph`) records and replays."""
+    with autocast():
+        losses = method.train_step(batch, ctx)
+    ok = finite_flag(losses["loss"], ctx.world_size)
+    method.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    method.optimizer.found_inf = 1 - ok  # the fused kernel leaves every parameter and moment as it was
+    method.optimizer.step()
+    ctx.step_ok = ok
+    method.after_step(ctx)
+    tally.add(ok, len(batch["img"]), losses)  # a skipped step's NaN never reaches the sums
+
+
+class StepGraph:
+    """`model.cuda_graph`: the method's `device_step` captured in a CUDA graph (training/graphs.py), and what
+    must outlive an epoch for it: the tally (sums and counters reset in place each epoch) and the device step
+    counter behind `ctx.iteration_t`. Made by `step_graph` on the first epoch and kept as `method.step_graph`;
+    a test makes one with `capture=False` on a CPU (the body replayed eagerly on the static buffers)."""
+
+    def __init__(self, method: Method, capture: bool, warmup: int | None = None):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from reid_ray.training.graphs import WARMUP_STEPS, WARMUP_STEPS_DDP, CapturedStep, prepare_optimizer
+
+        self.method = method
+        prepare_optimizer(method.optimizer, method.device, capture)
+        self.iteration = torch.zeros((), dtype=torch.int64, device=method.device)
+        self.tally = _StepTally(method.device, EpochContext(0), method.cfg.max_nonfinite_steps)
+        self.ctx, self.autocast = EpochContext(0), nullcontext
+        ddp = any(isinstance(m, DistributedDataParallel) for m in method.models.values())
+        warmup = warmup if warmup is not None else WARMUP_STEPS_DDP if ddp else WARMUP_STEPS
+        self.captured = CapturedStep(self._body, method.optimizer, capture, warmup)
+
+    def begin_epoch(self, ctx: EpochContext, autocast) -> _StepTally:
+        self.ctx, self.autocast = ctx, autocast
+        ctx.iteration_t = self.iteration
+        self.tally.reset(ctx)
+        return self.tally
+
+    def step(self, batch: dict) -> None:
+        self.iteration.fill_(self.ctx.iteration)  # the step the mean nets' weight is computed from, on the device
+        self.captured(batch, self.method.graph_key())
+
+    def _body(self, batch: dict) -> None:
+        device_step(self.method, self.ctx, batch, self.autocast, self.tally)
+
+
+def step_graph(method: Method, on_device: bool, scaled: bool) -> StepGraph | None:
+    """The method's `StepGraph` under `model.cuda_graph` (made on the first call), else None; a clear error
+    where the step cannot be captured (checked before Ray starts where the config shows it: config.checks)."""
+    graph = getattr(method, "step_graph", None)
+    if graph is not None or not method.cfg.model.cuda_graph:
+        return graph
+    from reid_ray.training.graphs import check_capture_device
+
+    check_capture_device(method.device)
+    if scaled:
+        raise ReidRayError("model.cuda_graph=true needs bf16 autocast (Ampere or later GPUs) or --set amp=false: "
+                           "this GPU's float16 autocast scales the loss, which reads the host every step")
+    if not on_device:
+        raise ReidRayError(f"model.cuda_graph=true: {method.name} cannot skip a NaN step on the device (its state "
+                           "changes outside the optimiser), so its step cannot be captured; drop the flag")
+    method.step_graph = StepGraph(method, capture=True)
+    return method.step_graph
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -137,18 +211,28 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class _StepTally:
-    """An epoch's step counters kept on the device (`train_epoch`'s device-side skip): finite steps, their
-    images, skipped steps, the current run of non-finite steps (carried in from `ctx.nonfinite_in_a_row`) and
-    the first step at which that run reached the limit. `read` is the one host synchronisation."""
+    """An epoch's step counters and loss sums kept on the device (`train_epoch`'s device-side skip): finite
+    steps, their images, skipped steps, the current run of non-finite steps (carried in from
+    `ctx.nonfinite_in_a_row`), the first step at which that run reached the limit, and each loss summed over
+    the finite steps. Updated in place (a captured step writes them where they are); `reset` starts another
+    epoch in the same tensors; `read` is the one host synchronisation."""
 
     def __init__(self, device: torch.device, ctx: EpochContext, limit: int):
-        self.ctx, self.start, self.limit = ctx, ctx.iteration, limit
+        self.limit = limit
         z = torch.zeros((), device=device, dtype=torch.int64)
         self.steps, self.images, self.skipped, self.step = z.clone(), z.clone(), z.clone(), z.clone()
-        self.run = torch.full((), ctx.nonfinite_in_a_row, device=device, dtype=torch.int64)
-        self.first_hit = torch.full((), -1, device=device, dtype=torch.int64)
+        self.run, self.first_hit = z.clone(), z.clone()
+        self.sums: dict[str, torch.Tensor] = {}
+        self.reset(ctx)
 
-    def add(self, ok: torch.Tensor, images: int) -> None:
+    def reset(self, ctx: EpochContext) -> None:
+        self.ctx, self.start = ctx, ctx.iteration
+        for t in (self.steps, self.images, self.skipped, self.step, *self.sums.values()):
+            t.zero_()
+        self.run.fill_(ctx.nonfinite_in_a_row)
+        self.first_hit.fill_(-1)
+
+    def add(self, ok: torch.Tensor, images: int, losses: dict[str, torch.Tensor]) -> None:
         good = ok.to(torch.int64)
         self.steps += good
         self.images += good * images
@@ -157,17 +241,22 @@ class _StepTally:
         self.step += 1
         hit = (self.run >= self.limit) & (self.first_hit < 0)
         self.first_hit.copy_(torch.where(hit, self.step, self.first_hit))
+        for k, v in losses.items():
+            if k not in self.sums:  # the first step's (eager: a captured step finds them made)
+                self.sums[k] = torch.zeros((), dtype=torch.float32, device=self.steps.device)
+            self.sums[k].add_(torch.where(ok > 0, v.detach().float(), 0.0))
 
-    def read(self) -> tuple[int, int, int]:
-        """(finite steps, skipped steps, images of the finite steps); raises `Diverged` where the run of
-        non-finite steps reached the limit during the epoch."""
-        steps, images, skipped, run, first = (int(t) for t in torch.stack(
-            [self.steps, self.images, self.skipped, self.run, self.first_hit]).tolist())
+    def read(self) -> tuple[int, int, int, dict[str, float]]:
+        """(finite steps, skipped steps, images of the finite steps, loss sums); raises `Diverged` where the run
+        of non-finite steps reached the limit during the epoch."""
+        values = torch.stack([t.double() for t in (self.steps, self.images, self.skipped, self.run, self.first_hit,
+                                                   *self.sums.values())]).tolist()  # exact: counts < 2^53, float32 sums
+        steps, images, skipped, run, first = (int(v) for v in values[:5])
         self.ctx.nonfinite_in_a_row = run
         if first >= 0:
             raise Diverged(f"training diverged: {self.limit} non-finite losses in a row (epoch {self.ctx.epoch + 1}, "
                            f"step {self.start + first}); lower optim.lr, or raise max_nonfinite_steps")
-        return steps, skipped, images
+        return steps, skipped, images, dict(zip(self.sums, values[5:]))
 
 
 def finite_flag(loss: torch.Tensor, world_size: int) -> torch.Tensor:

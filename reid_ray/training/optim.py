@@ -52,3 +52,15 @@ def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **kind)
     return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=0.9, **kind)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter's optimiser state as a fresh optimiser's: Adam's moments and step count zeroed, SGD's
+    momentum buffer zeroed (a zero buffer takes the next gradient whole, as a fresh one does without dampening).
+    In place, so the tensors keep their addresses (a captured step, `model.cuda_graph`, reads them there); the
+    steps that follow equal those after `optimizer.state.clear()`."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
