@@ -133,43 +133,35 @@ def train_steps(net, device, dtype, channels_last: bool):
 
 
 def captured_steps(net, device, dtype, img: torch.Tensor, y: torch.Tensor):
-    """The BoT step (forward, losses, backward, fused Adam) captured whole in one CUDA graph
-    (torch.cuda.graphs' "whole network capture": static input buffers, a capturable optimiser with its lr a
-    device tensor, autocast without its weight-cast cache), replayed per batch after copying the batch into
-    the static buffers: what `model.cuda_graph` would run, timed here before it becomes a product flag."""
+    """The BoT step (forward, losses, backward, fused Adam with its lr a device tensor) captured whole in one CUDA
+    graph by `training.graphs.CapturedStep`, the class `model.cuda_graph` runs (torch.cuda.graphs' "whole
+    network capture": static input buffers, a capturable optimiser, autocast without its weight-cast cache): its
+    warm-up steps and the capture on the first batch, then one replay per batch."""
     from reid_ray.losses import CrossEntropyLabelSmooth, TripletLoss
+    from reid_ray.training.graphs import CapturedStep, prepare_optimizer
 
     ce, tri = CrossEntropyLabelSmooth(0.1), TripletLoss(0.3)
     net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(3.5e-4, device=device), fused=True, capturable=True)
-    static_img = img.to(device).contiguous(memory_format=torch.channels_last)
-    static_y = y.to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=3.5e-4, fused=True)
+    prepare_optimizer(opt, device, capture=True)
 
-    def step():
+    def body(batch):
         with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
-            out = net(static_img)
-            loss = ce(out["logits"], static_y) + tri(out["feat"].float(), static_y)
+            out = net(batch["img"])
+            loss = ce(out["logits"], batch["label"]) + tri(out["feat"].float(), batch["label"])
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph: cuDNN's choices, the optimiser's state
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
+    step = CapturedStep(body, opt, capture=True)
+    first = {"img": img.to(device).contiguous(memory_format=torch.channels_last), "label": y.to(device)}
+    for _ in range(step.warmup + 1):  # the warm-up steps, then the capture and its first replay
+        step(first)
 
     def run(source):
         n = 0
         for img_, y_ in source:
-            static_img.copy_(img_, non_blocking=True)
-            static_y.copy_(y_, non_blocking=True)
-            graph.replay()
+            step({"img": img_, "label": y_})
             n += len(img_)
         return n
     return run

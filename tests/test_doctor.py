@@ -58,8 +58,8 @@ def test_cuda_stack_mismatches_are_problems_with_fixes():
     assert len(both) == 1 and "two faiss builds" in both[0][0] and "uninstall" in both[0][1]
     cu12 = cuda_stack_problems("13.0", 1, "580.1", ["faiss-gpu-cu12"], 1)
     assert "CUDA 12, torch for CUDA 13" in cu12[0][0] and ".[gpu]" in cu12[0][1]
-    cpu_faiss = cuda_stack_problems("13.0", 2, "580.1", ["faiss-cpu"], 0)
-    assert "CPU build" in cpu_faiss[0][0]
+    # faiss-cpu beside CUDA torch: clustering runs in torch on the GPU (clustering.backend=auto), nothing to fix
+    assert cuda_stack_problems("13.0", 2, "580.1", ["faiss-cpu"], 0) == []
     old_driver = cuda_stack_problems("13.0", 1, "550.54.15", ["faiss-gpu-cu13-cuvs"], 1)
     assert ">= 580" in old_driver[0][0] and "driver" in old_driver[0][1]
     # where a driver is found: an old one hides the GPUs from torch (one problem, the driver's)

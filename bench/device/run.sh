@@ -21,6 +21,8 @@
 #   5. tune: `python -m reid_ray.tune --method mmt --num-samples 2`, two trials at once on the one GPU
 #      (0.25 GPU a worker, so each trial's actor gets its own 0.25 GPU share and clusters on the GPU), 2 epochs
 #      of 20 iterations, on the 100-identity set (a 1-epoch source pretraining first)
+#   6. graph: part 3 again with `--set model.cuda_graph=true` (the whole step captured in one CUDA graph), its
+#      images/s beside part 3's in compare.json; skipped with --tiny (a CPU cannot capture)
 # OUT_DIR holds at most 8 files, as the device tool brings back (2 folders deep at most): run.log (every part's
 # output), summary.json (every figure; rewritten after each part), compare.json, mlflow.db (the MLflow store, a
 # copy of the work folder's: its artifacts stay behind), gpu/gpu.json and gpu/gpu.md, and ray-logs.tar.xz when a
@@ -201,7 +203,16 @@ part tune 110 "$py" -m reid_ray.tune --method mmt --num-samples 2 "${common[@]}"
     --set params.two_sources=false --set params.iters=$iters --set params.num_clusters=$k_sweep \
     --set clustering.backend=torch "${size[@]}"
 
-# -- 6. the store and the summary ----------------------------------------------------------------------------
+# -- 6. the baseline again, its step captured in one CUDA graph (model.cuda_graph) ------------------------------
+# last, so that a run short of time loses only this part; a CPU cannot capture (the flag is an error there)
+if [ $tiny = 1 ]; then
+    echo "== part graph: skipped (--tiny: model.cuda_graph needs a CUDA GPU)"
+else
+    part graph 80 "$py" -m reid_ray.train --method baseline "${common[@]}" --data-root "$data" --workers 1 \
+        --epochs 2 --eval-every 2 --name baseline-graph-device --set use_gpu=true --set model.cuda_graph=true
+fi
+
+# -- 7. the store and the summary ----------------------------------------------------------------------------
 save_store
 summarise
 if [ "$failed" != 0 ]; then  # Ray's own logs (workers, raylet, GCS, dashboard) for whatever failed

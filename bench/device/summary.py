@@ -9,7 +9,8 @@ summary.json: the parts (exit status, wall time, timeout), bench.gpu's record (O
 MLflow run (status, wall time, the last value of each metric, and per epoch images_per_s, epoch_time and
 refresh_time), the sweep (its trials' runs and best config), and the comparison below.
 compare.json: the Ray Train baseline's images/s per epoch beside bench.gpu's bare loop (the same step and loader
-in one process, no Ray) in the matching precision, and their ratio.
+in one process, no Ray) in the matching precision, and their ratio; the same run with `model.cuda_graph=true`
+beside it and beside the bare loop's captured step.
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def compare(gpu: dict, runs: dict) -> dict:
     if per_epoch and bare.get("end_to_end_img_s"):
         # the last epoch: the first pays for the loader processes' start and cuDNN's autotuning
         out["ray_over_bare"] = per_epoch[-1] / bare["end_to_end_img_s"]
+    # the same run with the product's captured step (`--set model.cuda_graph=true`), beside the bare loop's
+    # captured mode (bench.gpu, the same CapturedStep class)
+    graph_run = runs.get("baseline-graph-device", {}) if isinstance(runs, dict) else {}
+    graph_epochs = [e["value"] for e in graph_run.get("per_epoch", {}).get("images_per_s", [])]
+    captured = next((v for k, v in modes.items() if "captured" in k and "error" not in v), {})
+    out.update({"ray_train_cuda_graph_images_per_s_per_epoch": graph_epochs,
+                "ray_train_cuda_graph_run_status": graph_run.get("status"),
+                "bare_loop_captured_end_to_end_img_s": captured.get("end_to_end_img_s")})
+    if graph_epochs and per_epoch:
+        out["cuda_graph_over_eager_ray"] = graph_epochs[-1] / per_epoch[-1]
     return out
 
 

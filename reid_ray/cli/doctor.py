@@ -118,8 +118,8 @@ def cuda_stack_problems(torch_cuda: str | None, torch_gpus: int, driver: str | N
         if torch_major and major and major != torch_major:
             problems.append((f"{dist} is built for CUDA {major}, torch for CUDA {torch_major}: two CUDA "
                              "runtimes in one process", f"pip uninstall -y {dist} && pip install -e '.[gpu]'"))
-    if torch_gpus and not faiss_gpus:
-        problems.append(("torch sees CUDA but faiss is the CPU build: k-means/kNN run on CPU", GPU_EXTRA_FIX))
+    # torch sees CUDA, faiss is the CPU build: not a problem, clustering.backend=auto runs k-means and the kNN in
+    # torch on the GPU (check_faiss says so in its rows)
     if driver and not torch_major:
         problems.append(("an NVIDIA driver is installed but torch is a CPU-only build: training runs on the CPU",
                          "pip install --force-reinstall torch==2.14.1 torchvision==0.29.1 (PyPI's CUDA 13 build)"))
@@ -161,6 +161,9 @@ def check_faiss(r: Report, torch_gpus: int) -> None:
     r.add("cuda", "CUDA runtime (pip)", cuda_runtime() or "none")
     if torch_gpus:
         r.add("cuda", "bf16 autocast", "yes" if torch.cuda.is_bf16_supported() else "no (float16 + GradScaler)")
+    if torch_gpus:
+        r.add("clustering", "k-means / kNN on the GPU", "faiss (its GPU build)" if gpus else
+              "torch (faiss here is the CPU build; clustering.backend=auto; the gpu extra adds faiss's GPU build)")
     for problem, fix in cuda_stack_problems(torch.version.cuda, torch_gpus, driver, dists, gpus):
         r.problem(problem, fix)
 

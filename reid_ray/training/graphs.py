@@ -121,7 +121,9 @@ class CapturedStep:
             return
         self.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's own memory
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pin-memory thread may allocate pinned host memory meanwhile, which the
+        # default ("global") mode would count as an error of this capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.body(self.static)
         self.graph = graph  # recorded, not run: the replay that follows runs this batch's step
 
