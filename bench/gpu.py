@@ -332,7 +332,29 @@ def bench_mmt(sizes: Sizes, data: Path) -> dict:
     res["split_ms"] = mmt_split(method, ctx, sizes.split_iters)
     print("MMT iteration, split (each part synchronised): " + ", ".join(
         f"{k} {v:.1f} ms" for k, v in res["split_ms"].items()), flush=True)
+    if device.type == "cuda":
+        res.update(mmt_captured(method, ctx))
     return res
+
+
+def mmt_captured(method, ctx) -> dict:
+    """One more epoch of the same iterations with the whole step captured in one CUDA graph, as
+    `--set model.cuda_graph=true` runs it (`training.loop.StepGraph`), without a refresh: its ms an iteration,
+    the three eager warm-up steps and the capture included."""
+    from reid_ray.training.loop import train_epoch
+
+    method.p.refresh_every = 10**9  # the pseudo-labels of epoch 0 stay: this epoch times the steps alone
+    method.cfg.model.cuda_graph = True
+    ctx.epoch += 1
+    try:
+        out = train_epoch(method, ctx, amp=True)
+    except Exception as e:  # a capture that fails keeps the eager figures
+        traceback.print_exc()
+        return {"captured_error": f"{type(e).__name__}: {e}"[:300]}
+    ms = 1000 * out["epoch_time"] / max(out["iters"], 1)
+    print(f"MMT iteration, captured (model.cuda_graph): {ms:.0f} ms ({out['iters']:.0f} iterations, 3 eager and the "
+          f"capture included)", flush=True)
+    return {"captured_iteration_ms": ms, "captured_iters": out["iters"]}
 
 
 def mmt_split(method, ctx, iters: int) -> dict[str, float]:
@@ -461,6 +483,11 @@ def markdown(rec: dict) -> str:
         if "split_ms" in m:
             lines.append("| MMT iteration split (synchronised after each part) | " + ", ".join(
                 f"{k.replace('_', ' ')} {v:.1f} ms" for k, v in m["split_ms"].items()) + " |")
+        if "captured_iteration_ms" in m:
+            lines.append(f"| MMT iteration captured in one CUDA graph (model.cuda_graph, warm-up and capture "
+                         f"included) | {m['captured_iteration_ms']:.0f} ms |")
+        elif "captured_error" in m:
+            lines.append(f"| MMT iteration captured in one CUDA graph | failed: {m['captured_error'][:120]} |")
     km = rec.get("kmeans", {})
     names = {"gpu": "faiss GPU", "cpu": "faiss CPU", "torch_gpu": "torch GPU", "torch_cpu": "torch CPU"}
     for where, label in names.items():

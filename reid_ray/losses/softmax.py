@@ -2,11 +2,15 @@
 
     q_i = 1 - ε + ε/C  if i = y,  else ε/C
     L = Σ_i -q_i log p_i                       (averaged over the batch)
+
+torch's own `F.cross_entropy(..., label_smoothing=ε)` computes exactly this target, (1 - ε)·onehot + ε/C, in one
+fused kernel (the hand-written form took five a step, forward and backward).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,8 +21,4 @@ class CrossEntropyLabelSmooth(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """logits (B, C), targets (B,) int64 -> scalar."""
-        log_probs = torch.log_softmax(logits, dim=1)
-        c = logits.shape[1]
-        q = torch.full_like(log_probs, self.epsilon / c)
-        q.scatter_(1, targets[:, None], 1 - self.epsilon + self.epsilon / c)
-        return (-q * log_probs).sum(1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=self.epsilon)
