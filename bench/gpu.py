@@ -18,6 +18,8 @@ Records the device and its versions, then times (each a median of repeats after 
      the torch path (`clustering.backend=torch`) on the GPU;
   5. evaluation and k-reciprocal re-ranking at Market size (3,368 x 15,913), on the CPU and on the GPU (the torch
      path of both), the GPU's numbers checked against the CPU's.
+  6. graphcheck: the captured step (`model.cuda_graph`) against the uncaptured one, the baseline and MMT for two
+     epochs on a 20-identity set: the largest parameter difference (on a CPU, the capture's stand-in).
 Writes `gpu.json` and `gpu.md` (a table for bench/RESULTS.md) into --out. --tiny shrinks every size
 (a 20-id Market-shaped set, the `small` backbone at 64x32, few steps) so the whole script runs on a CPU
 in about a minute: it checks the script, not the machine.
@@ -449,7 +451,70 @@ def bench_eval(sizes: Sizes) -> dict:
     return out
 
 
-SECTIONS = ("training", "mmt", "kmeans", "eval", "profile")
+def bench_graph_check(sizes: Sizes, data: Path) -> dict:
+    """Whether `model.cuda_graph` trains as the uncaptured step does: the baseline (center loss on, the lr changing
+    over two warmup epochs) and MMT (two refreshes) on the 20-identity Market-shaped set, the `small` backbone at
+    64x32, fp32 and cuDNN deterministic, each run twice with the same optimiser (fused, its lr a device tensor):
+    the step captured in a CUDA graph (`StepGraph`) and the device-side step uncaptured. Reports the largest
+    parameter difference (zero up to the GPU's nondeterministic atomics) and both runs' losses. On a CPU the capture
+    is replaced by its stand-in (the body on the static buffers), as tests/test_cuda_graph.py does."""
+    from reid_ray.clustering.client import LocalClusterer
+    from reid_ray.config import resolve_config
+    from reid_ray.data.domains import Domains
+    from reid_ray.data.readers import read_dataset
+    from reid_ray.methods import METHODS, EpochContext
+    from reid_ray.training.graphs import prepare_optimizer
+    from reid_ray.training.loop import StepGraph, finish_networks, gpu_layout, train_epoch
+
+    small = data if sizes.tiny else market_data(data.parent / f"{data.name}-20", Sizes(tiny=True))
+    ds = read_dataset("market1501", small)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    common = ["model.arch=small", "transform.height=64", "transform.width=32", "loader.num_identities=4",
+              "loader.num_workers=0", "optim.fused=true"]
+    cases = {"baseline": ["optim.warmup_epochs=2", "params.center_loss_weight=0.0005"],
+             "mmt": ["params.num_clusters=10", "params.iters=8"]}
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = True
+    out = {"device": device.type, "captured": cuda}
+    try:
+        for name, sets in cases.items():
+            runs = []
+            for captured in (False, True):
+                cfg = resolve_config(name, "market1501", "market1501", sets=common + sets,
+                                     flags=dict(data_root=str(small)))
+                method = METHODS[name](cfg, Domains(ds, ds), device)
+                if method.uses_clustering:
+                    method.clusterer = LocalClusterer(METHODS[name].cluster_spec(cfg), ds.train["pid"].to_numpy())
+                method.setup(wrap=gpu_layout(lambda m: m, device))
+                finish_networks(method, device, compile_=False)
+                torch.backends.cudnn.benchmark = False  # the same convolution algorithms in both runs
+                if captured:
+                    method.step_graph = StepGraph(method, capture=cuda)
+                else:
+                    prepare_optimizer(method.optimizer, device, capture=False)
+                ctx, losses = EpochContext(0), []
+                for epoch in range(2):
+                    ctx.epoch = epoch
+                    res = train_epoch(method, ctx, amp=False)
+                    losses.append(res["loss"])
+                runs.append((method, losses, res))
+            (plain, loss_p, _), (graphed, loss_g, res) = runs
+            diff = 0.0
+            for a, b in zip(plain.state_dict()["models"].values(), graphed.state_dict()["models"].values()):
+                for k, v in a.items():
+                    if v.is_floating_point():
+                        diff = max(diff, float((v - b[k]).abs().max()))
+            out[name] = {"max_param_diff": diff, "loss_uncaptured": loss_p, "loss_captured": loss_g,
+                         "captures": res.get("graph_captures"), "iters": res["iters"]}
+            print(f"graph check, {name}: largest parameter difference {diff:.3g}, losses {loss_p} (uncaptured) "
+                  f"{loss_g} (captured, {res.get('graph_captures')} capture(s))", flush=True)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, False
+    return out
+
+
+SECTIONS = ("training", "mmt", "kmeans", "eval", "profile", "graphcheck")
 
 
 def markdown(rec: dict) -> str:
@@ -488,6 +553,10 @@ def markdown(rec: dict) -> str:
                          f"included) | {m['captured_iteration_ms']:.0f} ms |")
         elif "captured_error" in m:
             lines.append(f"| MMT iteration captured in one CUDA graph | failed: {m['captured_error'][:120]} |")
+    for name, g in rec.get("graphcheck", {}).items():
+        if isinstance(g, dict):
+            lines.append(f"| {name}, step captured in one CUDA graph{'' if rec['graphcheck']['captured'] else ' (CPU stand-in)'}"
+                         f" against uncaptured: largest parameter difference after 2 epochs | {g['max_param_diff']:.3g} |")
     km = rec.get("kmeans", {})
     names = {"gpu": "faiss GPU", "cpu": "faiss CPU", "torch_gpu": "torch GPU", "torch_cpu": "torch CPU"}
     for where, label in names.items():
@@ -550,7 +619,7 @@ def main(argv=None) -> dict:
         return rec
     runs = {"training": lambda: bench_training(sizes, data, args.compile), "mmt": lambda: bench_mmt(sizes, data),
             "kmeans": lambda: bench_kmeans(sizes), "eval": lambda: bench_eval(sizes),
-            "profile": lambda: bench_step_profile(sizes, data)}
+            "profile": lambda: bench_step_profile(sizes, data), "graphcheck": lambda: bench_graph_check(sizes, data)}
     for name in args.sections:
         try:
             rec[name] = runs[name]()

@@ -37,6 +37,11 @@ def test_gpu_bench_tiny_runs_on_cpu(tmp_path, market):
     assert "| MMT iteration split" in md
     assert "(decode + augment on the device; uint8 batches)" in md and "fp32, decode on the device, end to end" in md
     assert "k-reciprocal re-ranking 60 x 300, CPU" in md
+    # the captured step's check (its CPU stand-in here): the same parameters after two epochs, MMT recaptured never
+    g = saved["graphcheck"]
+    assert not g["captured"] and g["baseline"]["max_param_diff"] == g["mmt"]["max_param_diff"] == 0
+    assert g["baseline"]["loss_captured"] == g["baseline"]["loss_uncaptured"] and g["mmt"]["captures"] == 1
+    assert "mmt, step captured in one CUDA graph (CPU stand-in)" in md
 
 
 def test_gpu_bench_loader_only(tmp_path, market):

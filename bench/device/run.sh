@@ -28,7 +28,7 @@
 # copy of the work folder's: its artifacts stay behind), gpu/gpu.json and gpu/gpu.md, and ray-logs.tar.xz when a
 # Ray part failed.
 # Environment: PYTHON (default: python, else python3), DEVICE_WORK (datasets, checkpoints, the MLflow store;
-# default /tmp/rr-work), RUN_BUDGET_S, GPU_SECTIONS (default: every section of bench.gpu but eval; training, kmeans, mmt first).
+# default /tmp/rr-work), RUN_BUDGET_S, GPU_SECTIONS (default: every section of bench.gpu but eval; training, kmeans, mmt, graphcheck first).
 set -uo pipefail
 
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -168,12 +168,15 @@ part synth 45 bash -c synth
 # -- 2. bench/gpu.py -----------------------------------------------------------------------------------------
 # every section this checkout's bench/gpu.py has, training first (its end-to-end figure is the bare loop that
 # part 3 is compared with), eval last-but-dropped (re-ranking and evaluate_rank were measured on the H200 already)
-# order: what the issue's goals name first (training img/s, k-means on the GPU, the MMT iteration), each section
+# order: what the issue's goals name first (training img/s, k-means on the GPU, the MMT iteration), then whether
+# the captured step (model.cuda_graph) trains as the uncaptured one (graphcheck), each section
 # saved as it ends; 30 steps a timed run keep the section within its budget (the H200's run 1, 50 steps and
 # --compile, took most of a 10-minute call)
-sections=${GPU_SECTIONS:-$("$py" -c "from bench.gpu import SECTIONS as s
-first = [x for x in ('training', 'kmeans', 'mmt') if x in s]
-print(' '.join(first + [x for x in s if x not in first + ['eval']]))")}
+# (--tiny leaves graphcheck out too: on a CPU it is the capture's stand-in, which tests/test_bench_gpu.py runs)
+sections=${GPU_SECTIONS:-$("$py" -c "import sys; from bench.gpu import SECTIONS as s
+first = [x for x in ('training', 'kmeans', 'mmt', 'graphcheck') if x in s]
+left_out = ['eval'] + (['graphcheck'] if sys.argv[1] == '1' else [])
+print(' '.join(x for x in first + [x for x in s if x not in first] if x not in left_out))" "$tiny")}
 gpu_args=(--out "$out/gpu" --data "$data" --sections $sections)
 [ $tiny = 1 ] && gpu_args+=(--tiny) || gpu_args+=(--mmt-iters 50 --steps 30)
 part gpu 160 "$py" -m bench.gpu "${gpu_args[@]}"

@@ -269,6 +269,11 @@ class Method:
         for group in self.optimizer.param_groups:  # the kernel is this run's choice, not the checkpoint's machine's
             for k in ("fused", "foreach"):
                 group[k] = self.optimizer.defaults.get(k)
+            if group.get("fused"):  # a checkpoint of the unfused kernel keeps its step counts on the host
+                for p in group["params"]:
+                    kept = self.optimizer.state.get(p, {})
+                    if isinstance(kept.get("step"), torch.Tensor):
+                        kept["step"] = kept["step"].to(device=p.device, dtype=torch.float32)
         plain_lr(self.optimizer)  # a model.cuda_graph run's device lr; its own run makes it one again
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -40,16 +40,18 @@ def adapt_bn(model: nn.Module | list[nn.Module], loader, device: torch.device | 
     was_training = [net.training for net in models]
     for net in models:
         net.train()
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        img = batch["img"].to(device, non_blocking=True)
-        for net in models:
-            net(img)
-    for net, training in zip(models, was_training):
-        net.train(training)
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
+    try:
+        for i, batch in enumerate(loader):
+            if i >= n:
+                break
+            img = batch["img"].to(device, non_blocking=True)
+            for net in models:
+                net(img)
+    finally:  # the networks as they were, whatever stopped the pass (a momentum of None would read the host each step)
+        for net, training in zip(models, was_training):
+            net.train(training)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
     return n
 
 

@@ -83,6 +83,7 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: dict | None = None
         self.captures = 0
+        self.side: torch.cuda.Stream | None = None  # one for every warm-up step: the allocator reuses its blocks
 
     def __call__(self, batch: dict, key: Any = None) -> None:
         full_key = (key, tuple((k, tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)))
@@ -107,11 +108,12 @@ class CapturedStep:
         if not self.capture:
             self.body(batch)
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             self.body(batch)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
 
     def _record(self, batch: dict) -> None:
         # clones keep each image key's layout (channels_last on a GPU); non-tensor entries are the first batch's
