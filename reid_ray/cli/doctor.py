@@ -161,7 +161,6 @@ def check_faiss(r: Report, torch_gpus: int) -> None:
     r.add("cuda", "CUDA runtime (pip)", cuda_runtime() or "none")
     if torch_gpus:
         r.add("cuda", "bf16 autocast", "yes" if torch.cuda.is_bf16_supported() else "no (float16 + GradScaler)")
-    if torch_gpus:
         r.add("clustering", "k-means / kNN on the GPU", "faiss (its GPU build)" if gpus else
               "torch (faiss here is the CPU build; clustering.backend=auto; the gpu extra adds faiss's GPU build)")
     for problem, fix in cuda_stack_problems(torch.version.cuda, torch_gpus, driver, dists, gpus):
